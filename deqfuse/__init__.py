@@ -1,0 +1,12 @@
+"""deqfuse: fast deep-equilibrium and dynamic multimodal fusion layers for PyTorch."""
+from . import reference, solvers
+from .backend import extension_status, triton_status
+from .cell import FusionCell
+from .implicit import implicit_grad, jacobian_reg, phantom_grad
+from .layers import DEQFusion, DEQInfo
+from .solvers import SolverStats, anderson, broyden, fixed_point
+
+__version__ = "0.1.0"
+__all__ = ["DEQFusion", "DEQInfo", "FusionCell", "SolverStats", "anderson", "broyden", "fixed_point",
+           "implicit_grad", "jacobian_reg", "phantom_grad", "reference", "solvers",
+           "extension_status", "triton_status"]

@@ -1,0 +1,79 @@
+"""Backend discovery and dispatch: 'auto' | 'triton' | 'cuda' | 'reference'.
+
+'cuda' means the compiled extension deqfuse._C (CUDA kernels, plus a C++ CPU Anderson step so the
+compiled path also runs without a GPU). 'auto' picks, per device: cuda ext > triton > reference on
+a GPU; cuda ext (CPU op) > reference on the CPU. Triton on the CPU only runs under TRITON_INTERPRET=1
+and is chosen there only when asked for by name.
+"""
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+
+
+@functools.lru_cache(None)
+def extension_status():
+    """(module or None, reason string)."""
+    if os.environ.get("DEQFUSE_NO_EXT"):
+        return None, "disabled by DEQFUSE_NO_EXT"
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.deqfuse.*)
+    except ImportError as e:
+        return None, f"extension not built ({e}); reinstall without DEQFUSE_NO_EXT=1"
+    from . import ops  # noqa: F401  fake kernels for torch.compile
+    return _C, "ok (cuda kernels: %s)" % ("yes" if _C.has_cuda() else "no, CPU build")
+
+
+@functools.lru_cache(None)
+def triton_status():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton not installed ({e})"
+    if torch.cuda.is_available():
+        return True, "ok (GPU)"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "ok (TRITON_INTERPRET=1, CPU interpreter)"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
+
+
+def ext_has(device: torch.device) -> bool:
+    ext, _ = extension_status()
+    return ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.has_cuda()))
+
+
+def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> str:
+    """Concrete backend for `op` on `device`; raises a clear error if a named backend can't run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cuda_ops = {"anderson_step", "gn_epilogue"}  # ops the extension provides
+    if backend == "auto":
+        if op in cuda_ops and ext_has(device):
+            return "cuda"
+        if device.type == "cuda" and triton_status()[0]:
+            return "triton"
+        return "reference"
+    if backend == "cuda":
+        if op not in cuda_ops:
+            raise ValueError(f"backend='cuda' has no {op}; use 'triton', 'reference' or 'auto'")
+        if not ext_has(device):
+            raise RuntimeError(f"backend='cuda' unavailable for {device.type} tensors: {extension_status()[1]}")
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            raise RuntimeError(f"backend='triton' unavailable: {why}")
+    return backend
+
+
+def anderson_step_fn(backend: str, x: torch.Tensor):
+    """The step function (reference.anderson contract) for this backend and x's device."""
+    b = resolve(backend, x.device, "anderson_step")
+    if b == "cuda":
+        return torch.ops.deqfuse.anderson_step
+    if b == "triton":
+        from .kernels.anderson import anderson_step_triton
+        return anderson_step_triton
+    from .reference.anderson import anderson_step_ref
+    return anderson_step_ref

@@ -1,0 +1,69 @@
+"""The fusion cell as an nn.Module (parameters) plus backend dispatch of its forward and VJP.
+
+Layout: z: [B, N+1, D] (N modality states then the fused state), x: [B, N, D], x_f: [B, D].
+"""
+import math
+
+import torch
+from torch import nn
+
+from . import backend as _backend
+from ._validate import check_dim_groups
+from .reference.cell import CellParams, cell_forward, cell_vjp
+
+
+class FusionCell(nn.Module):
+    """Parameters of the official DEQ fusion cell for N modalities of width D (GroupNorm(groups, D))."""
+
+    def __init__(self, dim: int, num_modalities: int, groups: int = 4):
+        super().__init__()
+        check_dim_groups(dim, groups)
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+        self.dim, self.n, self.groups = dim, num_modalities, groups
+        N, D = num_modalities, dim
+        self.w1, self.w2 = nn.Parameter(torch.empty(N, D, D)), nn.Parameter(torch.empty(N, D, D))
+        self.b1, self.b2 = nn.Parameter(torch.empty(N, D)), nn.Parameter(torch.empty(N, D))
+        for name in ("gn1", "gn2", "gn3"):
+            setattr(self, f"{name}_w", nn.Parameter(torch.ones(N, D)))
+            setattr(self, f"{name}_b", nn.Parameter(torch.zeros(N, D)))
+        self.wg, self.wf = nn.Parameter(torch.empty(D, D)), nn.Parameter(torch.empty(D, D))
+        self.bg, self.bf = nn.Parameter(torch.empty(D)), nn.Parameter(torch.empty(D))
+        self.gnf_w, self.gnf_b = nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        bound = 1.0 / math.sqrt(self.dim)  # nn.Linear's default init
+        for p in (self.w1, self.w2, self.wg, self.wf, self.b1, self.b2, self.bg, self.bf):
+            nn.init.uniform_(p, -bound, bound)
+
+    def params(self) -> CellParams:
+        return CellParams(*(getattr(self, f) for f in CellParams._fields))
+
+    def forward(self, z, x, xf, backend: str = "reference", save: bool = False):
+        """f(z). z: [B, N+1, D] -> [B, N+1, D]; save=True also returns what vjp() needs."""
+        return cell_apply(z, x, xf, self.params(), self.groups, backend, save)
+
+    def vjp(self, gbar, saved, backend: str = "reference"):
+        """J^T gbar at the point saved by forward(save=True). gbar: [B, N+1, D]."""
+        return cell_vjp_apply(gbar, saved, self.params(), self.groups, backend)
+
+
+def _kernel_ok(backend, device, op):
+    return _backend.resolve(backend, device, op) == "triton"
+
+
+def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference", save: bool = False):
+    """Dispatch the cell forward. The Triton path is forward-only (no autograd graph): use it inside
+    the no-grad solver loops; with grad enabled the reference path runs so parameters get gradients."""
+    if torch.is_grad_enabled() or not _kernel_ok(backend, z.device, "cell"):
+        return cell_forward(z, x, xf, p, groups, save)
+    from .kernels.cell import cell_forward_triton
+    return cell_forward_triton(z, x, xf, p, groups, save)
+
+
+def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "reference"):
+    if "triton" in saved and _kernel_ok(backend, gbar.device, "cell"):
+        from .kernels.cell import cell_vjp_triton
+        return cell_vjp_triton(gbar, saved, p, groups)
+    return cell_vjp(gbar, saved, p, groups)

@@ -1,0 +1,107 @@
+"""DEQFusion: the deep-equilibrium multimodal fusion layer (Ni et al.), and its unrolled ablation."""
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._validate import check_features
+from .cell import FusionCell
+from .implicit import implicit_grad, jacobian_reg, phantom_grad
+from .reference.cell import fuse_inputs
+from .solvers import SolverStats, solve
+
+
+@dataclass
+class DEQInfo:
+    forward_stats: Optional[SolverStats]
+    jac_loss: torch.Tensor
+    backward_stats: list  # filled by the backward pass (implicit mode): [SolverStats]
+
+
+class DEQFusion(nn.Module):
+    """Fuse N modality features [B, D] into one [B, D] at the joint fixed point z* = f(z*, x).
+
+    Args:
+      dim, num_modalities, groups: width D, N, GroupNorm groups (D % groups == 0).
+      solver: 'anderson' | 'broyden' | 'fixed_point' for both the forward and the adjoint solve.
+      f_max_iter/b_max_iter, f_tol/b_tol, stop_mode: solver limits ('rel' or 'abs' residual).
+      grad: 'implicit' (adjoint fixed point) | 'phantom' (k damped steps) | 'unrolled' (no solve:
+        `unrolled_steps` weight-tied applications with full backprop; the paper's ablation).
+      jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off).
+      backend: 'auto' | 'triton' | 'cuda' | 'reference' for the kernels used inside the solves.
+      on_nonconvergence: 'warn' (one host sync per forward) | 'ignore' (read info.forward_stats).
+    forward(features) -> [B, D]; with return_info=True -> ([B, D], DEQInfo).
+    """
+
+    def __init__(self, dim: int, num_modalities: int, groups: int = 4, solver: str = "anderson",
+                 f_max_iter: int = 55, b_max_iter: int = 56, f_tol: float = 1e-3, b_tol: float = 1e-3,
+                 stop_mode: str = "rel", grad: str = "implicit", phantom_steps: int = 5,
+                 phantom_lam: float = 0.8, unrolled_steps: int = 6, jac_reg: int = 0,
+                 backend: str = "auto", solver_kw: Optional[dict] = None,
+                 on_nonconvergence: str = "warn"):
+        super().__init__()
+        if grad not in ("implicit", "phantom", "unrolled"):
+            raise ValueError(f"grad must be 'implicit', 'phantom' or 'unrolled', got {grad!r}")
+        if on_nonconvergence not in ("warn", "ignore"):
+            raise ValueError(f"on_nonconvergence must be 'warn' or 'ignore', got {on_nonconvergence!r}")
+        self.cell = FusionCell(dim, num_modalities, groups)
+        self.dim, self.n = dim, num_modalities
+        self.weights = nn.Parameter(torch.ones(num_modalities))  # x_f = sum_i w_i x_i + b
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.solver, self.grad, self.backend = solver, grad, backend
+        self.f_kw = dict(max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode, **(solver_kw or {}))
+        self.b_kw = dict(max_iter=b_max_iter, tol=b_tol, stop_mode=stop_mode, **(solver_kw or {}))
+        if solver == "anderson":
+            self.f_kw["backend"] = self.b_kw["backend"] = backend
+        self.phantom_steps, self.phantom_lam = phantom_steps, phantom_lam
+        self.unrolled_steps, self.jac_reg = unrolled_steps, jac_reg
+        self.on_nonconvergence = on_nonconvergence
+        self.info: Optional[DEQInfo] = None
+
+    def _flat_cell(self, x, xf, B):
+        shape = (B, self.n + 1, self.dim)
+        return lambda z: self.cell(z.view(shape), x, xf, self.backend).reshape(B, -1)
+
+    def forward(self, features, return_info: bool = False):
+        B = check_features(features, self.n, self.dim, self.weights)
+        x = torch.stack(list(features), 1)                   # [B, N, D]
+        xf = fuse_inputs(x, self.weights, self.bias)         # [B, D]
+        f = self._flat_cell(x, xf, B)
+        z0 = x.new_zeros(B, (self.n + 1) * self.dim)
+        jac = x.new_zeros(())
+        fstats, bstats = None, []
+        if self.grad == "unrolled":
+            z = z0
+            for _ in range(self.unrolled_steps):
+                z = f(z)
+        else:
+            with torch.no_grad():
+                z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
+            if self.on_nonconvergence == "warn" and not fstats.all_converged:
+                s = fstats.summary()
+                warnings.warn(f"DEQFusion forward solve: {s['batch'] - s['converged']}/{s['batch']} samples "
+                              f"did not reach tol={s['tol']} in {s['steps']} steps (max residual "
+                              f"{s['max_res']:.3g}); returning each sample's best iterate", RuntimeWarning)
+            z = z_star
+            if self.training and torch.is_grad_enabled():
+                z, jac = self._attach_grad(z_star, x, xf, B, bstats)
+        self.info = DEQInfo(fstats, jac, bstats)
+        out = z.view(B, self.n + 1, self.dim)[:, self.n]
+        return (out, self.info) if return_info else out
+
+    def _attach_grad(self, z_star, x, xf, B, bstats):
+        jac = x.new_zeros(())
+        if self.grad == "phantom":
+            return phantom_grad(self._flat_cell(x, xf, B), z_star, self.phantom_steps, self.phantom_lam), jac
+        z_star = z_star.detach().requires_grad_(self.jac_reg > 0)
+        fz, saved = self.cell(z_star.view(B, self.n + 1, self.dim), x, xf, "reference", save=True)
+        fz = fz.reshape(B, -1)
+        if self.jac_reg > 0:
+            jac = jacobian_reg(fz, z_star, self.jac_reg)
+        saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())
+                 for k, v in saved.items()}
+        shape = (B, self.n + 1, self.dim)
+        vjp = lambda g: self.cell.vjp(g.view(shape), saved, self.backend).reshape(B, -1)  # noqa: E731
+        return implicit_grad(fz, vjp, self.solver, stats_box=bstats, **self.b_kw), jac

@@ -1,0 +1,7 @@
+"""Plain-PyTorch references that every kernel in kernels/ and csrc/ is checked against."""
+from .anderson import anderson_step_ref, bordered_solve
+from .cell import CellParams, cell_forward, cell_vjp, fuse_inputs, stacked_linear
+from .groupnorm import gn_backward, gn_forward, gn_stats
+
+__all__ = ["anderson_step_ref", "bordered_solve", "CellParams", "cell_forward", "cell_vjp",
+           "fuse_inputs", "stacked_linear", "gn_backward", "gn_forward", "gn_stats"]

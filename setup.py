@@ -1,0 +1,45 @@
+"""Builds deqfuse and, when possible, its compiled extension deqfuse._C from csrc/.
+
+Switches (environment):
+  DEQFUSE_NO_EXT=1   skip the compiled extension entirely (pure Python + Triton + reference).
+  DEQFUSE_NO_CUDA=1  build only the C++ CPU ops even if torch has CUDA and nvcc is present.
+  TORCH_CUDA_ARCH_LIST  GPU targets (default here: "9.0" for Hopper).
+Use `pip install --no-build-isolation -e .` so the build sees the torch you already have
+(an isolated build would download a second, multi-GB torch).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+PACKAGES = ["deqfuse", "deqfuse.reference", "deqfuse.kernels"]
+PACKAGE_DIR = {"deqfuse.kernels": "kernels"}  # Triton kernels live at top-level kernels/
+
+
+def ext_modules():
+    if os.environ.get("DEQFUSE_NO_EXT"):
+        print("deqfuse: DEQFUSE_NO_EXT set, skipping the compiled extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("deqfuse: torch not importable at build time, skipping the compiled extension "
+              "(install torch first and use --no-build-isolation)")
+        return [], {}
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cu = sorted(glob.glob("csrc/cuda/*.cu"))
+    cxx = ["-O3", "-std=c++17"]
+    with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not os.environ.get("DEQFUSE_NO_CUDA")
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        ext = CUDAExtension("deqfuse._C", cpp + cu, define_macros=[("WITH_CUDA", None)],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
+    else:
+        ext = CppExtension("deqfuse._C", cpp, extra_compile_args={"cxx": cxx})
+    print(f"deqfuse: building deqfuse._C ({'CUDA + CPU' if with_cuda else 'CPU only'})")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+exts, cmdclass = ext_modules()
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=exts, cmdclass=cmdclass)
