@@ -49,6 +49,8 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     cuda_ops = {"anderson_step", "gn_epilogue"}  # ops the extension provides
+    if backend == "cuda" and op not in cuda_ops:
+        backend = "auto"  # the extension covers the Anderson step; other ops take the best other path
     if backend == "auto":
         if op in cuda_ops and ext_has(device):
             return "cuda"
@@ -56,8 +58,6 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
             return "triton"
         return "reference"
     if backend == "cuda":
-        if op not in cuda_ops:
-            raise ValueError(f"backend='cuda' has no {op}; use 'triton', 'reference' or 'auto'")
         if not ext_has(device):
             raise RuntimeError(f"backend='cuda' unavailable for {device.type} tensors: {extension_status()[1]}")
     if backend == "triton":

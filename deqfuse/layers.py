@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ._validate import check_features
+from .backend import resolve
 from .cell import FusionCell
 from .implicit import implicit_grad, jacobian_reg, phantom_grad
 from .reference.cell import fuse_inputs
@@ -100,8 +101,12 @@ class DEQFusion(nn.Module):
         fz = fz.reshape(B, -1)
         if self.jac_reg > 0:
             jac = jacobian_reg(fz, z_star, self.jac_reg)
-        saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())
-                 for k, v in saved.items()}
         shape = (B, self.n + 1, self.dim)
+        if resolve(self.backend, z_star.device, "cell") == "reference":
+            saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())
+                     for k, v in saved.items()}
+        else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
+            with torch.no_grad():
+                _, saved = self.cell(z_star.detach().view(shape), x, xf, self.backend, save=True)
         vjp = lambda g: self.cell.vjp(g.view(shape), saved, self.backend).reshape(B, -1)  # noqa: E731
         return implicit_grad(fz, vjp, self.solver, stats_box=bstats, **self.b_kw), jac

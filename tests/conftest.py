@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter (must be set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from deqfuse.reference.cell import CellParams
 
 
