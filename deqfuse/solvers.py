@@ -131,6 +131,9 @@ def anderson(f: Callable, x0: torch.Tensor, *, m: int = 5, lam: float = 1e-4, be
     steps = 0
     for k in range(max_iter):
         fx = f(st.x)
+        if k == 0 and (fx.shape != x0.shape or fx.dtype != x0.dtype or fx.device != x0.device):
+            raise ValueError(f"f(x) must match x0: got {tuple(fx.shape)} {fx.dtype} {fx.device}, "
+                             f"x0 is {tuple(x0.shape)} {x0.dtype} {x0.device}")
         st.step(step_fn, fx, k, beta, lam, tol, stop_mode == "rel")
         steps = k + 1
         if _should_stop(k, check_every, st.converged):

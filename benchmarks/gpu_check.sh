@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer memcheck on the
+# CUDA ops, then the benchmarks. Logs and CSVs go to $OUT (default ./bench_out).
+# Optional wheels (e.g. torchdeq for the side-by-side numbers) are installed from ./.whl if present.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+t0=$(date +%s)
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -c "import deqfuse; print('extension:', deqfuse.extension_status()[1]); print('triton:', deqfuse.triton_status()[1])"
+python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/sanitize_ops.py 2>&1 | tail -6 | tee "$OUT/sanitizer.log"
+fi
+python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

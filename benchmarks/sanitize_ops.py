@@ -1,0 +1,19 @@
+"""Small driver of every CUDA op path for `compute-sanitizer --tool memcheck` (benchmarks/gpu_check.sh)."""
+import torch
+
+import deqfuse
+from deqfuse.solvers import AndersonState
+
+ext, why = deqfuse.extension_status()
+assert ext is not None and ext.has_cuda(), why
+for B, L, m, hist in [(3, 37, 3, None), (2, 40000, 6, None), (5, 100, 4, torch.bfloat16)]:  # cached + uncached
+    x0 = torch.randn(B, L, device="cuda")
+    st = AndersonState(x0, m, 8, hist)
+    for k in range(8):
+        st.step(torch.ops.deqfuse.anderson_step, torch.tanh(st.x + 0.5), k, 1.0, 1e-4, 1e-6, True)
+for N, B, D in [(3, 5, 20), (2, 7, 1024)]:
+    a2, x, z = torch.randn(N, B, D, device="cuda"), torch.randn(B, N, D, device="cuda"), torch.randn(B, N + 1, D, device="cuda")
+    p = [torch.randn(N, D, device="cuda") for _ in range(5)]
+    torch.ops.deqfuse.modality_epilogue(a2, x, z, *p, 4)
+torch.cuda.synchronize()
+print("sanitize_ops: all CUDA op paths ran")

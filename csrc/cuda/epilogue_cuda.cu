@@ -1,0 +1,47 @@
+// Fused modality epilogue of the fusion cell (contract: deqfuse/reference/epilogue.py):
+//   a = a2 + b2_i + x_i ; u = GN2_i(a) + z_i ; out = GN3_i(ReLU(u))
+// one block per (modality i, sample b) row; the row lives in registers (D <= kEpiThreads * kPer).
+// Inputs: a2 [N, B, D] (the W2 GEMM output), x [B, N, D], z [B, N+1, D]; outputs out [B, N, D], u [N, B, D].
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "epilogue_kernel.cuh"
+
+namespace deqfuse {
+
+std::tuple<at::Tensor, at::Tensor> modality_epilogue_cuda(at::Tensor a2, at::Tensor x, at::Tensor z, at::Tensor b2,
+                                                          at::Tensor gn2_w, at::Tensor gn2_b, at::Tensor gn3_w,
+                                                          at::Tensor gn3_b, int64_t groups) {
+  TORCH_CHECK(a2.is_cuda(), "modality_epilogue: a2 must be a CUDA tensor");
+  TORCH_CHECK(a2.dim() == 3, "modality_epilogue: a2 must be [N, B, D], got ", a2.sizes());
+  const int64_t N = a2.size(0), B = a2.size(1), D = a2.size(2);
+  TORCH_CHECK(x.sizes() == at::IntArrayRef({B, N, D}), "modality_epilogue: x must be [B, N, D] = ", at::IntArrayRef({B, N, D}), ", got ", x.sizes());
+  TORCH_CHECK(z.sizes() == at::IntArrayRef({B, N + 1, D}), "modality_epilogue: z must be [B, N+1, D], got ", z.sizes());
+  TORCH_CHECK(groups > 0 && groups <= kMaxGroups && D % groups == 0, "modality_epilogue: groups must divide D and be <= ", kMaxGroups);
+  TORCH_CHECK(D <= kEpiThreads * kPer, "modality_epilogue: D must be <= ", kEpiThreads * kPer, ", got ", D);
+  for (auto* p : {&b2, &gn2_w, &gn2_b, &gn3_w, &gn3_b}) {
+    TORCH_CHECK(p->sizes() == at::IntArrayRef({N, D}), "modality_epilogue: bias/GroupNorm params must be [N, D], got ", p->sizes());
+    TORCH_CHECK(p->scalar_type() == at::kFloat && p->device() == a2.device(), "modality_epilogue: params must be fp32 on a2's device");
+  }
+  TORCH_CHECK(x.scalar_type() == a2.scalar_type() && z.scalar_type() == a2.scalar_type(), "modality_epilogue: a2, x, z must share a dtype");
+  const c10::cuda::CUDAGuard guard(a2.device());
+  a2 = a2.contiguous(); x = x.contiguous(); z = z.contiguous();
+  auto out = at::empty({B, N, D}, a2.options());
+  auto u = at::empty({N, B, D}, a2.options());
+  if (B == 0) return {out, u};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a2.scalar_type(), "modality_epilogue", [&] {
+    TORCH_CHECK(!std::is_same<scalar_t, double>::value, "modality_epilogue: fp64 is not supported on CUDA");
+    modality_epilogue_kernel<scalar_t><<<(unsigned)(N * B), kEpiThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        a2.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), b2.contiguous().data_ptr<float>(),
+        gn2_w.contiguous().data_ptr<float>(), gn2_b.contiguous().data_ptr<float>(), gn3_w.contiguous().data_ptr<float>(),
+        gn3_b.contiguous().data_ptr<float>(), out.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), (int)B, (int)N, (int)D,
+        (int)groups, 1e-5f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, u};
+}
+
+}  // namespace deqfuse
+
+TORCH_LIBRARY_IMPL(deqfuse, CUDA, m) { m.impl("modality_epilogue", &deqfuse::modality_epilogue_cuda); }

@@ -1,0 +1,25 @@
+// Stand-alone translation unit: instantiates every kernel template of csrc/cuda/*.cuh for each dtype
+// the launchers dispatch to, so nvcc checks them without torch's CUDA headers (see tests/nvcc_compile.py).
+#include "../../csrc/cuda/anderson_kernel.cuh"
+#include "../../csrc/cuda/epilogue_kernel.cuh"
+
+namespace deqfuse {
+#define DF_STEP(X, H)                                                \
+  template __global__ void anderson_step_kernel<X, H, true>(         \
+      X*, const X*, H*, H*, std::conditional<std::is_same<X, double>::value, double, float>::type*, X*, \
+      std::conditional<std::is_same<X, double>::value, double, float>::type*, bool*, int32_t*,        \
+      std::conditional<std::is_same<X, double>::value, double, float>::type*,                        \
+      std::conditional<std::is_same<X, double>::value, double, float>::type*, int64_t, int, int,      \
+      double, double, double, bool);
+DF_STEP(float, float)
+DF_STEP(double, double)
+DF_STEP(float, c10::BFloat16)
+DF_STEP(c10::BFloat16, c10::BFloat16)
+DF_STEP(c10::Half, c10::Half)
+#undef DF_STEP
+template __global__ void modality_epilogue_kernel<float>(const float*, const float*, const float*, const float*,
+    const float*, const float*, const float*, const float*, float*, float*, int, int, int, int, float);
+template __global__ void modality_epilogue_kernel<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*,
+    const c10::BFloat16*, const float*, const float*, const float*, const float*, const float*, c10::BFloat16*,
+    c10::BFloat16*, int, int, int, int, float);
+}  // namespace deqfuse
