@@ -12,7 +12,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 t0=$(date +%s)
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
+python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -20; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import deqfuse; print('extension:', deqfuse.extension_status()[1]); print('triton:', deqfuse.triton_status()[1])"
 python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15

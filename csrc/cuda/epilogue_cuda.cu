@@ -25,13 +25,13 @@ std::tuple<at::Tensor, at::Tensor> modality_epilogue_cuda(at::Tensor a2, at::Ten
     TORCH_CHECK(p->scalar_type() == at::kFloat && p->device() == a2.device(), "modality_epilogue: params must be fp32 on a2's device");
   }
   TORCH_CHECK(x.scalar_type() == a2.scalar_type() && z.scalar_type() == a2.scalar_type(), "modality_epilogue: a2, x, z must share a dtype");
+  TORCH_CHECK(a2.scalar_type() != at::kDouble, "modality_epilogue: a2 must be fp32, fp16 or bf16 on CUDA, got fp64");
   const c10::cuda::CUDAGuard guard(a2.device());
   a2 = a2.contiguous(); x = x.contiguous(); z = z.contiguous();
   auto out = at::empty({B, N, D}, a2.options());
   auto u = at::empty({N, B, D}, a2.options());
   if (B == 0) return {out, u};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a2.scalar_type(), "modality_epilogue", [&] {
-    TORCH_CHECK(!std::is_same<scalar_t, double>::value, "modality_epilogue: fp64 is not supported on CUDA");
     modality_epilogue_kernel<scalar_t><<<(unsigned)(N * B), kEpiThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         a2.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), b2.contiguous().data_ptr<float>(),
         gn2_w.contiguous().data_ptr<float>(), gn2_b.contiguous().data_ptr<float>(), gn3_w.contiguous().data_ptr<float>(),
