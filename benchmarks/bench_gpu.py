@@ -79,7 +79,13 @@ def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
     variants = [("reference", anderson_step_ref), ("triton", lambda *a: anderson_step_triton(*a, check=False))]
     ext, _ = deqfuse.extension_status()
     if ext is not None and ext.has_cuda():
-        variants.append(("cuda", torch.ops.deqfuse.anderson_step))
+        def cuda_step(cache):
+            def run(*a):
+                os.environ["DEQFUSE_ANDERSON_CACHE"] = cache
+                torch.ops.deqfuse.anderson_step(*a)
+            return run
+        variants += [("cuda (auto)", torch.ops.deqfuse.anderson_step), ("cuda smem-cache", cuda_step("1")),
+                     ("cuda no-cache", cuda_step("0"))]
     comp = try_compile(anderson_step_ref)
     if comp is not None:
         variants.insert(1, ("torch.compile(reference)", comp))
@@ -91,8 +97,10 @@ def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
         try:
             ms = bench(lambda: fn(*args))
         except Exception as e:  # noqa: BLE001
-            print(f"  {name} failed: {type(e).__name__}: {str(e)[:200]}")
+            print(f"  {name} failed: {type(e).__name__}: {str(e)[:2000]}")
             continue
+        finally:
+            os.environ.pop("DEQFUSE_ANDERSON_CACHE", None)
         tbs = uniq / ms / 1e9
         record(sec, name, ms, TBps=round(tbs, 3), pct_copy=round(100 * tbs / COPY_TBS[0], 1))
         del st, fx
@@ -141,6 +149,26 @@ def epilogue_bench(B=8192, D=1024, N=3):
         record(sec, name, ms, TBps=round(byts / ms / 1e9, 3))
 
 
+def graph_forward(layer, feats, sec):
+    """Capture the whole eval forward solve in one CUDA graph and time its replay."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(s):
+        for _ in range(2):
+            layer(feats)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.no_grad(), torch.cuda.graph(g):
+        static_out = layer(feats)
+    ms = bench(g.replay, warmup=3, rep=30)
+    with torch.no_grad():
+        eager = layer(feats)
+    g.replay()
+    torch.cuda.synchronize()
+    err = float((static_out - eager).norm() / eager.norm())
+    record(sec.replace("fwd+bwd", "fwd only"), "deqfuse[auto] CUDA graph", ms, rel_err_vs_eager=f"{err:.1e}")
+
+
 def full_solve_bench(B=256, D=512, N=3, dtype=torch.float32, iters=30, graphs=True, torchdeq_too=True):
     """Forward solve (iters Anderson steps) + implicit backward (iters adjoint steps), fixed iteration count."""
     torch.manual_seed(0)
@@ -170,22 +198,10 @@ def full_solve_bench(B=256, D=512, N=3, dtype=torch.float32, iters=30, graphs=Tr
             ms = bench(lambda: layer(feats), warmup=3, rep=30)
         record(sec.replace("fwd+bwd", "fwd only"), f"deqfuse[{backend}]", ms)
         if backend == "auto" and graphs:
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.no_grad(), torch.cuda.stream(s):
-                for _ in range(2):
-                    layer(feats)
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.no_grad(), torch.cuda.graph(g):
-                static_out = layer(feats)
-            ms = bench(g.replay, warmup=3, rep=30)
-            with torch.no_grad():
-                eager = layer(feats)
-            g.replay()
-            torch.cuda.synchronize()
-            err = float((static_out - eager).norm() / eager.norm())
-            record(sec.replace("fwd+bwd", "fwd only"), "deqfuse[auto] CUDA graph", ms, rel_err_vs_eager=f"{err:.1e}")
+            try:
+                graph_forward(layer, feats, sec)
+            except Exception as e:  # noqa: BLE001
+                print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:500]}")
     if torchdeq_too:
         try:
             from torchdeq import get_deq
@@ -245,6 +261,19 @@ def launches_per_iter(B=256, D=512, N=3, iters=10):
     return res
 
 
+def profile_train_step(B=256, D=512, N=3):
+    """Where the time of one training step (fwd solve + implicit bwd) goes: top host-side ops."""
+    from torch.profiler import ProfilerActivity, profile
+    layer = DEQFusion(D, N, f_max_iter=30, b_max_iter=30, f_tol=1e-30, b_tol=1e-30,
+                      on_nonconvergence="ignore").cuda()
+    feats = [torch.randn(B, D, device="cuda") for _ in range(N)]
+    layer(feats).square().mean().backward()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        layer(feats).square().mean().backward()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
+
+
 def sweep(out_dir):
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -281,6 +310,7 @@ def main():
     epilogue_bench()
     launches_per_iter()
     full_solve_bench()
+    profile_train_step()
     if a.sweep:
         sweep(a.out)
     with open(os.path.join(a.out, "results.csv"), "w", newline="") as fh:

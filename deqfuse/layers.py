@@ -80,7 +80,8 @@ class DEQFusion(nn.Module):
         else:
             with torch.no_grad():
                 z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
-            if self.on_nonconvergence == "warn" and not fstats.all_converged:
+            capturing = z0.is_cuda and torch.cuda.is_current_stream_capturing()
+            if self.on_nonconvergence == "warn" and not capturing and not fstats.all_converged:
                 s = fstats.summary()
                 warnings.warn(f"DEQFusion forward solve: {s['batch'] - s['converged']}/{s['batch']} samples "
                               f"did not reach tol={s['tol']} in {s['steps']} steps (max residual "

@@ -9,17 +9,21 @@ import torch
 import triton
 import triton.language as tl
 
-from deqfuse.reference.anderson import REL_EPS, TINY
+from deqfuse.reference import anderson as _ref
+
+# Triton reads module globals inside kernels only when they are constexpr
+REL_EPS = tl.constexpr(_ref.REL_EPS)
+TINY = tl.constexpr(_ref.TINY)
 
 
 @triton.jit
 def _anderson_step_kernel(x_ptr, fx_ptr, X_ptr, G_ptr, GG_ptr, bx_ptr, bres_ptr, conv_ptr, nstep_ptr,
                           abs_ptr, rel_ptr, L, k, slot, n_valid, beta, lam, tol,
                           M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
-                          STOP_REL: tl.constexpr, ACC: tl.constexpr):
+                          STOP_REL: tl.constexpr, ACC: tl.constexpr, HD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     if tl.load(conv_ptr + b) == 0:
-        hd = G_ptr.dtype.element_ty
+        hd = HD
         i = tl.arange(0, MP)
         ring = (i < n_valid) & (i != slot) & (i < M)     # ring slots read from memory
         row_x = x_ptr + b * L
@@ -108,6 +112,10 @@ def _anderson_step_kernel(x_ptr, fx_ptr, X_ptr, G_ptr, GG_ptr, bx_ptr, bres_ptr,
                     tl.store(row_x + offs, new.to(xn.dtype), mask=lm)
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16}
+
+
 def _check_step_args(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out):
     B, L = x.shape
     m = X.shape[1]
@@ -139,10 +147,11 @@ def anderson_step_triton(x, fx, X, G, GG, best_x, best_res, converged, nstep, ab
     B, L = x.shape
     m = X.shape[1]
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    hd = _TL_DTYPES[X.dtype]
     block = block or min(1024, triton.next_power_of_2(L))
     num_warps = num_warps or (8 if block >= 1024 else 4)
     _anderson_step_kernel[(B,)](
         x, fx, X, G, GG, best_x, best_res, converged.view(torch.uint8), nstep, abs_out, rel_out,
         L, k, k % m, min(k + 1, m), float(beta), float(lam), float(tol),
-        M=m, MP=triton.next_power_of_2(m + 1), BLOCK=block, STOP_REL=bool(stop_rel), ACC=acc,
+        M=m, MP=triton.next_power_of_2(m + 1), BLOCK=block, STOP_REL=bool(stop_rel), ACC=acc, HD=hd,
         num_warps=num_warps)

@@ -57,7 +57,7 @@ def _load_stats(ptr, row, G, GP: tl.constexpr):
 
 @triton.jit
 def _gn_relu_fwd_kernel(a_ptr, h_ptr, st_ptr, w_ptr, b_ptr, B, D, DG, G, eps,
-                        GP: tl.constexpr, DGP: tl.constexpr, ACC: tl.constexpr):
+                        GP: tl.constexpr, DGP: tl.constexpr, ACC: tl.constexpr, SAVE: tl.constexpr):
     """h = ReLU(GN(a)) on rows of a [N, B, D] tensor (modality n = row // B)."""
     row = tl.program_id(0).to(tl.int64)
     n = row // B
@@ -66,7 +66,8 @@ def _gn_relu_fwd_kernel(a_ptr, h_ptr, st_ptr, w_ptr, b_ptr, B, D, DG, G, eps,
     yhat, mean, rstd = _gn_fwd(a, mask, DG, eps)
     y = yhat * tl.load(w_ptr + n * D + offs, mask=mask) + tl.load(b_ptr + n * D + offs, mask=mask)
     tl.store(h_ptr + row * D + offs, tl.maximum(y, 0.0).to(h_ptr.dtype.element_ty), mask=mask)
-    _store_stats(st_ptr, row, mean, rstd, G, GP)
+    if SAVE:
+        _store_stats(st_ptr, row, mean, rstd, G, GP)
 
 
 @triton.jit
@@ -84,34 +85,39 @@ def _modality_fwd_kernel(a2_ptr, x_ptr, z_ptr, out_ptr, u_ptr, s_ptr, st2_ptr, s
         a2 = tl.load(a2_ptr + r * D + offs, mask=mask, other=0.0).to(ACC)
         a2 += tl.load(b2_ptr + i * D + offs, mask=mask, other=0.0)
         a2 += tl.load(x_ptr + (b * N + i) * D + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(a2_ptr + r * D + offs, a2.to(a2_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(a2_ptr + r * D + offs, a2.to(a2_ptr.dtype.element_ty), mask=mask)
         yh2, m2, rs2 = _gn_fwd(a2, mask, DG, eps)
         u = yh2 * tl.load(w2n_ptr + i * D + offs, mask=mask) + tl.load(b2n_ptr + i * D + offs, mask=mask)
         u += tl.load(zrow + i * D + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(u_ptr + r * D + offs, u.to(u_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(u_ptr + r * D + offs, u.to(u_ptr.dtype.element_ty), mask=mask)
         yh3, m3, rs3 = _gn_fwd(tl.maximum(u, 0.0), mask, DG, eps)
         zn = yh3 * tl.load(w3n_ptr + i * D + offs, mask=mask) + tl.load(b3n_ptr + i * D + offs, mask=mask)
         tl.store(out_ptr + (b * (N + 1) + i) * D + offs, zn.to(out_ptr.dtype.element_ty), mask=mask)
         s += zn
-        _store_stats(st2_ptr, r, m2, rs2, G, GP)
-        _store_stats(st3_ptr, r, m3, rs3, G, GP)
+        if SAVE:
+            _store_stats(st2_ptr, r, m2, rs2, G, GP)
+            _store_stats(st3_ptr, r, m3, rs3, G, GP)
     s += N * tl.load(zrow + N * D + offs, mask=mask, other=0.0).to(ACC)
     tl.store(s_ptr + b * D + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fusion_fwd_kernel(a3_ptr, xf_ptr, bf_ptr, w_ptr, bb_ptr, out_ptr, st_ptr, N, D, DG, G, eps,
-                       GP: tl.constexpr, DGP: tl.constexpr, ACC: tl.constexpr):
+                       GP: tl.constexpr, DGP: tl.constexpr, ACC: tl.constexpr, SAVE: tl.constexpr):
     """a3 += b_f + x_f (kept), z_f+ = GN_f(ReLU(a3)) -> out[b, N]."""
     b = tl.program_id(0).to(tl.int64)
     offs, mask = _tile(DG, GP, DGP, G)
     a3 = tl.load(a3_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
     a3 += tl.load(bf_ptr + offs, mask=mask, other=0.0) + tl.load(xf_ptr + b * D + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(a3_ptr + b * D + offs, a3.to(a3_ptr.dtype.element_ty), mask=mask)
+    if SAVE:
+        tl.store(a3_ptr + b * D + offs, a3.to(a3_ptr.dtype.element_ty), mask=mask)
     yh, m, rs = _gn_fwd(tl.maximum(a3, 0.0), mask, DG, eps)
     zf = yh * tl.load(w_ptr + offs, mask=mask) + tl.load(bb_ptr + offs, mask=mask)
     tl.store(out_ptr + (b * (N + 1) + N) * D + offs, zf.to(out_ptr.dtype.element_ty), mask=mask)
-    _store_stats(st_ptr, b, m, rs, G, GP)
+    if SAVE:
+        _store_stats(st_ptr, b, m, rs, G, GP)
 
 
 @triton.jit
@@ -196,11 +202,12 @@ def cell_forward_triton(z, x, xf, p, groups: int = 4, save: bool = False):
     N = N1 - 1
     meta, DG = _meta(D, groups, z.dtype)
     f32 = dict(dtype=torch.float64 if z.dtype == torch.float64 else torch.float32, device=z.device)
+    save = bool(save)  # without it, the kernels skip storing intermediates and GN stats
     zm = z[:, :N].transpose(0, 1)                                          # [N, B, D] view
     a1 = torch.baddbmm(p.b1.unsqueeze(1).to(z.dtype), zm, p.w1.transpose(1, 2).to(z.dtype))
     h = torch.empty_like(a1)
     st1 = torch.empty(N * B, groups, 2, **f32)
-    _gn_relu_fwd_kernel[(N * B,)](a1, h, st1, p.gn1_w, p.gn1_b, B, D, DG, groups, EPS, **meta)
+    _gn_relu_fwd_kernel[(N * B,)](a1, h, st1, p.gn1_w, p.gn1_b, B, D, DG, groups, EPS, SAVE=save, **meta)
     a2 = torch.bmm(h, p.w2.transpose(1, 2).to(z.dtype))
     out = torch.empty_like(z)
     u = torch.empty_like(a2)
@@ -208,12 +215,12 @@ def cell_forward_triton(z, x, xf, p, groups: int = 4, save: bool = False):
     st2 = torch.empty(N * B, groups, 2, **f32)
     st3 = torch.empty(N * B, groups, 2, **f32)
     _modality_fwd_kernel[(B,)](a2, x, z, out, u, s, st2, st3, p.b2, p.gn2_w, p.gn2_b, p.gn3_w, p.gn3_b,
-                               B, N, D, DG, groups, EPS, **meta)
+                               B, N, D, DG, groups, EPS, SAVE=save, **meta)
     zf = z[:, N]
     ga = torch.addmm((N * p.bg).to(z.dtype), s, p.wg.T.to(z.dtype))
     a3 = torch.mm(zf * ga, p.wf.T.to(z.dtype))
     stf = torch.empty(B, groups, 2, **f32)
-    _fusion_fwd_kernel[(B,)](a3, xf, p.bf, p.gnf_w, p.gnf_b, out, stf, N, D, DG, groups, EPS, **meta)
+    _fusion_fwd_kernel[(B,)](a3, xf, p.bf, p.gnf_w, p.gnf_b, out, stf, N, D, DG, groups, EPS, SAVE=save, **meta)
     if not save:
         return out
     return out, dict(triton=True, a1=a1, st1=st1, a2=a2, u=u, st2=st2, st3=st3, zf=zf, ga=ga, a3=a3, stf=stf)

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
+
 #include "anderson_kernel.cuh"
 
 #include "../anderson_check.h"
@@ -26,12 +28,15 @@ void launch(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, at::Tensor& G, a
   x.data_ptr<x_t>(), fx.data_ptr<x_t>(), X.data_ptr<hist_t>(), G.data_ptr<hist_t>(), GG.data_ptr<acc_t>(),     \
       best_x.data_ptr<x_t>(), best_res.data_ptr<acc_t>(), converged.data_ptr<bool>(), nstep.data_ptr<int32_t>(), \
       abs_out.data_ptr<acc_t>(), rel_out.data_ptr<acc_t>(), L, m, (int)k, beta, lam, tol, stop_rel
-  if (cache_bytes <= kMaxCacheBytes) {
+  // DEQFUSE_ANDERSON_CACHE=0|1 overrides the choice (for benchmarking both paths)
+  const char* env = std::getenv("DEQFUSE_ANDERSON_CACHE");
+  const bool cache = env ? (env[0] == '1' && cache_bytes <= kMaxCacheBytes) : cache_bytes <= kMaxCacheBytes;
+  if (cache) {
     auto kern = anderson_step_kernel<x_t, hist_t, true>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cache_bytes));
-    kern<<<(unsigned)B, kThreads, cache_bytes, stream>>>(DF_ARGS);
+    kern<<<(unsigned)B, 512, cache_bytes, stream>>>(DF_ARGS);
   } else {
-    anderson_step_kernel<x_t, hist_t, false><<<(unsigned)B, kThreads, 0, stream>>>(DF_ARGS);
+    anderson_step_kernel<x_t, hist_t, false><<<(unsigned)B, 256, 0, stream>>>(DF_ARGS);
   }
 #undef DF_ARGS
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -15,8 +15,6 @@
 
 namespace deqfuse {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
 constexpr size_t kMaxCacheBytes = 110 * 1024;  // two blocks per SM on Hopper (227 KB)
 
 template <typename T>
@@ -30,7 +28,7 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-template <typename scalar_t, typename hist_t, bool CACHE>
+template <typename scalar_t, typename hist_t, bool CACHE, int kThreads = CACHE ? 512 : 256>
 __global__ void __launch_bounds__(kThreads) anderson_step_kernel(
     scalar_t* __restrict__ x, const scalar_t* __restrict__ fx, hist_t* __restrict__ X, hist_t* __restrict__ G,
     typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type* __restrict__ GG,
@@ -41,6 +39,7 @@ __global__ void __launch_bounds__(kThreads) anderson_step_kernel(
     typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type* __restrict__ rel_out,
     int64_t L, int m, int k, double beta_d, double lam_d, double tol_d, bool stop_rel) {
   using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  constexpr int kWarps = kThreads / 32;
   const int64_t b = blockIdx.x;
   if (converged[b]) return;
   const int slot = k % m, n = min(k + 1, m), tid = threadIdx.x;
@@ -87,12 +86,17 @@ __global__ void __launch_bounds__(kThreads) anderson_step_kernel(
     for (int j = 0; j < kMaxM; ++j) red[3 + j][warp] = dots[j];
   }
   __syncthreads();
-  if (tid == 0) {
-    acc_t s[kMaxM + 3];
-    for (int r = 0; r < m + 3; ++r) {
-      s[r] = 0;
-      for (int w = 0; w < kWarps; ++w) s[r] += red[r][w];
+  __shared__ acc_t tot[kMaxM + 3];
+  if (warp == 0) {  // cross-warp sums, one value per lane
+    for (int r = lane; r < m + 3; r += 32) {
+      acc_t v = 0;
+      for (int w = 0; w < kWarps; ++w) v += red[r][w];
+      tot[r] = v;
     }
+    __syncwarp();
+  }
+  if (tid == 0) {
+    acc_t* s = tot;
     const acc_t absr = sqrt(s[0]), relr = absr / (sqrt(s[1]) + (acc_t)kRelEps);
     const acc_t res = stop_rel ? relr : absr;
     abs_out[b] = absr;

@@ -4,8 +4,9 @@
 #include "../../csrc/cuda/epilogue_kernel.cuh"
 
 namespace deqfuse {
-#define DF_STEP(X, H)                                                \
-  template __global__ void anderson_step_kernel<X, H, true>(         \
+#define DF_STEP(X, H) DF_STEP1(X, H, true) DF_STEP1(X, H, false)
+#define DF_STEP1(X, H, C)                                            \
+  template __global__ void anderson_step_kernel<X, H, C>(            \
       X*, const X*, H*, H*, std::conditional<std::is_same<X, double>::value, double, float>::type*, X*, \
       std::conditional<std::is_same<X, double>::value, double, float>::type*, bool*, int32_t*,        \
       std::conditional<std::is_same<X, double>::value, double, float>::type*,                        \
@@ -17,6 +18,7 @@ DF_STEP(float, c10::BFloat16)
 DF_STEP(c10::BFloat16, c10::BFloat16)
 DF_STEP(c10::Half, c10::Half)
 #undef DF_STEP
+#undef DF_STEP1
 template __global__ void modality_epilogue_kernel<float>(const float*, const float*, const float*, const float*,
     const float*, const float*, const float*, const float*, float*, float*, int, int, int, int, float);
 template __global__ void modality_epilogue_kernel<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*,
