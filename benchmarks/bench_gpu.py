@@ -79,13 +79,7 @@ def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
     variants = [("reference", anderson_step_ref), ("triton", lambda *a: anderson_step_triton(*a, check=False))]
     ext, _ = deqfuse.extension_status()
     if ext is not None and ext.has_cuda():
-        def cuda_step(cache):
-            def run(*a):
-                os.environ["DEQFUSE_ANDERSON_CACHE"] = cache
-                torch.ops.deqfuse.anderson_step(*a)
-            return run
-        variants += [("cuda (auto)", torch.ops.deqfuse.anderson_step), ("cuda smem-cache", cuda_step("1")),
-                     ("cuda no-cache", cuda_step("0"))]
+        variants.append(("cuda", torch.ops.deqfuse.anderson_step))
     comp = try_compile(anderson_step_ref)
     if comp is not None:
         variants.insert(1, ("torch.compile(reference)", comp))
@@ -99,8 +93,6 @@ def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
         except Exception as e:  # noqa: BLE001
             print(f"  {name} failed: {type(e).__name__}: {str(e)[:2000]}")
             continue
-        finally:
-            os.environ.pop("DEQFUSE_ANDERSON_CACHE", None)
         tbs = uniq / ms / 1e9
         record(sec, name, ms, TBps=round(tbs, 3), pct_copy=round(100 * tbs / COPY_TBS[0], 1))
         del st, fx

@@ -73,7 +73,7 @@ def _gn_relu_fwd_kernel(a_ptr, h_ptr, st_ptr, w_ptr, b_ptr, B, D, DG, G, eps,
 @triton.jit
 def _modality_fwd_kernel(a2_ptr, x_ptr, z_ptr, out_ptr, u_ptr, s_ptr, st2_ptr, st3_ptr,
                          b2_ptr, w2n_ptr, b2n_ptr, w3n_ptr, b3n_ptr, B, N, D, DG, G, eps,
-                         GP: tl.constexpr, DGP: tl.constexpr, ACC: tl.constexpr):
+                         GP: tl.constexpr, DGP: tl.constexpr, ACC: tl.constexpr, SAVE: tl.constexpr):
     """Per sample b, for each modality i: a2 += b2_i + x_i (kept for the VJP), u = GN2(a2) + z_i,
     z_i+ = GN3(ReLU(u)) -> out[b, i]; then s = sum_i z_i+ + N z_f -> s[b]."""
     b = tl.program_id(0).to(tl.int64)

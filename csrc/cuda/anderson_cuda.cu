@@ -1,12 +1,7 @@
-// CUDA Anderson step: one block per sample (contract: deqfuse/reference/anderson.py).
-// Pass 1 streams x, f(x) and the G ring: norms + the new Gram row (block reductions). Thread 0 does
-// the Gram update and the bordered solve. Pass 2 mixes. When the sample's x, g and G ring fit in
-// shared memory (CACHE), pass 1 keeps them there, so pass 2 reads only the X ring from DRAM.
+// Launcher and op registration of the CUDA Anderson step (kernel: anderson_kernel.cuh).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
-
-#include <cstdlib>
 
 #include "anderson_kernel.cuh"
 
@@ -18,26 +13,19 @@ template <typename x_t, typename hist_t>
 void launch(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, at::Tensor& G, at::Tensor& GG, at::Tensor& best_x,
             at::Tensor& best_res, at::Tensor& converged, at::Tensor& nstep, at::Tensor& abs_out, at::Tensor& rel_out,
             int64_t k, double beta, double lam, double tol, bool stop_rel) {
-  using acc_t = typename std::conditional<std::is_same<x_t, double>::value, double, float>::type;
+  using acc_t = acc_of<x_t>;
   const int64_t B = x.size(0), L = x.size(1);
   const int m = (int)X.size(1);
   if (B == 0) return;
-  const size_t cache_bytes = 2 * L * sizeof(acc_t) + (size_t)m * L * sizeof(hist_t);
   auto stream = c10::cuda::getCurrentCUDAStream();
 #define DF_ARGS                                                                                                  \
   x.data_ptr<x_t>(), fx.data_ptr<x_t>(), X.data_ptr<hist_t>(), G.data_ptr<hist_t>(), GG.data_ptr<acc_t>(),     \
       best_x.data_ptr<x_t>(), best_res.data_ptr<acc_t>(), converged.data_ptr<bool>(), nstep.data_ptr<int32_t>(), \
       abs_out.data_ptr<acc_t>(), rel_out.data_ptr<acc_t>(), L, m, (int)k, beta, lam, tol, stop_rel
-  // DEQFUSE_ANDERSON_CACHE=0|1 overrides the choice (for benchmarking both paths)
-  const char* env = std::getenv("DEQFUSE_ANDERSON_CACHE");
-  const bool cache = env ? (env[0] == '1' && cache_bytes <= kMaxCacheBytes) : cache_bytes <= kMaxCacheBytes;
-  if (cache) {
-    auto kern = anderson_step_kernel<x_t, hist_t, true>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cache_bytes));
-    kern<<<(unsigned)B, 512, cache_bytes, stream>>>(DF_ARGS);
-  } else {
-    anderson_step_kernel<x_t, hist_t, false><<<(unsigned)B, 256, 0, stream>>>(DF_ARGS);
-  }
+  if (L % 4 == 0)  // contiguous buffers from the caching allocator: every row/slot is 4-element aligned
+    anderson_step_kernel<x_t, hist_t, 4><<<(unsigned)B, kStepThreads, 0, stream>>>(DF_ARGS);
+  else
+    anderson_step_kernel<x_t, hist_t, 1><<<(unsigned)B, kStepThreads, 0, stream>>>(DF_ARGS);
 #undef DF_ARGS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

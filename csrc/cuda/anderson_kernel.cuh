@@ -1,7 +1,9 @@
-// CUDA Anderson step: one block per sample (contract: deqfuse/reference/anderson.py).
-// Pass 1 streams x, f(x) and the G ring: norms + the new Gram row (block reductions). Thread 0 does
-// the Gram update and the bordered solve. Pass 2 mixes. When the sample's x, g and G ring fit in
-// shared memory (CACHE), pass 1 keeps them there, so pass 2 reads only the X ring from DRAM.
+// CUDA Anderson step kernel: one 256-thread block per sample (contract: deqfuse/reference/anderson.py).
+// Pass 1 streams x, f(x) and the G ring (V-wide vector loads): residual norms and the new Gram row,
+// reduced with warp shuffles. Thread 0 updates the Gram matrix and solves the bordered system while
+// the SM's other blocks keep streaming. Pass 2 streams x, f(x), X and G again and mixes.
+// (A variant that kept x, g and the G ring in shared memory between the passes measured slower on an
+// H100 (occupancy fell to 2 blocks/SM): see benchmarks/RESULTS.md.)
 // Kernel templates only (plain CUDA + c10 scalar types): also compiled stand-alone by
 // tests/nvcc_compile.py on machines whose torch has no CUDA headers.
 #pragma once
@@ -15,7 +17,7 @@
 
 namespace deqfuse {
 
-constexpr size_t kMaxCacheBytes = 110 * 1024;  // two blocks per SM on Hopper (227 KB)
+constexpr int kStepThreads = 256;
 
 template <typename T>
 __device__ __forceinline__ float to_acc(T v) { return static_cast<float>(v); }
@@ -28,65 +30,80 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-template <typename scalar_t, typename hist_t, bool CACHE, int kThreads = CACHE ? 512 : 256>
-__global__ void __launch_bounds__(kThreads) anderson_step_kernel(
+// V consecutive elements moved as one aligned access (16 B for fp32 with V = 4).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> ld(const T* p) { return *reinterpret_cast<const Pack<T, V>*>(p); }
+template <int V, typename T>
+__device__ __forceinline__ void st(T* p, const Pack<T, V>& x) { *reinterpret_cast<Pack<T, V>*>(p) = x; }
+
+template <typename scalar_t>
+using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+// V = 4 needs L % 4 == 0 (every row and ring slot then starts 4-element aligned); else V = 1.
+template <typename scalar_t, typename hist_t, int V>
+__global__ void __launch_bounds__(kStepThreads) anderson_step_kernel(
     scalar_t* __restrict__ x, const scalar_t* __restrict__ fx, hist_t* __restrict__ X, hist_t* __restrict__ G,
-    typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type* __restrict__ GG,
-    scalar_t* __restrict__ best_x,
-    typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type* __restrict__ best_res,
-    bool* __restrict__ converged, int32_t* __restrict__ nstep,
-    typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type* __restrict__ abs_out,
-    typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type* __restrict__ rel_out,
-    int64_t L, int m, int k, double beta_d, double lam_d, double tol_d, bool stop_rel) {
-  using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
-  constexpr int kWarps = kThreads / 32;
+    acc_of<scalar_t>* __restrict__ GG, scalar_t* __restrict__ best_x, acc_of<scalar_t>* __restrict__ best_res,
+    bool* __restrict__ converged, int32_t* __restrict__ nstep, acc_of<scalar_t>* __restrict__ abs_out,
+    acc_of<scalar_t>* __restrict__ rel_out, int64_t L, int m, int k, double beta_d, double lam_d, double tol_d,
+    bool stop_rel) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kWarps = kStepThreads / 32;
   const int64_t b = blockIdx.x;
   if (converged[b]) return;
-  const int slot = k % m, n = min(k + 1, m), tid = threadIdx.x;
+  const int slot = k % m, n = min(k + 1, m), tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const acc_t beta = (acc_t)beta_d;
   scalar_t* xb = x + b * L;
   const scalar_t* fb = fx + b * L;
   hist_t* Xb = X + b * m * L;
   hist_t* Gb = G + b * m * L;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* xc = reinterpret_cast<acc_t*>(smem_raw);  // [L] x, then [L] g, then [m, L] G ring (CACHE only)
-  acc_t* gc = xc + L;
-  hist_t* Gc = reinterpret_cast<hist_t*>(gc + L);
   __shared__ acc_t red[kMaxM + 3][kWarps];
+  __shared__ acc_t tot[kMaxM + 3];
   __shared__ acc_t alpha[kMaxM];
-  __shared__ acc_t A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1], ggrow[kMaxM * kMaxM];
+  __shared__ acc_t A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1], gg[kMaxM * kMaxM];
   __shared__ int flags;  // bit 0: mix, bit 1: better
 
-  // ---- pass 1
+  // ---- pass 1: norms and the Gram row
   acc_t g2 = 0, f2 = 0, gr2 = 0, dots[kMaxM];
 #pragma unroll
   for (int j = 0; j < kMaxM; ++j) dots[j] = 0;
-  for (int64_t l = tid; l < L; l += kThreads) {
-    const acc_t xv = to_acc(xb[l]), fv = to_acc(fb[l]), g = fv - xv, gr = to_acc(static_cast<hist_t>(g));
-    g2 += g * g;
-    f2 += fv * fv;
-    gr2 += gr * gr;
-    if (CACHE) { xc[l] = xv; gc[l] = g; }
+  for (int64_t l = (int64_t)tid * V; l < L; l += (int64_t)kStepThreads * V) {
+    const Pack<scalar_t, V> xp = ld<V>(xb + l), fp = ld<V>(fb + l);
+    acc_t gr[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      const acc_t xv = to_acc(xp.v[u]), fv = to_acc(fp.v[u]), g = fv - xv;
+      gr[u] = to_acc(static_cast<hist_t>(g));
+      g2 += g * g;
+      f2 += fv * fv;
+      gr2 += gr[u] * gr[u];
+    }
 #pragma unroll
     for (int j = 0; j < kMaxM; ++j) {
       if (j < n && j != slot) {
-        const hist_t Gv = Gb[j * L + l];
-        if (CACHE) Gc[j * L + l] = Gv;
-        dots[j] += to_acc(Gv) * gr;
+        const Pack<hist_t, V> Gp = ld<V>(Gb + j * L + l);
+#pragma unroll
+        for (int u = 0; u < V; ++u) dots[j] += to_acc(Gp.v[u]) * gr[u];
       }
     }
   }
-  const int warp = tid / 32, lane = tid % 32;
-  g2 = warp_sum(g2); f2 = warp_sum(f2); gr2 = warp_sum(gr2);
+  g2 = warp_sum(g2);
+  f2 = warp_sum(f2);
+  gr2 = warp_sum(gr2);
 #pragma unroll
   for (int j = 0; j < kMaxM; ++j) dots[j] = warp_sum(dots[j]);
   if (lane == 0) {
-    red[0][warp] = g2; red[1][warp] = f2; red[2][warp] = gr2;
+    red[0][warp] = g2;
+    red[1][warp] = f2;
+    red[2][warp] = gr2;
 #pragma unroll
     for (int j = 0; j < kMaxM; ++j) red[3 + j][warp] = dots[j];
   }
   __syncthreads();
-  __shared__ acc_t tot[kMaxM + 3];
   if (warp == 0) {  // cross-warp sums, one value per lane
     for (int r = lane; r < m + 3; r += 32) {
       acc_t v = 0;
@@ -96,52 +113,62 @@ __global__ void __launch_bounds__(kThreads) anderson_step_kernel(
     __syncwarp();
   }
   if (tid == 0) {
-    acc_t* s = tot;
-    const acc_t absr = sqrt(s[0]), relr = absr / (sqrt(s[1]) + (acc_t)kRelEps);
+    const acc_t absr = sqrt(tot[0]), relr = absr / (sqrt(tot[1]) + (acc_t)kRelEps);
     const acc_t res = stop_rel ? relr : absr;
     abs_out[b] = absr;
     rel_out[b] = relr;
     const bool better = res < best_res[b];
-    if (better) { best_res[b] = res; nstep[b] = k + 1; }
-    const bool now_conv = res < (acc_t)tol_d;  // NaN never converges
+    if (better) {
+      best_res[b] = res;
+      nstep[b] = k + 1;
+    }
+    const bool now_conv = res < (acc_t)tol_d;  // a NaN residual never converges
     if (now_conv) converged[b] = true;
-    int fl = (now_conv ? 0 : 1) | (better ? 2 : 0);
     if (!now_conv) {
       acc_t* GGb = GG + b * m * m;
-      s[3 + slot] = s[2];
-      for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = s[3 + j];
-      for (int i = 0; i < m * m; ++i) ggrow[i] = GGb[i];
-      acc_t a[kMaxM];
-      bordered_solve<acc_t>(ggrow, m, n, (acc_t)lam_d, A, rhs, a);
-      for (int j = 0; j < m; ++j) alpha[j] = a[j];
+      tot[3 + slot] = tot[2];
+      for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = tot[3 + j];
+      for (int i = 0; i < m * m; ++i) gg[i] = GGb[i];
+      bordered_solve<acc_t>(gg, m, n, (acc_t)lam_d, A, rhs, alpha);
     }
-    flags = fl;
+    flags = (now_conv ? 0 : 1) | (better ? 2 : 0);
   }
   __syncthreads();
   const bool mix = flags & 1, better = flags & 2;
   if (!mix && !better) return;
-  // ---- pass 2
-  acc_t al[kMaxM];
+  // ---- pass 2: best iterate, new ring slot, mixing
+  acc_t al[kMaxM];  // compile-time indices only (a run-time index would spill it to local memory)
 #pragma unroll
   for (int j = 0; j < kMaxM; ++j) al[j] = (j < n) ? alpha[j] : (acc_t)0;
-  for (int64_t l = tid; l < L; l += kThreads) {
-    const acc_t xv = CACHE ? xc[l] : to_acc(xb[l]);
-    if (better) best_x[b * L + l] = CACHE ? static_cast<scalar_t>(xv) : xb[l];
+  const acc_t a_s = alpha[slot];
+  for (int64_t l = (int64_t)tid * V; l < L; l += (int64_t)kStepThreads * V) {
+    const Pack<scalar_t, V> xp = ld<V>(xb + l);
+    if (better) st<V>(best_x + b * L + l, xp);
     if (!mix) continue;
-    const acc_t g = CACHE ? gc[l] : to_acc(fb[l]) - xv;
-    const hist_t xh = static_cast<hist_t>(xv), gh = static_cast<hist_t>(g);
-    acc_t v = 0;
+    const Pack<scalar_t, V> fp = ld<V>(fb + l);
+    Pack<hist_t, V> xh, gh;
+    acc_t v[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      const acc_t xv = to_acc(xp.v[u]);
+      xh.v[u] = static_cast<hist_t>(xv);
+      gh.v[u] = static_cast<hist_t>(to_acc(fp.v[u]) - xv);
+      v[u] = a_s * (to_acc(xh.v[u]) + beta * to_acc(gh.v[u]));
+    }
 #pragma unroll
     for (int j = 0; j < kMaxM; ++j) {
-      if (j < n) {
-        const acc_t Xv = j == slot ? to_acc(xh) : to_acc(Xb[j * L + l]);
-        const acc_t Gv = j == slot ? to_acc(gh) : to_acc(CACHE ? Gc[j * L + l] : Gb[j * L + l]);
-        v += al[j] * (Xv + beta * Gv);
+      if (j < n && j != slot) {
+        const Pack<hist_t, V> Xp = ld<V>(Xb + j * L + l), Gp = ld<V>(Gb + j * L + l);
+#pragma unroll
+        for (int u = 0; u < V; ++u) v[u] += al[j] * (to_acc(Xp.v[u]) + beta * to_acc(Gp.v[u]));
       }
     }
-    Xb[slot * L + l] = xh;
-    Gb[slot * L + l] = gh;
-    xb[l] = static_cast<scalar_t>(v);
+    Pack<scalar_t, V> out;
+#pragma unroll
+    for (int u = 0; u < V; ++u) out.v[u] = static_cast<scalar_t>(v[u]);
+    st<V>(Xb + slot * L + l, xh);
+    st<V>(Gb + slot * L + l, gh);
+    st<V>(xb + l, out);
   }
 }
 

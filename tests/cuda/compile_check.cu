@@ -4,17 +4,16 @@
 #include "../../csrc/cuda/epilogue_kernel.cuh"
 
 namespace deqfuse {
-#define DF_STEP(X, H) DF_STEP1(X, H, true) DF_STEP1(X, H, false)
-#define DF_STEP1(X, H, C)                                            \
-  template __global__ void anderson_step_kernel<X, H, C>(            \
-      X*, const X*, H*, H*, std::conditional<std::is_same<X, double>::value, double, float>::type*, X*, \
-      std::conditional<std::is_same<X, double>::value, double, float>::type*, bool*, int32_t*,        \
-      std::conditional<std::is_same<X, double>::value, double, float>::type*,                        \
-      std::conditional<std::is_same<X, double>::value, double, float>::type*, int64_t, int, int,      \
-      double, double, double, bool);
+#define DF_STEP1(X, H, V)                                                                             \
+  template __global__ void anderson_step_kernel<X, H, V>(X*, const X*, H*, H*, acc_of<X>*, X*, acc_of<X>*, bool*, \
+                                                          int32_t*, acc_of<X>*, acc_of<X>*, int64_t, int, int,   \
+                                                          double, double, double, bool);
+#define DF_STEP(X, H) DF_STEP1(X, H, 4) DF_STEP1(X, H, 1)
 DF_STEP(float, float)
 DF_STEP(double, double)
 DF_STEP(float, c10::BFloat16)
+DF_STEP(float, c10::Half)
+DF_STEP(double, c10::BFloat16)
 DF_STEP(c10::BFloat16, c10::BFloat16)
 DF_STEP(c10::Half, c10::Half)
 #undef DF_STEP
