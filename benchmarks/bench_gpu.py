@@ -168,9 +168,9 @@ def full_solve_bench(B=256, D=512, N=3, dtype=torch.float32, iters=30, graphs=Tr
     feats = [torch.randn(B, D, device="cuda", dtype=dtype) for _ in range(N)]
     out = {}
 
-    def ours(backend):
+    def ours(backend, graph=False):
         layer = DEQFusion(D, N, backend=backend, f_max_iter=iters, b_max_iter=iters, f_tol=1e-30, b_tol=1e-30,
-                          on_nonconvergence="ignore", solver_kw=dict(m=6)).cuda().to(dtype)
+                          on_nonconvergence="ignore", solver_kw=dict(m=6), cuda_graph=graph).cuda().to(dtype)
 
         def step():
             layer.zero_grad(set_to_none=True)
@@ -194,6 +194,14 @@ def full_solve_bench(B=256, D=512, N=3, dtype=torch.float32, iters=30, graphs=Tr
                 graph_forward(layer, feats, sec)
             except Exception as e:  # noqa: BLE001
                 print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:500]}")
+    if graphs:
+        try:
+            step, layer = ours("auto", graph=True)
+            ms = bench(step, warmup=3, rep=30)
+            out["auto+cuda_graph"] = ms
+            record(sec, "deqfuse[auto, cuda_graph]", ms)
+        except Exception as e:  # noqa: BLE001
+            print(f"  graphed training step failed: {type(e).__name__}: {str(e)[:500]}")
     if torchdeq_too:
         try:
             from torchdeq import get_deq

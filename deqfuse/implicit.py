@@ -9,31 +9,34 @@ from .solvers import solve
 
 
 class ImplicitAdjoint(torch.autograd.Function):
-    """Identity on f(z*) in the forward; in the backward replaces the incoming gradient `grad` by the
-    adjoint fixed point g = J^T g + grad (J = df/dz at z*), solved per sample with a batched solver.
-
-    vjp: g [B, L] -> J^T g [B, L] (no autograd graph needed, e.g. a fused kernel on saved tensors).
-    The solver's stats of the last backward are stored on `stats_box[0]` when a list is given.
-    """
+    """Identity on f(z*) in the forward; in the backward replaces the incoming gradient `grad` by
+    adjoint(grad), the solution g of the adjoint fixed point g = J^T g + grad (J = df/dz at z*)."""
 
     @staticmethod
-    def forward(ctx, fz, vjp: Callable, solver: str, solver_kw: dict, stats_box):
-        ctx.vjp, ctx.solver, ctx.solver_kw, ctx.stats_box = vjp, solver, solver_kw, stats_box
+    def forward(ctx, fz, adjoint: Callable):
+        ctx.adjoint = adjoint
         return fz.view_as(fz)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
         with torch.no_grad():
-            g, stats = solve(ctx.solver, lambda y: ctx.vjp(y) + grad, grad.clone(), **ctx.solver_kw)
-        if ctx.stats_box is not None:
-            ctx.stats_box[:] = [stats]
-        return g, None, None, None, None
+            return ctx.adjoint(grad.contiguous()), None
+
+
+def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, **solver_kw):
+    """grad -> g solving g = vjp(g) + grad per sample with a batched solver (vjp: [B, L] -> [B, L],
+    e.g. a fused kernel on saved tensors). The solver's stats land in stats_box[0] if a list is given."""
+    def adjoint(grad):
+        g, stats = solve(solver, lambda y: vjp(y) + grad, grad.clone(), **solver_kw)
+        if stats_box is not None:
+            stats_box[:] = [stats]
+        return g
+    return adjoint
 
 
 def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, **solver_kw):
     """Attach the implicit gradient to fz = f(z*) ([B, L], computed with grad enabled)."""
-    return ImplicitAdjoint.apply(fz, vjp, solver, solver_kw, stats_box)
+    return ImplicitAdjoint.apply(fz, adjoint_solver(vjp, solver, stats_box, **solver_kw))
 
 
 def autograd_vjp(fz, z):

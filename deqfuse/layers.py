@@ -9,7 +9,8 @@ from torch import nn
 from ._validate import check_features
 from .backend import resolve
 from .cell import FusionCell
-from .implicit import implicit_grad, jacobian_reg, phantom_grad
+from .graphs import GraphedSolves
+from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad
 from .reference.cell import fuse_inputs
 from .solvers import SolverStats, solve
 
@@ -33,6 +34,9 @@ class DEQFusion(nn.Module):
       jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off).
       backend: 'auto' | 'triton' | 'cuda' | 'reference' for the kernels used inside the solves.
       on_nonconvergence: 'warn' (one host sync per forward) | 'ignore' (read info.forward_stats).
+      cuda_graph: on CUDA, run each solve (forward, and the adjoint in training) as one CUDA-graph
+        replay, captured on first use per batch size (see graphs.py; needs grad='implicit' to graph
+        the backward). The biggest win at small batches, where the solves are launch-bound.
     forward(features) -> [B, D]; with return_info=True -> ([B, D], DEQInfo).
     """
 
@@ -41,7 +45,7 @@ class DEQFusion(nn.Module):
                  stop_mode: str = "rel", grad: str = "implicit", phantom_steps: int = 5,
                  phantom_lam: float = 0.8, unrolled_steps: int = 6, jac_reg: int = 0,
                  backend: str = "auto", solver_kw: Optional[dict] = None,
-                 on_nonconvergence: str = "warn"):
+                 on_nonconvergence: str = "warn", cuda_graph: bool = False):
         super().__init__()
         if grad not in ("implicit", "phantom", "unrolled"):
             raise ValueError(f"grad must be 'implicit', 'phantom' or 'unrolled', got {grad!r}")
@@ -59,6 +63,8 @@ class DEQFusion(nn.Module):
         self.phantom_steps, self.phantom_lam = phantom_steps, phantom_lam
         self.unrolled_steps, self.jac_reg = unrolled_steps, jac_reg
         self.on_nonconvergence = on_nonconvergence
+        self.cuda_graph = cuda_graph
+        self._graphs = GraphedSolves(self)
         self.info: Optional[DEQInfo] = None
 
     def _flat_cell(self, x, xf, B):
@@ -78,8 +84,12 @@ class DEQFusion(nn.Module):
             for _ in range(self.unrolled_steps):
                 z = f(z)
         else:
-            with torch.no_grad():
-                z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
+            graphed = self.cuda_graph and x.is_cuda
+            if graphed:
+                z_star, fstats = self._graphs.forward(x, xf)
+            else:
+                with torch.no_grad():
+                    z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
             capturing = z0.is_cuda and torch.cuda.is_current_stream_capturing()
             if self.on_nonconvergence == "warn" and not capturing and not fstats.all_converged:
                 s = fstats.summary()
@@ -88,12 +98,12 @@ class DEQFusion(nn.Module):
                               f"{s['max_res']:.3g}); returning each sample's best iterate", RuntimeWarning)
             z = z_star
             if self.training and torch.is_grad_enabled():
-                z, jac = self._attach_grad(z_star, x, xf, B, bstats)
+                z, jac = self._attach_grad(z_star, x, xf, B, bstats, graphed)
         self.info = DEQInfo(fstats, jac, bstats)
         out = z.view(B, self.n + 1, self.dim)[:, self.n]
         return (out, self.info) if return_info else out
 
-    def _attach_grad(self, z_star, x, xf, B, bstats):
+    def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False):
         jac = x.new_zeros(())
         if self.grad == "phantom":
             return phantom_grad(self._flat_cell(x, xf, B), z_star, self.phantom_steps, self.phantom_lam), jac
@@ -102,6 +112,8 @@ class DEQFusion(nn.Module):
         fz = fz.reshape(B, -1)
         if self.jac_reg > 0:
             jac = jacobian_reg(fz, z_star, self.jac_reg)
+        if graphed:
+            return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats)), jac
         shape = (B, self.n + 1, self.dim)
         if resolve(self.backend, z_star.device, "cell") == "reference":
             saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())

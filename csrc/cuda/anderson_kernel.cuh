@@ -45,7 +45,7 @@ using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, 
 
 // V = 4 needs L % 4 == 0 (every row and ring slot then starts 4-element aligned); else V = 1.
 template <typename scalar_t, typename hist_t, int V>
-__global__ void __launch_bounds__(kStepThreads) anderson_step_kernel(
+__global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
     scalar_t* __restrict__ x, const scalar_t* __restrict__ fx, hist_t* __restrict__ X, hist_t* __restrict__ G,
     acc_of<scalar_t>* __restrict__ GG, scalar_t* __restrict__ best_x, acc_of<scalar_t>* __restrict__ best_res,
     bool* __restrict__ converged, int32_t* __restrict__ nstep, acc_of<scalar_t>* __restrict__ abs_out,

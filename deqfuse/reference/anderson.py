@@ -32,7 +32,7 @@ def bordered_solve(GG, n_valid: int, lam: float):
     H[:, m, :m] = valid.to(GG.dtype)
     rhs = GG.new_zeros(B, m + 1, 1)
     rhs[:, m] = 1.0
-    return torch.linalg.solve(H, rhs)[:, :m, 0]
+    return torch.linalg.solve_ex(H, rhs)[0][:, :m, 0]  # solve_ex: no host sync (graph-capturable)
 
 
 def anderson_step_ref(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out,
