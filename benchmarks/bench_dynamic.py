@@ -1,0 +1,85 @@
+"""DynMM inference saving: wall time of routed inference vs running every expert, as a ratio to the
+MAC saving (target >= 0.8). Measured side by side in one run, on the CPU and (if present) the GPU.
+
+  python benchmarks/bench_dynamic.py [--B 1024] [--device cpu|cuda|all]
+"""
+import argparse
+import time
+
+import torch
+
+from deqfuse import DynamicFusion, MLPHead, SubsetExpert
+
+DIMS = [256, 512, 128]
+
+
+def build(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    experts = [SubsetExpert([0], MLPHead(256, 256, hidden=256)),                  # cheap unimodal
+               SubsetExpert([0, 1], MLPHead(768, 256, hidden=1024)),              # medium
+               SubsetExpert([0, 1, 2], MLPHead(896, 256, hidden=4096))]           # full fusion
+    m = DynamicFusion(experts, DIMS).to(device, dtype).eval()
+    with torch.no_grad():  # a gate that sends ~60% / 25% / 15% of the samples to experts 0 / 1 / 2
+        m.gate[-1].weight.mul_(0.0)
+        m.gate[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
+    return m
+
+
+def timeit(fn, device, reps):
+    for _ in range(3):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 1e3 * ts[len(ts) // 2]
+
+
+def run(device, B, reps=15):
+    m = build(device)
+    feats = [torch.randn(B, d, device=device) for d in DIMS]
+    choice = torch.multinomial(torch.tensor([0.6, 0.25, 0.15]), B, replacement=True,
+                               generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        m.measure_costs(feats)
+
+        def routed():
+            return m.route(feats, choice)
+
+        def run_all():
+            outs = torch.stack([e(feats) for e in m.experts], 1)
+            return outs[torch.arange(B, device=device), choice]
+        torch.testing.assert_close(routed()[0], run_all(), rtol=1e-4, atol=1e-4)
+        t_routed = timeit(routed, device, reps)
+        t_all = timeit(run_all, device, reps)
+        counts = torch.bincount(choice, minlength=3).tolist()
+    costs = m.costs.tolist()
+    mac_saving = 1 - sum(c * k for c, k in zip(costs, counts)) / (B * sum(costs))
+    time_saving = 1 - t_routed / t_all
+    print(f"{device:<5} B={B} counts={counts} all-experts {t_all:8.3f} ms  routed {t_routed:8.3f} ms  "
+          f"MAC saving {100 * mac_saving:5.1f}%  time saving {100 * time_saving:5.1f}%  "
+          f"ratio {time_saving / mac_saving:.2f}")
+    return dict(device=device, B=B, t_all_ms=t_all, t_routed_ms=t_routed, mac_saving=mac_saving,
+                time_saving=time_saving, ratio=time_saving / mac_saving)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--B", type=int, default=1024)
+    ap.add_argument("--device", default="all")
+    a = ap.parse_args()
+    devs = ["cpu", "cuda"] if a.device == "all" else [a.device]
+    for d in devs:
+        if d == "cuda" and not torch.cuda.is_available():
+            continue
+        run(d, a.B)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Dynamic multimodal fusion (Xue & Marculescu, "Dynamic Multimodal Fusion", DynMM).
+
+Modality-level: a gate on the raw features picks one expert per sample (experts = networks over
+subsets of the modalities). Training relaxes the choice with Gumbel-softmax (soft, or hard
+straight-through) and adds the resource-aware loss lambda * sum_e g_e C(E_e); inference takes the
+hard top-1 and really runs each expert only on its own sub-batch (gather -> expert -> scatter back),
+reporting the realised cost. Fusion-level: DepthGatedFusion picks a depth per sample for a stack of
+fusion stages; at inference the batch shrinks to the samples still active at each stage.
+Costs C are MACs per sample, counted with torch.utils.flop_counter (FLOPs / 2).
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import backend as _backend
+
+
+# ---------------------------------------------------------------- routing primitives (+ references)
+def gather_rows_ref(src, idx):
+    return src.index_select(0, idx)
+
+
+def scatter_rows_ref(src, idx, out):
+    return out.index_copy_(0, idx, src)
+
+
+def _router(device, backend):
+    if _backend.resolve(backend, device, "routing") == "triton":
+        from .kernels.routing import gather_rows_triton, scatter_rows_triton
+        return gather_rows_triton, scatter_rows_triton
+    return gather_rows_ref, scatter_rows_ref
+
+
+def group_by_choice(choice, num_groups: int):
+    """Stable sort of sample indices by group. choice: [B] int -> (order [B], counts list[int]) (one host
+    sync for the counts, which size the sub-batches)."""
+    order = torch.argsort(choice, stable=True)
+    counts = torch.bincount(choice, minlength=num_groups).tolist()
+    return order, counts
+
+
+# ---------------------------------------------------------------- cost counting
+def count_macs(module: nn.Module, example_inputs: Sequence, per_sample: bool = True) -> float:
+    """MACs of one forward (FLOPs / 2 by torch.utils.flop_counter), divided by the batch if per_sample."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        module(*example_inputs)
+    module.train(was_training)
+    macs = fc.get_total_flops() / 2
+    first = example_inputs[0]
+    batch = (first[0] if isinstance(first, (list, tuple)) else first).shape[0]
+    return macs / batch if per_sample else macs
+
+
+# ---------------------------------------------------------------- built-in experts and gate
+class SubsetExpert(nn.Module):
+    """Applies `net` to the chosen modalities: net(list of those features) -> [B, out]."""
+
+    def __init__(self, modalities: Sequence[int], net: nn.Module):
+        super().__init__()
+        self.modalities, self.net = list(modalities), net
+
+    def forward(self, features):
+        return self.net([features[i] for i in self.modalities])
+
+
+class MLPHead(nn.Module):
+    """Concatenate the given features and apply a 2-layer MLP. in_dim = sum of their widths."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 0):
+        super().__init__()
+        hidden = hidden or out_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, feats):
+        return self.net(torch.cat(list(feats), 1))
+
+
+class DEQHead(nn.Module):
+    """Project each modality to `dim`, fuse with DEQFusion: a full-fusion expert."""
+
+    def __init__(self, in_dims: Sequence[int], dim: int, **deq_kw):
+        super().__init__()
+        from .layers import DEQFusion
+        self.proj = nn.ModuleList(nn.Linear(d, dim) for d in in_dims)
+        self.deq = DEQFusion(dim, len(in_dims), **{"on_nonconvergence": "ignore", **deq_kw})
+
+    def forward(self, feats):
+        return self.deq([p(f) for p, f in zip(self.proj, feats)])
+
+
+class GumbelSchedule:
+    """Temperature tau(epoch) = max(tau_min, tau0 * decay^epoch) for the Gumbel-softmax gate."""
+
+    def __init__(self, tau0: float = 1.0, decay: float = 0.9, tau_min: float = 0.1):
+        self.tau0, self.decay, self.tau_min = tau0, decay, tau_min
+
+    def __call__(self, epoch: int) -> float:
+        return max(self.tau_min, self.tau0 * self.decay ** epoch)
+
+
+@dataclass
+class RoutingInfo:
+    probs: torch.Tensor           # [B, E] gate weights used (relaxed in training, one-hot in eval)
+    choice: torch.Tensor          # [B] chosen expert (argmax)
+    counts: List[int]             # samples per expert (eval), [] in training
+    expected_cost: torch.Tensor   # scalar: mean_b sum_e g_be C_e (MACs per sample; differentiable)
+    realized_macs: float          # eval: sum_e counts_e C_e ; training: B * sum_e C_e (all experts ran)
+    full_macs: float              # B * sum_e C_e: running every expert
+
+
+class DynamicFusion(nn.Module):
+    """Per-sample expert selection over modality subsets.
+
+    Args:
+      experts: modules taking the full feature list [B, D_i] and returning [B, out] (wrap subset
+        networks in SubsetExpert).
+      in_dims: widths D_i of the modalities (the default gate reads their concatenation).
+      gate: optional module features -> logits [B, E] (default: MLP on the concatenated features).
+      costs: MACs per sample of each expert; None = count them with example inputs on first forward.
+      tau, hard: Gumbel-softmax temperature and straight-through hard sampling in training.
+      lambda_cost, budget: resource loss lambda * E[cost] / max(C), or lambda * max(0, E[cost] - budget)/max(C).
+      backend: routing kernels ('auto' | 'triton' | 'reference').
+    forward(features) -> [B, out]; `self.info` holds RoutingInfo; `resource_loss()` the cost term.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], in_dims: Sequence[int], gate: Optional[nn.Module] = None,
+                 costs: Optional[Sequence[float]] = None, tau: float = 1.0, hard: bool = False,
+                 lambda_cost: float = 0.0, budget: Optional[float] = None, gate_hidden: int = 64,
+                 backend: str = "auto"):
+        super().__init__()
+        if len(experts) < 1:
+            raise ValueError("experts must hold at least one module")
+        self.experts = nn.ModuleList(experts)
+        self.in_dims = list(in_dims)
+        self.gate = gate or nn.Sequential(nn.Linear(sum(in_dims), gate_hidden), nn.ReLU(),
+                                          nn.Linear(gate_hidden, len(experts)))
+        self.register_buffer("costs", torch.tensor(list(costs), dtype=torch.float64) if costs is not None
+                             else torch.full((len(experts),), float("nan"), dtype=torch.float64))
+        self.tau, self.hard, self.lambda_cost, self.budget, self.backend = tau, hard, lambda_cost, budget, backend
+        self.info: Optional[RoutingInfo] = None
+
+    def _check(self, features):
+        if not isinstance(features, (list, tuple)) or len(features) != len(self.in_dims):
+            raise ValueError(f"features must be a list of {len(self.in_dims)} tensors, got "
+                             f"{len(features) if isinstance(features, (list, tuple)) else type(features).__name__}")
+        B = features[0].shape[0]
+        for i, (f, d) in enumerate(zip(features, self.in_dims)):
+            if f.dim() != 2 or f.shape != (B, d):
+                raise ValueError(f"features[{i}] must have shape [{B}, {d}], got {list(f.shape)}")
+
+    def measure_costs(self, features):
+        """Count each expert's MACs per sample on (a slice of) these features."""
+        ex = [f[:1] for f in features]
+        self.costs = torch.tensor([count_macs(e, (ex,)) for e in self.experts], dtype=torch.float64,
+                                  device=self.costs.device)
+
+    def forward(self, features):
+        self._check(features)
+        if torch.isnan(self.costs).any():
+            self.measure_costs(features)
+        logits = self.gate(torch.cat(list(features), 1))
+        B, E = logits.shape
+        costs = self.costs.to(logits.dtype)
+        full = float(self.costs.sum()) * B
+        if self.training:
+            probs = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard)
+            outs = torch.stack([e(features) for e in self.experts], 1)   # [B, E, out]: gate gradients
+            out = (probs.unsqueeze(-1) * outs).sum(1)
+            self.info = RoutingInfo(probs, probs.argmax(1), [], (probs * costs).sum(1).mean(), full, full)
+            return out
+        choice = logits.argmax(1)
+        out, counts = self.route(features, choice)
+        realized = float(sum(c * float(k) for c, k in zip(self.costs.tolist(), counts)))
+        probs = F.one_hot(choice, E).to(logits.dtype)
+        self.info = RoutingInfo(probs, choice, counts, (probs * costs).sum(1).mean(), realized, full)
+        return out
+
+    def route(self, features, choice):
+        """Run expert e only on the samples with choice == e. Returns (outputs in batch order, counts)."""
+        gather, scatter = _router(features[0].device, self.backend)
+        order, counts = group_by_choice(choice, len(self.experts))
+        out = None
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = order[start:start + n]
+            start += n
+            y = self.experts[e]([gather(f, idx) for f in features])
+            if out is None:
+                out = y.new_empty(choice.shape[0], y.shape[1])
+            scatter(y, idx, out)
+        return out, counts
+
+    def resource_loss(self):
+        """lambda * E[cost] / max_e C_e (or the hinge max(0, E[cost] - budget) form)."""
+        if self.info is None:
+            raise RuntimeError("resource_loss() needs a forward pass first")
+        scale = float(self.costs.max())
+        c = self.info.expected_cost
+        if self.budget is not None:
+            c = torch.clamp(c - self.budget, min=0)
+        return self.lambda_cost * c / scale
+
+
+class DepthGatedFusion(nn.Module):
+    """Fusion-level gating: a gate picks a depth k in 1..K per sample for a stack of stages
+    (h_0 = stem(features), h_j = stage_j(h_{j-1}), output head(h_k)). Training mixes the K depths with
+    Gumbel weights; inference runs stage j only on the samples whose depth is >= j (the batch
+    shrinks) and reports the realised MACs."""
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], gate: nn.Module, tau: float = 1.0,
+                 hard: bool = False):
+        super().__init__()
+        self.stem, self.stages, self.gate = stem, nn.ModuleList(stages), gate
+        self.tau, self.hard = tau, hard
+        self.stage_costs: Optional[List[float]] = None
+        self.info: Optional[RoutingInfo] = None
+
+    def forward(self, features):
+        h = self.stem(features)
+        logits = self.gate(h)                       # [B, K]
+        K = len(self.stages)
+        if self.stage_costs is None:
+            self.stage_costs = [count_macs(s, (h[:1],)) for s in self.stages]
+        depth_cost = torch.tensor(self.stage_costs, dtype=h.dtype, device=h.device).cumsum(0)  # cost of depth k
+        B = h.shape[0]
+        full = float(depth_cost[-1]) * B
+        if self.training:
+            w = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard)
+            out = torch.zeros_like(h)
+            for j, s in enumerate(self.stages):
+                h = s(h)
+                out = out + w[:, j:j + 1] * h
+            self.info = RoutingInfo(w, w.argmax(1), [], (w * depth_cost).sum(1).mean(), full, full)
+            return out
+        depth = logits.argmax(1)                    # stage index of the exit, 0..K-1
+        out = torch.empty_like(h)
+        active = torch.arange(B, device=h.device)
+        d_act = depth
+        realized = 0.0
+        counts = torch.bincount(depth, minlength=K).tolist()
+        for j, s in enumerate(self.stages):
+            if active.numel() == 0:
+                break
+            h = s(h)
+            realized += self.stage_costs[j] * active.numel()
+            done = d_act == j
+            out.index_copy_(0, active[done], h[done])
+            keep = ~done
+            active, h, d_act = active[keep], h[keep], d_act[keep]
+        probs = F.one_hot(depth, K).to(h.dtype)
+        self.info = RoutingInfo(probs, depth, counts, (probs * depth_cost).sum(1).mean(), realized, full)
+        return out
