@@ -121,7 +121,7 @@ class DynamicFusion(nn.Module):
       experts: modules taking the full feature list [B, D_i] and returning [B, out] (wrap subset
         networks in SubsetExpert).
       in_dims: widths D_i of the modalities (the default gate reads their concatenation).
-      gate: optional module features -> logits [B, E] (default: MLP on the concatenated features).
+      gate: optional module: concatenated features [B, sum D_i] -> logits [B, E] (default: a 2-layer MLP).
       costs: MACs per sample of each expert; None = count them with example inputs on first forward.
       tau, hard: Gumbel-softmax temperature and straight-through hard sampling in training.
       lambda_cost, budget: resource loss lambda * E[cost] / max(C), or lambda * max(0, E[cost] - budget)/max(C).

@@ -1,0 +1,58 @@
+"""Command line: python -m deqfuse {train, bench, info}."""
+import argparse
+import sys
+
+
+def _info():
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .backend import extension_status, triton_status
+    print(f"deqfuse {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU only)"
+    print(f"CUDA device: {dev}   torch CUDA: {torch.version.cuda}")
+    ext, why = extension_status()
+    print(f"backend cuda (compiled extension deqfuse._C): {why}")
+    ok, why = triton_status()
+    print(f"backend triton: {why}")
+    print("backend reference: ok (plain PyTorch, always available)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m deqfuse", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train and compare fusion methods on the UCI multiple-features digits")
+    t.add_argument("--epochs", type=int, default=25)
+    t.add_argument("--dim", type=int, default=64)
+    t.add_argument("--models", default="concat,late,deq,dynmm,unrolled")
+    t.add_argument("--out", default="runs")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--f-max-iter", type=int, default=30)
+    t.add_argument("--dynmm-lambda", type=float, default=0.3, help="weight of DynMM's resource loss")
+    t.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("bench", help="time the kernels against the references on this machine (CSV)")
+    b.add_argument("--out", default="bench_out")
+    b.add_argument("--quick", action="store_true", help="small sizes (seconds on a CPU)")
+    sub.add_parser("info", help="versions, devices, and which backends are available (and why not)")
+    a = ap.parse_args(argv)
+    if a.cmd == "info":
+        _info()
+    elif a.cmd == "train":
+        from .train import run
+        run(a.models.split(","), epochs=a.epochs, D=a.dim, out=a.out, seed=a.seed, progress=not a.no_progress,
+            deq_kw=dict(f_max_iter=a.f_max_iter, b_max_iter=a.f_max_iter), dynmm_lambda=a.dynmm_lambda)
+    elif a.cmd == "bench":
+        from .bench import run as bench_run
+        bench_run(a.out, quick=a.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
