@@ -29,7 +29,7 @@ def ext_modules():
         return [], {}
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is left to torch (newer torch builds use C++20 headers)
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not os.environ.get("DEQFUSE_NO_CUDA")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
