@@ -93,7 +93,7 @@ void anderson_step_cpu(at::Tensor x, at::Tensor fx, at::Tensor X, at::Tensor G, 
       anderson_step_cpu_impl<x_t, at::Half>(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out,
                                             rel_out, k, beta, lam, tol, stop_rel);
     } else {
-      TORCH_CHECK(false, "anderson_step: history dtype ", X.scalar_type(), " must be x's dtype, bf16 or fp16");
+      TORCH_CHECK(false, "anderson_step: history dtype ", c10::toString(X.scalar_type()), " must be x's dtype, bf16 or fp16");
     }
   });
 }

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "../anderson_check.h"  // shape_str
 #include "epilogue_kernel.cuh"
 
 namespace deqfuse {
@@ -14,14 +15,14 @@ std::tuple<at::Tensor, at::Tensor> modality_epilogue_cuda(at::Tensor a2, at::Ten
                                                           at::Tensor gn2_w, at::Tensor gn2_b, at::Tensor gn3_w,
                                                           at::Tensor gn3_b, int64_t groups) {
   TORCH_CHECK(a2.is_cuda(), "modality_epilogue: a2 must be a CUDA tensor");
-  TORCH_CHECK(a2.dim() == 3, "modality_epilogue: a2 must be [N, B, D], got ", a2.sizes());
+  TORCH_CHECK(a2.dim() == 3, "modality_epilogue: a2 must be [N, B, D], got ", shape_str(a2.sizes()));
   const int64_t N = a2.size(0), B = a2.size(1), D = a2.size(2);
-  TORCH_CHECK(x.sizes() == at::IntArrayRef({B, N, D}), "modality_epilogue: x must be [B, N, D] = ", at::IntArrayRef({B, N, D}), ", got ", x.sizes());
-  TORCH_CHECK(z.sizes() == at::IntArrayRef({B, N + 1, D}), "modality_epilogue: z must be [B, N+1, D], got ", z.sizes());
+  TORCH_CHECK(x.sizes() == at::IntArrayRef({B, N, D}), "modality_epilogue: x must be [B, N, D] = ", shape_str({B, N, D}), ", got ", shape_str(x.sizes()));
+  TORCH_CHECK(z.sizes() == at::IntArrayRef({B, N + 1, D}), "modality_epilogue: z must be [B, N+1, D], got ", shape_str(z.sizes()));
   TORCH_CHECK(groups > 0 && groups <= kMaxGroups && D % groups == 0, "modality_epilogue: groups must divide D and be <= ", kMaxGroups);
   TORCH_CHECK(D <= kEpiThreads * kPer, "modality_epilogue: D must be <= ", kEpiThreads * kPer, ", got ", D);
   for (auto* p : {&b2, &gn2_w, &gn2_b, &gn3_w, &gn3_b}) {
-    TORCH_CHECK(p->sizes() == at::IntArrayRef({N, D}), "modality_epilogue: bias/GroupNorm params must be [N, D], got ", p->sizes());
+    TORCH_CHECK(p->sizes() == at::IntArrayRef({N, D}), "modality_epilogue: bias/GroupNorm params must be [N, D], got ", shape_str(p->sizes()));
     TORCH_CHECK(p->scalar_type() == at::kFloat && p->device() == a2.device(), "modality_epilogue: params must be fp32 on a2's device");
   }
   TORCH_CHECK(x.scalar_type() == a2.scalar_type() && z.scalar_type() == a2.scalar_type(), "modality_epilogue: a2, x, z must share a dtype");
