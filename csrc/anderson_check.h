@@ -7,8 +7,9 @@
 
 namespace deqfuse {
 
-// "[2, 7]": shapes are formatted by hand (streaming IntArrayRef into TORCH_CHECK crashed, a segfault,
-// under torch 2.11 on the GPU machine while it worked under 2.13).
+// "[2, 7]". Numbers in messages are formatted by hand (std::to_string): streaming integers or
+// IntArrayRef into TORCH_CHECK segfaulted under torch 2.11+cu130 on the GPU machine (strings did not;
+// likely a libstdc++ locale/ABI mismatch), while it works under the CPU torch 2.13.
 inline std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -23,7 +24,7 @@ inline void check_anderson_args(const at::Tensor& x, const at::Tensor& fx, const
   const auto B = x.size(0), L = x.size(1);
   TORCH_CHECK(X.dim() == 3 && X.size(0) == B && X.size(2) == L, "anderson_step: X must be [B, m, L], got ", shape_str(X.sizes()));
   const auto m = X.size(1);
-  TORCH_CHECK(m >= 1 && m <= kMaxM, "anderson_step: m (X.size(1)) must be in [1, ", kMaxM, "], got ", m);
+  TORCH_CHECK(m >= 1 && m <= kMaxM, "anderson_step: m (X.size(1)) must be in [1, ", std::to_string(kMaxM), "], got ", std::to_string(m));
   auto same = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
     TORCH_CHECK(t.sizes() == shape, "anderson_step: ", name, " must have shape ", shape_str(shape), ", got ", shape_str(t.sizes()));
     TORCH_CHECK(t.device() == x.device(), "anderson_step: ", name, " is on ", t.device().str(), ", x is on ", x.device().str());

@@ -37,7 +37,7 @@ void anderson_step_cuda(at::Tensor x, at::Tensor fx, at::Tensor X, at::Tensor G,
                         at::Tensor rel_out, int64_t k, double beta, double lam, double tol, bool stop_rel) {
   check_anderson_args(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out);
   TORCH_CHECK(x.is_cuda(), "anderson_step (CUDA): x must be a CUDA tensor");
-  TORCH_CHECK(k >= 0, "anderson_step: k must be >= 0, got ", k);
+  TORCH_CHECK(k >= 0, "anderson_step: k must be >= 0, got ", std::to_string(k));
   const c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "anderson_step_cuda", [&] {
     using x_t = scalar_t;

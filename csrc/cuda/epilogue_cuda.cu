@@ -19,8 +19,8 @@ std::tuple<at::Tensor, at::Tensor> modality_epilogue_cuda(at::Tensor a2, at::Ten
   const int64_t N = a2.size(0), B = a2.size(1), D = a2.size(2);
   TORCH_CHECK(x.sizes() == at::IntArrayRef({B, N, D}), "modality_epilogue: x must be [B, N, D] = ", shape_str({B, N, D}), ", got ", shape_str(x.sizes()));
   TORCH_CHECK(z.sizes() == at::IntArrayRef({B, N + 1, D}), "modality_epilogue: z must be [B, N+1, D], got ", shape_str(z.sizes()));
-  TORCH_CHECK(groups > 0 && groups <= kMaxGroups && D % groups == 0, "modality_epilogue: groups must divide D and be <= ", kMaxGroups);
-  TORCH_CHECK(D <= kEpiThreads * kPer, "modality_epilogue: D must be <= ", kEpiThreads * kPer, ", got ", D);
+  TORCH_CHECK(groups > 0 && groups <= kMaxGroups && D % groups == 0, "modality_epilogue: groups must divide D and be <= ", std::to_string(kMaxGroups));
+  TORCH_CHECK(D <= kEpiThreads * kPer, "modality_epilogue: D must be <= ", std::to_string(kEpiThreads * kPer), ", got ", std::to_string(D));
   for (auto* p : {&b2, &gn2_w, &gn2_b, &gn3_w, &gn3_b}) {
     TORCH_CHECK(p->sizes() == at::IntArrayRef({N, D}), "modality_epilogue: bias/GroupNorm params must be [N, D], got ", shape_str(p->sizes()));
     TORCH_CHECK(p->scalar_type() == at::kFloat && p->device() == a2.device(), "modality_epilogue: params must be fp32 on a2's device");
