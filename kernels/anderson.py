@@ -18,9 +18,9 @@ TINY = tl.constexpr(_ref.TINY)
 
 @triton.jit
 def _anderson_step_kernel(x_ptr, fx_ptr, X_ptr, G_ptr, GG_ptr, bx_ptr, bres_ptr, conv_ptr, nstep_ptr,
-                          abs_ptr, rel_ptr, L, k, slot, n_valid, beta, lam, tol,
+                          abs_ptr, rel_ptr, L, k, slot, n_valid, lam, tol,
                           M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
-                          STOP_REL: tl.constexpr, ACC: tl.constexpr, HD: tl.constexpr):
+                          STOP_REL: tl.constexpr, ACC: tl.constexpr, HD: tl.constexpr, BETA: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     if tl.load(conv_ptr + b) == 0:
         hd = HD
@@ -105,8 +105,8 @@ def _anderson_step_kernel(x_ptr, fx_ptr, X_ptr, G_ptr, GG_ptr, bx_ptr, bres_ptr,
                     m2 = ring[:, None] & lm[None, :]
                     Xt = tl.load(X_ptr + ptrs, mask=m2, other=0.0).to(ACC)
                     Gt = tl.load(G_ptr + ptrs, mask=m2, other=0.0).to(ACC)
-                    new = tl.sum(alpha[:, None] * (Xt + beta * Gt), 0)
-                    new += a_s * (xv.to(hd).to(ACC) + beta * g.to(hd).to(ACC))
+                    new = tl.sum(alpha[:, None] * (Xt + BETA * Gt), 0)
+                    new += a_s * (xv.to(hd).to(ACC) + BETA * g.to(hd).to(ACC))
                     tl.store(X_ptr + ring_base + slot * L + offs, xv.to(hd), mask=lm)
                     tl.store(G_ptr + ring_base + slot * L + offs, g.to(hd), mask=lm)
                     tl.store(row_x + offs, new.to(xn.dtype), mask=lm)
@@ -152,6 +152,6 @@ def anderson_step_triton(x, fx, X, G, GG, best_x, best_res, converged, nstep, ab
     num_warps = num_warps or (8 if block >= 1024 else 4)
     _anderson_step_kernel[(B,)](
         x, fx, X, G, GG, best_x, best_res, converged.view(torch.uint8), nstep, abs_out, rel_out,
-        L, k, k % m, min(k + 1, m), float(beta), float(lam), float(tol),
-        M=m, MP=triton.next_power_of_2(m + 1), BLOCK=block, STOP_REL=bool(stop_rel), ACC=acc, HD=hd,
+        L, k, k % m, min(k + 1, m), float(lam), float(tol),
+        M=m, MP=triton.next_power_of_2(m + 1), BLOCK=block, STOP_REL=bool(stop_rel), ACC=acc, HD=hd, BETA=float(beta),  # constexpr: a float arg would be fp32
         num_warps=num_warps)
