@@ -146,8 +146,8 @@ def plot_convergence(rel_trace, path):
     q = torch.nanquantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
     it = range(1, t.shape[0] + 1)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.fill_between(it, q[0], q[2], alpha=0.3, label="10-90% of samples")
-    ax.plot(it, q[1], label="median")
+    ax.fill_between(it, q[0], q[2], alpha=0.3, label="10-90% of samples still iterating")
+    ax.plot(it, q[1], label="median (converged samples freeze and drop out)")
     ax.set(yscale="log", xlabel="Anderson iteration", ylabel="relative residual |f(z)-z|/|f(z)|",
            title="DEQ fusion solve, UCI multiple features (test set)")
     ax.legend()
