@@ -20,4 +20,5 @@ if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/sanitize_ops.py 2>&1 | tail -6 | tee "$OUT/sanitizer.log"
 fi
 python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+python3 benchmarks/plot_results.py "$OUT/results.csv" "$OUT/results.png"
 python3 benchmarks/bench_dynamic.py --device all 2>&1 | tee "$OUT/dynamic.log"

@@ -1,9 +1,15 @@
 """Gradients through a fixed point z* = f(z*): implicit differentiation, phantom gradient, and the
 Hutchinson Jacobian regulariser. Independent of the cell: everything works on flat [B, L] states.
 """
+import contextlib
 from typing import Callable
 
 import torch
+
+
+def nvtx_range(name: str):
+    """An NVTX range (visible in Nsight Systems) when CUDA is available, else a no-op."""
+    return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
 
 from .solvers import solve
 
@@ -19,7 +25,7 @@ class ImplicitAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with torch.no_grad():
+        with torch.no_grad(), nvtx_range("deqfuse/adjoint_solve"):
             return ctx.adjoint(grad.contiguous()), None
 
 

@@ -10,6 +10,7 @@ from ._validate import check_features
 from .backend import resolve
 from .cell import FusionCell
 from .graphs import GraphedSolves
+from .implicit import nvtx_range
 from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad
 from .reference.cell import fuse_inputs
 from .solvers import SolverStats, solve
@@ -85,11 +86,12 @@ class DEQFusion(nn.Module):
                 z = f(z)
         else:
             graphed = self.cuda_graph and x.is_cuda
-            if graphed:
-                z_star, fstats = self._graphs.forward(x, xf)
-            else:
-                with torch.no_grad():
-                    z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
+            with nvtx_range("deqfuse/forward_solve"):
+                if graphed:
+                    z_star, fstats = self._graphs.forward(x, xf)
+                else:
+                    with torch.no_grad():
+                        z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
             capturing = z0.is_cuda and torch.cuda.is_current_stream_capturing()
             if self.on_nonconvergence == "warn" and not capturing and not fstats.all_converged:
                 s = fstats.summary()
@@ -98,7 +100,8 @@ class DEQFusion(nn.Module):
                               f"{s['max_res']:.3g}); returning each sample's best iterate", RuntimeWarning)
             z = z_star
             if self.training and torch.is_grad_enabled():
-                z, jac = self._attach_grad(z_star, x, xf, B, bstats, graphed)
+                with nvtx_range("deqfuse/attach_grad"):
+                    z, jac = self._attach_grad(z_star, x, xf, B, bstats, graphed)
         self.info = DEQInfo(fstats, jac, bstats)
         out = z.view(B, self.n + 1, self.dim)[:, self.n]
         return (out, self.info) if return_info else out
