@@ -5,19 +5,10 @@ import torch
 
 import deqfuse
 from deqfuse import DEQFusion
+from deqfuse.bench import step_args
 from deqfuse.reference import anderson_step_ref
-from deqfuse.solvers import AndersonState
 
 B, L, M = 128, 1024, 6
-
-
-def _step_args():
-    x0 = torch.randn(B, L)
-    st = AndersonState(x0, M, 1)
-    st.X.normal_()
-    st.G.normal_()
-    return (st.x, x0 + 0.1 * torch.randn_like(x0), st.X, st.G, st.GG, st.best_x, st.best_res, st.converged,
-            st.nstep, st.abs_trace[0], st.rel_trace[0], 2 * M, 1.0, 1e-4, 0.0, True)
 
 
 STEPS = {"reference": anderson_step_ref}
@@ -27,7 +18,7 @@ if deqfuse.extension_status()[0] is not None:
 
 @pytest.mark.parametrize("impl", sorted(STEPS))
 def test_bench_anderson_step(benchmark, impl):
-    args = _step_args()
+    args = step_args(B, L, M)
     benchmark(STEPS[impl], *args)
     assert torch.isfinite(args[0]).all()
 

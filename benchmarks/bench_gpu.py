@@ -27,7 +27,7 @@ from deqfuse import DEQFusion  # noqa: E402
 from deqfuse.kernels.anderson import anderson_step_triton  # noqa: E402
 from deqfuse.kernels.cell import cell_forward_triton, cell_vjp_triton  # noqa: E402
 from deqfuse.reference import anderson_step_ref, cell_forward, cell_vjp  # noqa: E402
-from deqfuse.solvers import AndersonState  # noqa: E402
+from deqfuse.bench import step_args  # noqa: E402
 
 ROWS = []
 COPY_TBS = [None]
@@ -62,19 +62,9 @@ def copy_bandwidth():
     record("copy", "torch.copy_", ms, TBps=round(tbs, 3))
 
 
-def make_state(B, L, m, dtype, hist=None, k0=None):
-    x0 = torch.randn(B, L, device="cuda", dtype=dtype)
-    st = AndersonState(x0, m, 1, hist)
-    st.X.normal_()
-    st.G.normal_()
-    st.GG.copy_(torch.einsum("bil,bjl->bij", st.G.float(), st.G.float()))
-    return st, x0 + 0.1 * torch.randn_like(x0)
-
-
 def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
     sec = f"anderson_step B={B} L={L} m={m}" + (f" hist={str(hist).split('.')[-1]}" if hist else "")
     hb = torch.finfo(hist).bits // 8 if hist else 4
-    k = 2 * m  # a step with a full ring: every slot is read
     uniq = B * L * (3 * 4 + 2 * (m - 1) * hb + 2 * hb)  # read x, fx, X/G ring (m-1 slots); write x, X[s], G[s]
     variants = [("reference", anderson_step_ref), ("triton", lambda *a: anderson_step_triton(*a, check=False))]
     ext, _ = deqfuse.extension_status()
@@ -84,10 +74,7 @@ def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
     if comp is not None:
         variants.insert(1, ("torch.compile(reference)", comp))
     for name, fn in variants:
-        st, fx = make_state(B, L, m, torch.float32, hist)
-        st.best_res.fill_(-1.0)   # never "better": time the steady state (mix only)
-        args = (st.x, fx, st.X, st.G, st.GG, st.best_x, st.best_res, st.converged, st.nstep,
-                st.abs_trace[0], st.rel_trace[0], k, 1.0, 1e-4, 0.0, True)
+        args = step_args(B, L, m, "cuda", torch.float32, hist)
         try:
             ms = bench(lambda: fn(*args))
         except Exception as e:  # noqa: BLE001
@@ -95,7 +82,7 @@ def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
             continue
         tbs = uniq / ms / 1e9
         record(sec, name, ms, TBps=round(tbs, 3), pct_copy=round(100 * tbs / COPY_TBS[0], 1))
-        del st, fx
+        del args
         torch.cuda.empty_cache()
 
 

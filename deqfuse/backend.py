@@ -48,7 +48,7 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
     """Concrete backend for `op` on `device`; raises a clear error if a named backend can't run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda_ops = {"anderson_step", "gn_epilogue"}  # ops the extension provides
+    cuda_ops = {"anderson_step", "modality_epilogue"}  # ops the extension provides
     if backend == "cuda" and op not in cuda_ops:
         backend = "auto"  # the extension covers the Anderson step; other ops take the best other path
     if backend == "auto":

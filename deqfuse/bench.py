@@ -27,6 +27,21 @@ def _time(fn, device, reps=20):
     return 1e3 * sorted(ts)[len(ts) // 2]
 
 
+def step_args(B, L, m, device="cpu", dtype=torch.float32, hist=None):
+    """Arguments of one steady-state Anderson step (full random ring, k = 2m so every slot is read, never
+    'better' and never converged): the same work at every call, for timing. Returns the tuple to splat
+    into any step implementation (reference.anderson contract)."""
+    x0 = torch.randn(B, L, device=device, dtype=dtype)
+    st = AndersonState(x0, m, 1, hist)
+    st.X.normal_()
+    st.G.normal_()
+    st.GG.copy_(torch.einsum("bil,bjl->bij", st.G.float(), st.G.float()).to(st.GG.dtype))
+    st.best_res.fill_(-1.0)
+    fx = x0 + 0.1 * torch.randn_like(x0)
+    return (st.x, fx, st.X, st.G, st.GG, st.best_x, st.best_res, st.converged, st.nstep,
+            st.abs_trace[0], st.rel_trace[0], 2 * m, 1.0, 1e-4, 0.0, True)
+
+
 def run(out="bench_out", quick=False):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, L, m = (256, 1024, 6) if quick or device.type == "cpu" else (8192, 3072, 6)
@@ -39,13 +54,7 @@ def run(out="bench_out", quick=False):
         from .kernels.anderson import anderson_step_triton
         steps.append(("triton", lambda *a: anderson_step_triton(*a, check=False)))
     for name, fn in steps:
-        x0 = torch.randn(B, L, device=device)
-        st = AndersonState(x0, m, 1)
-        st.X.normal_()
-        st.G.normal_()
-        fx = x0 + 0.1 * torch.randn_like(x0)
-        args = (st.x, fx, st.X, st.G, st.GG, st.best_x, st.best_res, st.converged, st.nstep,
-                st.abs_trace[0], st.rel_trace[0], 2 * m, 1.0, 1e-4, 0.0, True)
+        args = step_args(B, L, m, device)
         rows.append(dict(op=f"anderson_step B={B} L={L} m={m}", backend=name, ms=_time(lambda: fn(*args), device)))
     p = CellParams(*(t.detach() for t in FusionCell(D, N).to(device).params()))
     z, x, xf = torch.randn(Bc, N + 1, D, device=device), torch.randn(Bc, N, D, device=device), torch.randn(Bc, D, device=device)

@@ -17,7 +17,7 @@ def _modality_epilogue_fake(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups):
 def modality_epilogue(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups: int = 4, backend: str = "auto"):
     """Fused epilogue (see reference/epilogue.py): the CUDA op when available, else the reference."""
     from .backend import resolve
-    if resolve(backend, a2.device, "gn_epilogue") == "cuda" and a2.device.type == "cuda":
+    if resolve(backend, a2.device, "modality_epilogue") == "cuda" and a2.device.type == "cuda":
         return torch.ops.deqfuse.modality_epilogue(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups)
     from .reference.epilogue import modality_epilogue_ref
     return modality_epilogue_ref(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups)
