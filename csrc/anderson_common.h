@@ -4,6 +4,7 @@
 // over the first n filled slots of an m-slot ring; unused slots get a = 0.
 #pragma once
 #include <cmath>
+#include <cstdint>
 
 #ifdef __CUDACC__
 #define DF_HD __host__ __device__ __forceinline__
@@ -47,6 +48,26 @@ DF_HD void bordered_solve(const acc_t* GG, int m, int n, acc_t lam, acc_t* A, ac
     }
   }
   for (int i = 0; i < m; ++i) alpha[i] = i < n ? rhs[i] / A[i * M1 + i] : 0;
+}
+
+// Per-sample bookkeeping of a step, shared by the CPU and CUDA steps: residuals from the sums
+// |g|^2 and |f(x)|^2 (written to abs_out/rel_out), best residual and its step, converged flag.
+// Returns bit 0: the residual improved (the caller copies x to best_x), bit 1: converged now.
+template <typename acc_t>
+DF_HD int record_residual(acc_t g2, acc_t f2, bool stop_rel, double tol, int64_t k, acc_t* abs_out,
+                          acc_t* rel_out, acc_t* best_res, int32_t* nstep, bool* converged) {
+  const acc_t absr = std::sqrt(g2), relr = absr / (std::sqrt(f2) + (acc_t)kRelEps);
+  const acc_t res = stop_rel ? relr : absr;
+  *abs_out = absr;
+  *rel_out = relr;
+  const bool better = res < *best_res;
+  if (better) {
+    *best_res = res;
+    *nstep = (int32_t)(k + 1);
+  }
+  const bool now_conv = res < (acc_t)tol;  // frozen from here on; a NaN residual never converges
+  if (now_conv) *converged = true;
+  return (better ? 1 : 0) | (now_conv ? 2 : 0);
 }
 
 }  // namespace deqfuse

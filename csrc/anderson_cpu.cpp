@@ -46,20 +46,9 @@ void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, 
         for (int j = 0; j < n; ++j)
           if (j != slot) dots[j] += (acc_t)Gb[j * L + l] * gr;
       }
-      const acc_t absr = std::sqrt(g2), relr = absr / (std::sqrt(f2) + (acc_t)kRelEps);
-      const acc_t res = stop_rel ? relr : absr;
-      ap[b] = absr;
-      rp[b] = relr;
-      const bool better = res < brp[b];
-      if (better) {
-        brp[b] = res;
-        np[b] = (int32_t)(k + 1);
-        std::copy(xb, xb + L, bxp + b * L);
-      }
-      if (res < (acc_t)tol) {  // converged now: frozen from here on (a NaN residual never converges)
-        cp[b] = true;
-        continue;
-      }
+      const int fl = record_residual<acc_t>(g2, f2, stop_rel, tol, k, ap + b, rp + b, brp + b, np + b, cp + b);
+      if (fl & 1) std::copy(xb, xb + L, bxp + b * L);
+      if (fl & 2) continue;
       dots[slot] = gr2;
       acc_t* GGb = GGp + b * m * m;
       for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = dots[j];

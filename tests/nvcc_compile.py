@@ -42,7 +42,7 @@ def main(out_dir=None):
             print(r.stderr[-4000:])
         else:
             regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
-            print("\n".join(regs[:12]))
+            print("\n".join(regs))
     return 0 if ok else 1
 
 

@@ -113,17 +113,9 @@ __global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
     __syncwarp();
   }
   if (tid == 0) {
-    const acc_t absr = sqrt(tot[0]), relr = absr / (sqrt(tot[1]) + (acc_t)kRelEps);
-    const acc_t res = stop_rel ? relr : absr;
-    abs_out[b] = absr;
-    rel_out[b] = relr;
-    const bool better = res < best_res[b];
-    if (better) {
-      best_res[b] = res;
-      nstep[b] = k + 1;
-    }
-    const bool now_conv = res < (acc_t)tol_d;  // a NaN residual never converges
-    if (now_conv) converged[b] = true;
+    const int fl = record_residual<acc_t>(tot[0], tot[1], stop_rel, tol_d, k, abs_out + b, rel_out + b,
+                                          best_res + b, nstep + b, converged + b);
+    const bool better = fl & 1, now_conv = fl & 2;
     if (!now_conv) {
       acc_t* GGb = GG + b * m * m;
       tot[3 + slot] = tot[2];
