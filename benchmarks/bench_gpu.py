@@ -82,7 +82,6 @@ def anderson_step_bench(B=8192, L=3072, m=6, hist=None):
             continue
         tbs = uniq / ms / 1e9
         record(sec, name, ms, TBps=round(tbs, 3), pct_copy=round(100 * tbs / COPY_TBS[0], 1))
-        del args
         torch.cuda.empty_cache()
 
 

@@ -61,16 +61,14 @@ class GraphedSolves:
     def adjoint(self, z_star, x, xf, stats_box=None):
         """grad -> g with g = J^T g + grad at z*, as one graph replay (the fused VJP needs the kernel
         forward's saved tensors, so that forward is inside the graph too)."""
-        layer, B = self.layer, x.shape[0]
+        layer = self.layer
         key = self._key("bwd", x)
         if key not in self.cache:
             zs, xs, xfs = z_star.detach().clone(), x.detach().clone(), xf.detach().clone()
             grad_s = torch.zeros_like(zs)
-            shape = (B, layer.n + 1, layer.dim)
 
             def body():
-                _, saved = layer.cell(zs.view(shape), xs, xfs, layer.backend, save=True)
-                vjp = lambda y: layer.cell.vjp(y.view(shape), saved, layer.backend).reshape(B, -1)  # noqa: E731
+                vjp = layer.saved_vjp(zs, xs, xfs)
                 return solve(layer.solver, lambda y: vjp(y) + grad_s, grad_s.clone(), **layer.b_kw)
             self.cache[key] = (zs, xs, xfs, grad_s, *_capture(body))
         zs, xs, xfs, grad_s, g, (out, st) = self.cache[key]

@@ -10,8 +10,7 @@ from ._validate import check_features
 from .backend import resolve
 from .cell import FusionCell
 from .graphs import GraphedSolves
-from .implicit import nvtx_range
-from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad
+from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, nvtx_range, phantom_grad
 from .reference.cell import fuse_inputs
 from .solvers import SolverStats, solve
 
@@ -117,12 +116,22 @@ class DEQFusion(nn.Module):
             jac = jacobian_reg(fz, z_star, self.jac_reg)
         if graphed:
             return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats)), jac
-        shape = (B, self.n + 1, self.dim)
-        if resolve(self.backend, z_star.device, "cell") == "reference":
+        if resolve(self.backend, z_star.device, "cell") == "reference":  # reuse the grad forward's tensors
             saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())
                      for k, v in saved.items()}
+            vjp = self._vjp_from(saved, B)
         else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
-            with torch.no_grad():
-                _, saved = self.cell(z_star.detach().view(shape), x, xf, self.backend, save=True)
-        vjp = lambda g: self.cell.vjp(g.view(shape), saved, self.backend).reshape(B, -1)  # noqa: E731
+            vjp = self.saved_vjp(z_star.detach(), x, xf)
         return implicit_grad(fz, vjp, self.solver, stats_box=bstats, **self.b_kw), jac
+
+    def _vjp_from(self, saved, B):
+        shape = (B, self.n + 1, self.dim)
+        return lambda g: self.cell.vjp(g.view(shape), saved, self.backend).reshape(B, -1)
+
+    def saved_vjp(self, z_star, x, xf):
+        """g [B, L] -> J^T g at z* [B, L], from one no-grad forward of this layer's backend that saves
+        what its VJP reads (so each adjoint iteration replays no autograd graph)."""
+        B = x.shape[0]
+        with torch.no_grad():
+            _, saved = self.cell(z_star.view(B, self.n + 1, self.dim), x, xf, self.backend, save=True)
+        return self._vjp_from(saved, B)

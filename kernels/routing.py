@@ -1,7 +1,6 @@
 """Row gather / scatter for dynamic routing: move the samples routed to one expert into a contiguous
 sub-batch and put the expert's outputs back in batch order (contract: reference in deqfuse/dynamic.py,
 `gather_rows_ref` / `scatter_rows_ref`)."""
-import torch
 import triton
 import triton.language as tl
 

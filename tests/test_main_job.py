@@ -21,7 +21,7 @@ def test_loader_and_split():
     assert [v.shape for v in views] == [(2000, 76), (2000, 216), (2000, 64), (2000, 240), (2000, 47), (2000, 6)]
     assert sorted(set(y.tolist())) == list(range(10))
     d = split_standardize(views, y)
-    (xtr, ytr), (xte, yte) = d["train"], d["test"]
+    (xtr, ytr), (_, yte) = d["train"], d["test"]
     assert len(ytr) == 1400 and len(yte) == 600
     assert torch.bincount(yte).tolist() == [60] * 10  # stratified
     assert torch.allclose(xtr[1].mean(0), torch.zeros(216), atol=1e-4)
