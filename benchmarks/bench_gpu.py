@@ -1,11 +1,11 @@
 """GPU microbenchmarks, every variant timed side by side in one run (triton.testing.do_bench, median).
 
-  python benchmarks/bench_gpu.py [--out DIR] [--quick] [--sweep]
+  python benchmarks/bench_gpu.py [--out DIR] [--quick]
 Sections: copy bandwidth; Anderson step (reference eager / torch.compile / Triton / CUDA); cell forward
 and VJP (reference / torch.compile / Triton); modality epilogue (reference / Triton / CUDA); the full
 DEQ solve, forward (30 iters) + implicit backward (30 iters), ours vs torchdeq 0.1.0; kernel launches
-per Anderson iteration (torch.profiler). --sweep adds the B x D x N x dtype grid of the full solve.
-Writes results.csv (and sweep.csv / sweep.png) to --out; prints a table last.
+per Anderson iteration (torch.profiler). The B x D x N x dtype grid is benchmarks/sweep.py.
+Writes results.csv to --out; prints a table last.
 """
 import argparse
 import csv
@@ -26,6 +26,7 @@ import deqfuse  # noqa: E402
 from deqfuse import DEQFusion  # noqa: E402
 from deqfuse.kernels.anderson import anderson_step_triton  # noqa: E402
 from deqfuse.kernels.cell import cell_forward_triton, cell_vjp_triton  # noqa: E402
+from deqfuse.kernels.cell_fused import cell_forward_fused  # noqa: E402
 from deqfuse.reference import anderson_step_ref, cell_forward, cell_vjp  # noqa: E402
 from deqfuse.bench import step_args  # noqa: E402
 
@@ -95,7 +96,8 @@ def cell_bench(B=8192, D=1024, N=3, dtype=torch.float32):
     with torch.no_grad():
         for name, fn in [("reference", lambda: cell_forward(z, x, xf, p)),
                          ("torch.compile(reference)", (lambda: comp(z, x, xf)) if comp else None),
-                         ("triton", lambda: cell_forward_triton(z, x, xf, p))]:
+                         ("triton", lambda: cell_forward_triton(z, x, xf, p)),
+                         ("triton-fused", lambda: cell_forward_fused(z, x, xf, p))]:
             if fn is None:
                 continue
             ms = bench(fn)
@@ -180,14 +182,18 @@ def full_solve_bench(B=256, D=512, N=3, dtype=torch.float32, iters=30, graphs=Tr
                 graph_forward(layer, feats, sec)
             except Exception as e:  # noqa: BLE001
                 print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:500]}")
-    if graphs:
+    for gemm in ("cublas", "fused") if graphs else ():
+        os.environ["DEQFUSE_CELL_GEMM"] = gemm  # read when the graphs are captured (first call)
         try:
             step, layer = ours("auto", graph=True)
             ms = bench(step, warmup=3, rep=30)
-            out["auto+cuda_graph"] = ms
-            record(sec, "deqfuse[auto, cuda_graph]", ms)
+            name = "auto+cuda_graph" + (", fused cell" if gemm == "fused" else "")
+            out[name] = ms
+            record(sec, f"deqfuse[{name}]", ms)
         except Exception as e:  # noqa: BLE001
-            print(f"  graphed training step failed: {type(e).__name__}: {str(e)[:500]}")
+            print(f"  graphed training step ({gemm} cell) failed: {type(e).__name__}: {str(e)[:500]}")
+        finally:
+            os.environ.pop("DEQFUSE_CELL_GEMM", None)
     if torchdeq_too:
         try:
             from torchdeq import get_deq
@@ -260,27 +266,10 @@ def profile_train_step(B=256, D=512, N=3):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
 
 
-def sweep(out_dir):
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for N in (2, 3, 5):
-            for D in (256, 512, 1024):
-                for B in (32, 256, 2048, 8192):
-                    if B * N * D > 8192 * 3 * 1024:
-                        continue
-                    r = full_solve_bench(B, D, N, dtype, iters=30, graphs=False, torchdeq_too=(B <= 2048 and dtype == torch.float32))
-                    rows.append(dict(B=B, D=D, N=N, dtype=str(dtype).split(".")[-1], **{f"{k}_ms": round(v, 3) for k, v in r.items()}))
-    with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -297,8 +286,6 @@ def main():
     launches_per_iter()
     full_solve_bench()
     profile_train_step()
-    if a.sweep:
-        sweep(a.out)
     with open(os.path.join(a.out, "results.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=sorted({k for r in ROWS for k in r}))
         w.writeheader()

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer memcheck on the
 # CUDA ops, then the benchmarks. Logs and CSVs go to $OUT (default ./bench_out).
+#   bash benchmarks/gpu_check.sh            build + tests + sanitizer + bench_gpu + plot + bench_dynamic
+#   bash benchmarks/gpu_check.sh sweep-fp32 build + the B x D x N grid for fp32 (sweep.csv/png/md); also
+#                                sweep-bf16 (each fits one 10-minute device call; see benchmarks/sweep.py)
 # Optional wheels (e.g. torchdeq for the side-by-side numbers) are installed from ./.whl if present.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +18,16 @@ t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -20; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import deqfuse; print('extension:', deqfuse.extension_status()[1]); print('triton:', deqfuse.triton_status()[1])"
+MODE=${1:-all}
+if [[ $MODE == sweep-* ]]; then
+  python3 benchmarks/sweep.py --dtype "${MODE#sweep-}" --out "$OUT" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  " | tail -40
+  python3 benchmarks/sweep_report.py "$OUT/sweep.csv" "$OUT/sweep.png" "$OUT/sweep.md"
+  exit 0
+fi
 python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/sanitize_ops.py 2>&1 | tail -6 | tee "$OUT/sanitizer.log"
 fi
-python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+python3 benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
 python3 benchmarks/plot_results.py "$OUT/results.csv" "$OUT/results.png"
-python3 benchmarks/bench_dynamic.py --device all 2>&1 | tee "$OUT/dynamic.log"
+python3 benchmarks/bench_dynamic.py --device all --B 1024,8192 2>&1 | tee "$OUT/dynamic.log"

@@ -1,9 +1,10 @@
 """Backend discovery and dispatch: 'auto' | 'triton' | 'cuda' | 'reference'.
 
 'cuda' means the compiled extension deqfuse._C (CUDA kernels, plus a C++ CPU Anderson step so the
-compiled path also runs without a GPU). 'auto' picks, per device: cuda ext > triton > reference on
-a GPU; cuda ext (CPU op) > reference on the CPU. Triton on the CPU only runs under TRITON_INTERPRET=1
-and is chosen there only when asked for by name.
+compiled path also runs without a GPU). 'auto' picks, per device, the fastest path measured on an H100
+(benchmarks/RESULTS.md): triton > cuda ext > reference on a GPU (the Triton step beat the CUDA one for
+fp32 and bf16 history); cuda ext (CPU op) > reference on the CPU. Triton on the CPU only runs under
+TRITON_INTERPRET=1 and is chosen there only when asked for by name.
 """
 import functools
 import os
@@ -49,13 +50,14 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     cuda_ops = {"anderson_step", "modality_epilogue"}  # ops the extension provides
+    triton_ops = {"anderson_step", "cell", "routing"}   # ops with a Triton kernel
     if backend == "cuda" and op not in cuda_ops:
         backend = "auto"  # the extension covers the Anderson step; other ops take the best other path
     if backend == "auto":
+        if op in triton_ops and device.type == "cuda" and triton_status()[0]:
+            return "triton"
         if op in cuda_ops and ext_has(device):
             return "cuda"
-        if device.type == "cuda" and triton_status()[0]:
-            return "triton"
         return "reference"
     if backend == "cuda":
         if not ext_has(device):

@@ -13,10 +13,11 @@ from .reference import CellParams, anderson_step_ref, cell_forward
 from .solvers import AndersonState
 
 
-def _time(fn, device, reps=20):
+def time_ms(fn, device, reps=20, warmup_ms=10, rep_ms=50):
+    """Median ms of fn(): triton do_bench on CUDA (warmup/rep in ms), perf_counter loop on the CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
-        return do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     for _ in range(2):
         fn()
     ts = []
@@ -55,7 +56,7 @@ def run(out="bench_out", quick=False):
         steps.append(("triton", lambda *a: anderson_step_triton(*a, check=False)))
     for name, fn in steps:
         args = step_args(B, L, m, device)
-        rows.append(dict(op=f"anderson_step B={B} L={L} m={m}", backend=name, ms=_time(lambda: fn(*args), device)))
+        rows.append(dict(op=f"anderson_step B={B} L={L} m={m}", backend=name, ms=time_ms(lambda: fn(*args), device)))
     p = CellParams(*(t.detach() for t in FusionCell(D, N).to(device).params()))
     z, x, xf = torch.randn(Bc, N + 1, D, device=device), torch.randn(Bc, N, D, device=device), torch.randn(Bc, D, device=device)
     cells = [("reference", lambda: cell_forward(z, x, xf, p))]
@@ -64,7 +65,7 @@ def run(out="bench_out", quick=False):
         cells.append(("triton", lambda: cell_forward_triton(z, x, xf, p)))
     with torch.no_grad():
         for name, fn in cells:
-            rows.append(dict(op=f"cell forward B={Bc} D={D} N={N}", backend=name, ms=_time(fn, device)))
+            rows.append(dict(op=f"cell forward B={Bc} D={D} N={N}", backend=name, ms=time_ms(fn, device)))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["op", "backend", "ms"])

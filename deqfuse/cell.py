@@ -3,6 +3,7 @@
 Layout: z: [B, N+1, D] (N modality states then the fused state), x: [B, N, D], x_f: [B, D].
 """
 import math
+import os
 
 import torch
 from torch import nn
@@ -53,11 +54,28 @@ def _kernel_ok(backend, device, op):
     return _backend.resolve(backend, device, op) == "triton"
 
 
+CELL_GEMMS = ("cublas", "fused")
+
+
+def cell_gemm(dim: int, groups: int) -> str:
+    """Which Triton cell forward runs: 'cublas' (cuBLAS GEMMs + fused row-epilogue kernels, 8 launches;
+    the path measured in benchmarks/RESULTS.md) or 'fused' (Triton GEMMs with the GroupNorm epilogues
+    in registers, 4 launches; needs dim / groups <= 256). Chosen by DEQFUSE_CELL_GEMM (default cublas)."""
+    want = os.environ.get("DEQFUSE_CELL_GEMM", "cublas")
+    if want not in CELL_GEMMS:
+        raise ValueError(f"DEQFUSE_CELL_GEMM must be one of {CELL_GEMMS}, got {want!r}")
+    from .kernels.cell_fused import fused_supported
+    return "fused" if want == "fused" and fused_supported(dim, groups) else "cublas"
+
+
 def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference", save: bool = False):
     """Dispatch the cell forward. The Triton path is forward-only (no autograd graph): use it inside
     the no-grad solver loops; with grad enabled the reference path runs so parameters get gradients."""
     if torch.is_grad_enabled() or not _kernel_ok(backend, z.device, "cell"):
         return cell_forward(z, x, xf, p, groups, save)
+    if cell_gemm(z.shape[-1], groups) == "fused":
+        from .kernels.cell_fused import cell_forward_fused
+        return cell_forward_fused(z, x, xf, p, groups, save)
     from .kernels.cell import cell_forward_triton
     return cell_forward_triton(z, x, xf, p, groups, save)
 

@@ -20,8 +20,20 @@ from . import backend as _backend
 
 
 # ---------------------------------------------------------------- routing primitives (+ references)
+def group_by_choice_ref(choice, num_groups: int):
+    """Stable grouping of the batch by chosen expert. choice: [B] int -> (order [B] int64: sample
+    indices, group 0's first; counts [E] on choice's device)."""
+    valid = (choice >= 0) & (choice < num_groups)
+    order = torch.argsort(torch.where(valid, choice, num_groups), stable=True)
+    return order, torch.bincount(choice[valid], minlength=num_groups)
+
+
 def gather_rows_ref(src, idx):
     return src.index_select(0, idx)
+
+
+def gather_rows_multi_ref(srcs, idx):
+    return [s.index_select(0, idx) for s in srcs]
 
 
 def scatter_rows_ref(src, idx, out):
@@ -29,17 +41,21 @@ def scatter_rows_ref(src, idx, out):
 
 
 def _router(device, backend):
+    """(group_by_choice, gather_rows_multi, scatter_rows) for this device and backend."""
     if _backend.resolve(backend, device, "routing") == "triton":
-        from .kernels.routing import gather_rows_triton, scatter_rows_triton
-        return gather_rows_triton, scatter_rows_triton
-    return gather_rows_ref, scatter_rows_ref
+        from .kernels.routing import gather_rows_multi_triton, group_by_choice_triton, scatter_rows_triton
+        return group_by_choice_triton, gather_rows_multi_triton, scatter_rows_triton
+    return group_by_choice_ref, gather_rows_multi_ref, scatter_rows_ref
 
 
-def group_by_choice(choice, num_groups: int):
-    """Stable sort of sample indices by group. choice: [B] int -> (order [B], counts list[int]) (one host
-    sync for the counts, which size the sub-batches)."""
-    order = torch.argsort(choice, stable=True)
-    counts = torch.bincount(choice, minlength=num_groups).tolist()
+def group_by_choice(choice, num_groups: int, backend: str = "reference"):
+    """(order [B], counts list[int]); the one host sync of routed inference (the counts size the
+    sub-batches). Raises if a choice lies outside [0, num_groups)."""
+    order, counts = _router(choice.device, backend)[0](choice, num_groups)
+    counts = counts.tolist()
+    if sum(counts) != choice.numel():
+        raise ValueError(f"choice: every entry must lie in [0, {num_groups}); "
+                         f"{choice.numel() - sum(counts)} of {choice.numel()} do not")
     return order, counts
 
 
@@ -182,21 +198,21 @@ class DynamicFusion(nn.Module):
         return out
 
     def route(self, features, choice):
-        """Run expert e only on the samples with choice == e. Returns (outputs in batch order, counts)."""
-        gather, scatter = _router(features[0].device, self.backend)
-        order, counts = group_by_choice(choice, len(self.experts))
-        out = None
-        start = 0
+        """Run expert e only on the samples with choice == e. Returns (outputs in batch order, counts).
+        The batch is sorted by expert once (every modality in one gather), so each expert reads a
+        contiguous slice; the outputs go back to batch order in one scatter."""
+        _, gather_multi, scatter = _router(features[0].device, self.backend)
+        order, counts = group_by_choice(choice, len(self.experts), self.backend)
+        grouped = gather_multi(list(features), order)
+        ys, start = [], 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = order[start:start + n]
+            if n:
+                ys.append(self.experts[e]([f[start:start + n] for f in grouped]))
             start += n
-            y = self.experts[e]([gather(f, idx) for f in features])
-            if out is None:
-                out = y.new_empty(choice.shape[0], y.shape[1])
-            scatter(y, idx, out)
-        return out, counts
+        if not ys:  # empty batch: an expert on 0 rows gives the output width
+            ys = [self.experts[0]([f[:0] for f in grouped])]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
+        return scatter(y, order, y.new_empty(choice.shape[0], y.shape[1])), counts
 
     def resource_loss(self):
         """lambda * E[cost] / max_e C_e (or the hinge max(0, E[cost] - budget) form)."""

@@ -14,42 +14,87 @@ def _poison(t):
     return t.fill_(float("nan"))
 
 
+def _forward(impl):
+    """The two Triton cell forwards: cuBLAS GEMMs + row epilogues, or GEMMs with fused epilogues."""
+    if impl == "fused":
+        from deqfuse.kernels.cell_fused import cell_forward_fused
+        return cell_forward_fused
+    from deqfuse.kernels.cell import cell_forward_triton
+    return cell_forward_triton
+
+
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
 @pytest.mark.parametrize("B,N,D", SIZES)
-def test_forward_and_vjp_match_reference_fp64(B, N, D):
-    from deqfuse.kernels.cell import cell_forward_triton, cell_vjp_triton
+def test_forward_and_vjp_match_reference_fp64(B, N, D, impl):
+    from deqfuse.kernels.cell import cell_vjp_triton
     p = make_params(N, D, device=DEV)
     z, x, xf = make_inputs(B, N, D, device=DEV)
     ref, saved_ref = cell_forward(z, x, xf, p, save=True)
-    out, saved = cell_forward_triton(z, x, xf, p, save=True)
+    out, saved = _forward(impl)(z, x, xf, p, save=True)
     assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-10
+    assert rel_err(_forward(impl)(z, x, xf, p), ref) < 1e-10          # the save=False kernels too
     gbar = torch.randn_like(ref)
     # 1e-7 in fp64: groups of 2 channels (D=8) make GroupNorm's backward amplify rounding (2.5e-8 seen
     # on an H100); still 1e5x tighter than any fp32 kernel could reach
     assert rel_err(cell_vjp_triton(gbar, saved, p), cell_vjp(gbar, saved_ref, p)) < 1e-7
 
 
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
 @pytest.mark.parametrize("B,N,D", [(3, 3, 20), (6, 2, 64)])
-def test_fp32_against_fp64_reference(B, N, D):
-    from deqfuse.kernels.cell import cell_forward_triton, cell_vjp_triton
+def test_fp32_against_fp64_reference(B, N, D, impl):
+    from deqfuse.kernels.cell import cell_vjp_triton
     torch.backends.cuda.matmul.allow_tf32 = False
     p64 = make_params(N, D, device=DEV)
     z, x, xf = make_inputs(B, N, D, device=DEV)
     p32 = type(p64)(*(t.float() for t in p64))
     ref, sref = cell_forward(z, x, xf, p64, save=True)
-    out, saved = cell_forward_triton(z.float(), x.float(), xf.float(), p32, save=True)
+    out, saved = _forward(impl)(z.float(), x.float(), xf.float(), p32, save=True)
     assert rel_err(out.double(), ref) < 1e-5
     gbar = torch.randn_like(ref)
     assert rel_err(cell_vjp_triton(gbar.float(), saved, p32).double(), cell_vjp(gbar, sref, p64)) < 1e-4
 
 
-def test_outputs_fully_written():
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
+def test_bf16_inputs_fp32_accumulation(impl):
+    """bf16 state and inputs (fp32 parameters, fp32 accumulation) stay within bf16 rounding of fp64."""
+    p64 = make_params(3, 64, device=DEV)
+    z, x, xf = make_inputs(5, 3, 64, device=DEV)
+    ref = cell_forward(z, x, xf, p64)
+    p32 = type(p64)(*(t.float() for t in p64))
+    out = _forward(impl)(z.bfloat16(), x.bfloat16(), xf.bfloat16(), p32)
+    assert out.dtype == torch.bfloat16 and rel_err(out.double(), ref) < 3e-2
+
+
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
+def test_outputs_fully_written(impl):
     """Every output element is written: NaN-poisoned buffers from the caching allocator never leak."""
-    from deqfuse.kernels.cell import cell_forward_triton
     p = make_params(3, 20, device=DEV)
     z, x, xf = make_inputs(4, 3, 20, device=DEV)
-    for _ in range(2):
-        _poison(torch.empty(4096, dtype=torch.float64, device=DEV))
-        assert torch.isfinite(cell_forward_triton(z, x, xf, p)).all()
+    for save in (False, True):
+        _poison(torch.empty(1 << 14, dtype=torch.float64, device=DEV))
+        out = _forward(impl)(z, x, xf, p, save=save)
+        tensors = [out[0], *(t for t in out[1].values() if torch.is_tensor(t))] if save else [out]
+        assert all(torch.isfinite(t).all() for t in tensors)
+
+
+def test_fused_path_selected_by_env_and_limited_by_group_width(monkeypatch):
+    from deqfuse import cell as cell_mod
+    from deqfuse.kernels import cell_fused
+    calls = []
+    real = cell_fused.cell_forward_fused
+    monkeypatch.setattr(cell_fused, "cell_forward_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("DEQFUSE_CELL_GEMM", "fused")
+    assert cell_mod.cell_gemm(1024, 4) == "fused" and cell_mod.cell_gemm(2048, 4) == "cublas"  # 512-wide groups
+    p = make_params(2, 16, device=DEV)
+    z, x, xf = make_inputs(3, 2, 16, device=DEV)
+    with torch.no_grad():
+        out = cell_mod.cell_apply(z, x, xf, p, 4, backend="triton")
+    assert calls and rel_err(out, cell_forward(z, x, xf, p)) < 1e-10
+    monkeypatch.setenv("DEQFUSE_CELL_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="DEQFUSE_CELL_GEMM"):
+        cell_mod.cell_gemm(16, 4)
+    with pytest.raises(ValueError, match="exceeds 256"):
+        real(*make_inputs(1, 1, 1028, device=DEV), make_params(1, 1028, device=DEV), groups=2)
 
 
 def test_layer_uses_triton_cell_and_matches_reference():
