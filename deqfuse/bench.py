@@ -62,7 +62,10 @@ def run(out="bench_out", quick=False):
     cells = [("reference", lambda: cell_forward(z, x, xf, p))]
     if triton_status()[0] and device.type == "cuda":
         from .kernels.cell import cell_forward_triton
+        from .kernels.cell_fused import cell_forward_fused, fused_supported
         cells.append(("triton", lambda: cell_forward_triton(z, x, xf, p)))
+        if fused_supported(D, 4):
+            cells.append(("triton-fused", lambda: cell_forward_fused(z, x, xf, p)))
     with torch.no_grad():
         for name, fn in cells:
             rows.append(dict(op=f"cell forward B={Bc} D={D} N={N}", backend=name, ms=time_ms(fn, device)))
@@ -74,5 +77,5 @@ def run(out="bench_out", quick=False):
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     for r in rows:
         base = next(q["ms"] for q in rows if q["op"] == r["op"] and q["backend"] == "reference")
-        print(f"{r['op']:<36} {r['backend']:<10} {r['ms']:9.3f} ms   x{base / r['ms']:.2f} vs reference")
+        print(f"{r['op']:<36} {r['backend']:<12} {r['ms']:9.3f} ms   x{base / r['ms']:.2f} vs reference")
     return rows

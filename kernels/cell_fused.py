@@ -30,15 +30,18 @@ MAX_GROUP_WIDTH = 256  # a [BM, 256] fp32 accumulator already fills a warpgroup'
 def _mm(a_ptr, lda, w_ptr, rows, rmask, cols, cmask, K,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """acc[BM, BN] = A[rows, :K] @ W[cols, :K]^T; A row r at a_ptr + r * lda, W row-major [*, K].
-    PREC 'upcast' feeds bf16 operands to tl.dot as fp32 (exact products, same result): the CPU
-    interpreter of Triton 3.9 returns garbage for a bf16 tl.dot."""
+    PREC: 'tf32' | 'ieee' for tl.dot; 'fma' = broadcast multiply + sum (fp64: Triton's tl.dot has no
+    fp64 path on NVIDIA GPUs); 'upcast' feeds bf16 operands to tl.dot as fp32 (exact products, same
+    result: the CPU interpreter of Triton 3.9 returns garbage for a bf16 tl.dot)."""
     acc = tl.zeros([BM, BN], ACC)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         a = tl.load(a_ptr + rows[:, None] * lda + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
-        if PREC == "upcast":
+        if PREC == "fma":
+            acc += tl.sum(a[:, :, None].to(ACC) * w[None, :, :].to(ACC), 1)
+        elif PREC == "upcast":
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee", out_dtype=ACC)
         else:
             acc = tl.dot(a, w, acc, input_precision=PREC, out_dtype=ACC)
@@ -164,14 +167,25 @@ def _configs(bn):
             for bm, bk, w, st in cands if bm * bn <= 128 * 256]
 
 
+def _fixed_config(prec):
+    """The config when not autotuning: the interpreter (timing it would be meaningless), the fp64 FMA
+    path (a test path: a [BM, BK, BN] product per step, so small tiles), or DEQFUSE_AUTOTUNE=0 (the
+    GPU tests: dozens of tiny shapes, each would be tuned)."""
+    if _interpreted():
+        return dict(BM=32, BK=32)
+    if prec == "fma":
+        return dict(BM=16, BK=8, num_warps=4)
+    return dict(BM=64, BK=32, num_warps=4, num_stages=3)
+
+
 _TUNED = {}
 
 
 def _launch(kernel, grid, bn, *args, **meta):
-    """Launch with a config picked by triton.autotune on a GPU (cached per shape key), or one small fixed
-    config under TRITON_INTERPRET (autotuning would time the interpreter)."""
-    if _interpreted():
-        kernel[grid(dict(BM=32))](*args, BM=32, BK=32, BN=bn, **meta)
+    """Launch with a config picked by triton.autotune on a GPU (cached per shape key), else a fixed one."""
+    if _interpreted() or meta["PREC"] == "fma" or os.environ.get("DEQFUSE_AUTOTUNE", "1") == "0":
+        cfg = _fixed_config(meta["PREC"])
+        kernel[grid(cfg)](*args, BN=bn, **cfg, **meta)
         return
     key = (kernel, bn)
     if key not in _TUNED:
@@ -196,7 +210,9 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
     w1, w2, wg, wf = (w.to(dt).contiguous() for w in (p.w1, p.w2, p.wg, p.wf))
     acc = tl.float64 if dt == torch.float64 else tl.float32
     prec = "tf32" if dt == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and z.is_cuda else "ieee"
-    if _interpreted() and dt in (torch.bfloat16, torch.float16):
+    if dt == torch.float64:
+        prec = "fma"
+    elif _interpreted() and dt in (torch.bfloat16, torch.float16):
         prec = "upcast"
     meta = dict(PREC=prec, ACC=acc, SAVE=bool(save))
     bn = max(16, triton.next_power_of_2(DG))            # tl.dot needs >= 16

@@ -7,6 +7,7 @@ Usage: python tests/nvcc_compile.py [out_dir]   (exit 0 = everything attempted c
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,26 @@ import sysconfig
 import tempfile
 
 from torch.utils.cpp_extension import include_paths
+
+
+def resource_report(ptxas_log):
+    """One line per kernel instance: template arguments, registers, spills (from ptxas -v)."""
+    lines, name = [], "?"
+    for ln in ptxas_log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", ln)
+        if m:
+            sym = m.group(1)
+            try:
+                sym = subprocess.run(["c++filt", sym], capture_output=True, text=True).stdout.strip() or sym
+            except OSError:
+                pass
+            name = re.sub(r"\(.*", "", sym.replace("deqfuse::", "").replace("c10::", "").replace("void ", ""))
+        elif "spill" in ln:
+            spill = ln.strip().split(",")[1].strip()
+        elif "registers" in ln:
+            regs = re.search(r"Used (\d+) registers", ln).group(1)
+            lines.append(f"  {name:<60} {regs:>3} regs  {spill}")
+    return "\n".join(lines)
 
 
 def main(out_dir=None):
@@ -41,8 +62,7 @@ def main(out_dir=None):
             ok = False
             print(r.stderr[-4000:])
         else:
-            regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
-            print("\n".join(regs))
+            print(resource_report(r.stderr))
     return 0 if ok else 1
 
 

@@ -22,10 +22,17 @@ void launch(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, at::Tensor& G, a
   x.data_ptr<x_t>(), fx.data_ptr<x_t>(), X.data_ptr<hist_t>(), G.data_ptr<hist_t>(), GG.data_ptr<acc_t>(),     \
       best_x.data_ptr<x_t>(), best_res.data_ptr<acc_t>(), converged.data_ptr<bool>(), nstep.data_ptr<int32_t>(), \
       abs_out.data_ptr<acc_t>(), rel_out.data_ptr<acc_t>(), L, m, (int)k, beta, lam, tol, stop_rel
-  if (L % 4 == 0)  // contiguous buffers from the caching allocator: every row/slot is 4-element aligned
-    anderson_step_kernel<x_t, hist_t, 4><<<(unsigned)B, kStepThreads, 0, stream>>>(DF_ARGS);
+  const dim3 grid((unsigned)B);
+  if (L % 4 != 0)  // rare: scalar loads, one ring size
+    anderson_step_kernel<x_t, hist_t, 1, kMaxM><<<grid, kStepThreads, 0, stream>>>(DF_ARGS);
+  else if (m <= 2)  // contiguous buffers from the caching allocator: every row/slot is 4-element aligned
+    anderson_step_kernel<x_t, hist_t, 4, 2><<<grid, kStepThreads, 0, stream>>>(DF_ARGS);
+  else if (m <= 4)
+    anderson_step_kernel<x_t, hist_t, 4, 4><<<grid, kStepThreads, 0, stream>>>(DF_ARGS);
+  else if (m <= 6)
+    anderson_step_kernel<x_t, hist_t, 4, 6><<<grid, kStepThreads, 0, stream>>>(DF_ARGS);
   else
-    anderson_step_kernel<x_t, hist_t, 1><<<(unsigned)B, kStepThreads, 0, stream>>>(DF_ARGS);
+    anderson_step_kernel<x_t, hist_t, 4, kMaxM><<<grid, kStepThreads, 0, stream>>>(DF_ARGS);
 #undef DF_ARGS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -2,6 +2,11 @@
 // Pass 1 streams x, f(x) and the G ring (V-wide vector loads): residual norms and the new Gram row,
 // reduced with warp shuffles. Thread 0 updates the Gram matrix and solves the bordered system while
 // the SM's other blocks keep streaming. Pass 2 streams x, f(x), X and G again and mixes.
+// The ring loads are predicated PTX loads (zero when the slot is unused or being replaced) in loops
+// over a compile-time ring size MT >= m: no branch separates them, so each thread has every slot's
+// load in flight at once. (With `if (slot used) load` per slot, the PTX had one branch around each
+// load and the step ran at 54% of the copy rate while the Triton step, whose [m, BLOCK] tile loads
+// issue together, reached 77%: benchmarks/RESULTS.md.)
 // (A variant that kept x, g and the G ring in shared memory between the passes measured slower on an
 // H100 (occupancy fell to 2 blocks/SM): see benchmarks/RESULTS.md.)
 // Kernel templates only (plain CUDA + c10 scalar types): also compiled stand-alone by
@@ -11,6 +16,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../anderson_common.h"
@@ -40,12 +46,51 @@ __device__ __forceinline__ Pack<T, V> ld(const T* p) { return *reinterpret_cast<
 template <int V, typename T>
 __device__ __forceinline__ void st(T* p, const Pack<T, V>& x) { *reinterpret_cast<Pack<T, V>*>(p) = x; }
 
+// 4 bytes per register: the PTX vector widths a Pack maps to.
+#define DF_LDP_V4(OFF)                                                                                   \
+  asm("{\n .reg .pred q;\n setp.ne.b32 q, %4, 0;\n @q ld.global.v4.u32 {%0, %1, %2, %3}, [%5];\n}\n"   \
+      : "+r"(u[OFF]), "+r"(u[OFF + 1]), "+r"(u[OFF + 2]), "+r"(u[OFF + 3])                           \
+      : "r"((int)pred), "l"(reinterpret_cast<const char*>(p) + 4 * (OFF)))
+
+// Pack at p if pred, else zeros, as one predicated load (no branch: the compiler may issue many of
+// them back to back). Reads only slots never written in the same pass, so no memory clobber is needed.
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> ldp(const T* p, bool pred) {
+  constexpr int kBytes = (int)sizeof(Pack<T, V>);
+  Pack<T, V> r;
+  if constexpr (kBytes % 16 == 0) {
+    uint32_t u[kBytes / 4] = {};
+#pragma unroll
+    for (int o = 0; o < kBytes / 4; o += 4) DF_LDP_V4(o);
+    memcpy(&r, u, kBytes);
+  } else if constexpr (kBytes == 8) {
+    uint32_t u[2] = {0, 0};
+    asm("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.v2.u32 {%0, %1}, [%3];\n}\n"
+        : "+r"(u[0]), "+r"(u[1]) : "r"((int)pred), "l"(p));
+    memcpy(&r, u, 8);
+  } else if constexpr (kBytes == 4) {
+    uint32_t u = 0;
+    asm("{\n .reg .pred q;\n setp.ne.b32 q, %1, 0;\n @q ld.global.u32 %0, [%2];\n}\n"
+        : "+r"(u) : "r"((int)pred), "l"(p));
+    memcpy(&r, &u, 4);
+  } else {
+    static_assert(kBytes == 2, "Pack of 2, 4, 8 or 16k bytes");
+    unsigned short u = 0;
+    asm("{\n .reg .pred q;\n setp.ne.b32 q, %1, 0;\n @q ld.global.u16 %0, [%2];\n}\n"
+        : "+h"(u) : "r"((int)pred), "l"(p));
+    memcpy(&r, &u, 2);
+  }
+  return r;
+}
+#undef DF_LDP_V4
+
 template <typename scalar_t>
 using acc_of = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 // V = 4 needs L % 4 == 0 (every row and ring slot then starts 4-element aligned); else V = 1.
-template <typename scalar_t, typename hist_t, int V>
-__global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
+// MT: compiled ring size, m <= MT <= kMaxM (the launcher rounds m up to an even MT).
+template <typename scalar_t, typename hist_t, int V, int MT>
+__global__ void __launch_bounds__(kStepThreads, 3) anderson_step_kernel(
     scalar_t* __restrict__ x, const scalar_t* __restrict__ fx, hist_t* __restrict__ X, hist_t* __restrict__ G,
     acc_of<scalar_t>* __restrict__ GG, scalar_t* __restrict__ best_x, acc_of<scalar_t>* __restrict__ best_res,
     bool* __restrict__ converged, int32_t* __restrict__ nstep, acc_of<scalar_t>* __restrict__ abs_out,
@@ -68,9 +113,14 @@ __global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
   __shared__ int flags;  // bit 0: mix, bit 1: better
 
   // ---- pass 1: norms and the Gram row
-  acc_t g2 = 0, f2 = 0, gr2 = 0, dots[kMaxM];
+  static_assert(MT <= kMaxM, "ring size");
+  constexpr int kChunk = MT > 4 ? (MT + 1) / 2 : MT;  // ring slots per batch of loads: caps live registers
+  bool used[MT];  // ring slots holding a past residual (not the one replaced now)
 #pragma unroll
-  for (int j = 0; j < kMaxM; ++j) dots[j] = 0;
+  for (int j = 0; j < MT; ++j) used[j] = j < n && j != slot;
+  acc_t g2 = 0, f2 = 0, gr2 = 0, dots[MT];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) dots[j] = 0;
   for (int64_t l = (int64_t)tid * V; l < L; l += (int64_t)kStepThreads * V) {
     const Pack<scalar_t, V> xp = ld<V>(xb + l), fp = ld<V>(fb + l);
     acc_t gr[V];
@@ -83,11 +133,19 @@ __global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
       gr2 += gr[u] * gr[u];
     }
 #pragma unroll
-    for (int j = 0; j < kMaxM; ++j) {
-      if (j < n && j != slot) {
-        const Pack<hist_t, V> Gp = ld<V>(Gb + j * L + l);
+    for (int j0 = 0; j0 < MT; j0 += kChunk) {  // unused slots load as zeros: no branch
+      Pack<hist_t, V> Gp[kChunk];
 #pragma unroll
-        for (int u = 0; u < V; ++u) dots[j] += to_acc(Gp.v[u]) * gr[u];
+      for (int c = 0; c < kChunk; ++c) {
+        const int j = j0 + c < MT ? j0 + c : MT - 1;
+        Gp[c] = ldp<V>(Gb + j * L + l, j0 + c < MT && used[j]);
+      }
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) {
+        if (j0 + c < MT) {  // compile-time after unrolling
+#pragma unroll
+          for (int u = 0; u < V; ++u) dots[j0 + c] += to_acc(Gp[c].v[u]) * gr[u];
+        }
       }
     }
   }
@@ -95,13 +153,13 @@ __global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
   f2 = warp_sum(f2);
   gr2 = warp_sum(gr2);
 #pragma unroll
-  for (int j = 0; j < kMaxM; ++j) dots[j] = warp_sum(dots[j]);
+  for (int j = 0; j < MT; ++j) dots[j] = warp_sum(dots[j]);
   if (lane == 0) {
     red[0][warp] = g2;
     red[1][warp] = f2;
     red[2][warp] = gr2;
 #pragma unroll
-    for (int j = 0; j < kMaxM; ++j) red[3 + j][warp] = dots[j];
+    for (int j = 0; j < MT; ++j) red[3 + j][warp] = dots[j];
   }
   __syncthreads();
   if (warp == 0) {  // cross-warp sums, one value per lane
@@ -129,9 +187,9 @@ __global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
   const bool mix = flags & 1, better = flags & 2;
   if (!mix && !better) return;
   // ---- pass 2: best iterate, new ring slot, mixing
-  acc_t al[kMaxM];  // compile-time indices only (a run-time index would spill it to local memory)
+  acc_t al[MT];  // compile-time indices only (a run-time index would spill it to local memory)
 #pragma unroll
-  for (int j = 0; j < kMaxM; ++j) al[j] = (j < n) ? alpha[j] : (acc_t)0;
+  for (int j = 0; j < MT; ++j) al[j] = used[j] ? alpha[j] : (acc_t)0;
   const acc_t a_s = alpha[slot];
   for (int64_t l = (int64_t)tid * V; l < L; l += (int64_t)kStepThreads * V) {
     const Pack<scalar_t, V> xp = ld<V>(xb + l);
@@ -148,11 +206,20 @@ __global__ void __launch_bounds__(kStepThreads, 4) anderson_step_kernel(
       v[u] = a_s * (to_acc(xh.v[u]) + beta * to_acc(gh.v[u]));
     }
 #pragma unroll
-    for (int j = 0; j < kMaxM; ++j) {
-      if (j < n && j != slot) {
-        const Pack<hist_t, V> Xp = ld<V>(Xb + j * L + l), Gp = ld<V>(Gb + j * L + l);
+    for (int j0 = 0; j0 < MT; j0 += kChunk) {
+      Pack<hist_t, V> Xp[kChunk], Gp[kChunk];
 #pragma unroll
-        for (int u = 0; u < V; ++u) v[u] += al[j] * (to_acc(Xp.v[u]) + beta * to_acc(Gp.v[u]));
+      for (int c = 0; c < kChunk; ++c) {
+        const int j = j0 + c < MT ? j0 + c : MT - 1;
+        const bool ok = j0 + c < MT && used[j];
+        Xp[c] = ldp<V>(Xb + j * L + l, ok);
+        Gp[c] = ldp<V>(Gb + j * L + l, ok);
+      }
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) {
+        const acc_t a = j0 + c < MT ? al[j0 + c] : (acc_t)0;
+#pragma unroll
+        for (int u = 0; u < V; ++u) v[u] += a * (to_acc(Xp[c].v[u]) + beta * to_acc(Gp[c].v[u]));
       }
     }
     Pack<scalar_t, V> out;

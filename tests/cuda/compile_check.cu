@@ -4,11 +4,13 @@
 #include "../../csrc/cuda/epilogue_kernel.cuh"
 
 namespace deqfuse {
-#define DF_STEP1(X, H, V)                                                                             \
-  template __global__ void anderson_step_kernel<X, H, V>(X*, const X*, H*, H*, acc_of<X>*, X*, acc_of<X>*, bool*, \
-                                                          int32_t*, acc_of<X>*, acc_of<X>*, int64_t, int, int,   \
-                                                          double, double, double, bool);
-#define DF_STEP(X, H) DF_STEP1(X, H, 4) DF_STEP1(X, H, 1)
+#define DF_STEP1(X, H, V, MT)                                                                            \
+  template __global__ void anderson_step_kernel<X, H, V, MT>(X*, const X*, H*, H*, acc_of<X>*, X*, acc_of<X>*,   \
+                                                              bool*, int32_t*, acc_of<X>*, acc_of<X>*, int64_t, \
+                                                              int, int, double, double, double, bool);
+// the launcher's instances: V = 4 with ring sizes 2, 4, 6, 8; V = 1 with 8
+#define DF_STEP(X, H) DF_STEP1(X, H, 4, 2) DF_STEP1(X, H, 4, 4) DF_STEP1(X, H, 4, 6) DF_STEP1(X, H, 4, 8) \
+  DF_STEP1(X, H, 1, 8)
 DF_STEP(float, float)
 DF_STEP(double, double)
 DF_STEP(float, c10::BFloat16)
