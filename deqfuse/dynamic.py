@@ -94,7 +94,7 @@ class MLPHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, feats):
-        return self.net(torch.cat(list(feats), 1))
+        return self.net(feats[0] if len(feats) == 1 else torch.cat(list(feats), 1))
 
 
 class DEQHead(nn.Module):
