@@ -6,12 +6,12 @@ from deqfuse.solvers import AndersonState
 
 ext, why = deqfuse.extension_status()
 assert ext is not None and ext.has_cuda(), why
-for B, L, m, hist in [(3, 37, 3, None), (2, 40000, 6, None), (5, 100, 4, torch.bfloat16)]:  # cached + uncached
+for B, L, m, hist in [(3, 37, 3, None), (2, 40000, 6, None), (5, 100, 4, torch.bfloat16), (3, 64, 8, None)]:
     x0 = torch.randn(B, L, device="cuda")
     st = AndersonState(x0, m, 8, hist)
     for k in range(8):
         st.step(torch.ops.deqfuse.anderson_step, torch.tanh(st.x + 0.5), k, 1.0, 1e-4, 1e-6, True)
-for N, B, D in [(3, 5, 20), (2, 7, 1024)]:
+for N, B, D in [(3, 5, 20), (2, 7, 1024), (1, 3, 4096), (2, 3, 1204)]:  # every kernel instance kind
     a2, x, z = torch.randn(N, B, D, device="cuda"), torch.randn(B, N, D, device="cuda"), torch.randn(B, N + 1, D, device="cuda")
     p = [torch.randn(N, D, device="cuda") for _ in range(5)]
     torch.ops.deqfuse.modality_epilogue(a2, x, z, *p, 4)

@@ -23,7 +23,10 @@ def tanh_map(B, L, dtype, dev, seed=0):
 @pytest.mark.parametrize("dev", DEVS)
 @pytest.mark.parametrize("B,L,m,dtype,hist", [
     (1, 5, 1, torch.float64, None), (3, 37, 3, torch.float64, None), (37, 20, 5, torch.float32, None),
-    (4, 70, 6, torch.float32, torch.bfloat16), (5, 33, 8, torch.float64, None), (3, 300, 4, torch.bfloat16, None)])
+    (4, 70, 6, torch.float32, torch.bfloat16), (5, 33, 8, torch.float64, None), (3, 300, 4, torch.bfloat16, None),
+    # L % 4 == 0 (16-byte path) at every compiled ring size 2/4/6/8, rows longer than one block pass
+    (3, 64, 2, torch.float32, None), (6, 128, 6, torch.float32, None), (4, 1028, 6, torch.float32, None),
+    (2, 96, 7, torch.float32, torch.bfloat16), (3, 64, 6, torch.float16, None)])
 def test_compiled_step_matches_reference(dev, B, L, m, dtype, hist):
     f = tanh_map(B, L, dtype, dev)
     x0 = torch.randn(B, L, dtype=torch.float64).to(dev, dtype)
@@ -88,7 +91,9 @@ def test_fake_kernel_lets_compile_trace():
 
 @pytest.mark.skipif("cuda" not in DEVS, reason="needs the CUDA build of the extension and a GPU")
 @pytest.mark.parametrize("N,B,D,dtype", [(3, 5, 20, torch.float32), (2, 37, 1020, torch.float32),
-                                         (5, 3, 64, torch.bfloat16)])
+                                         (5, 3, 64, torch.bfloat16), (2, 9, 1024, torch.float32),
+                                         (1, 3, 2048, torch.float32), (1, 2, 4096, torch.float16),
+                                         (2, 3, 1204, torch.float32)])  # every (vector, chunks) instance
 def test_modality_epilogue_cuda_matches_reference(N, B, D, dtype):
     from deqfuse.reference.epilogue import modality_epilogue_ref
     a2 = torch.randn(N, B, D, device="cuda", dtype=dtype)

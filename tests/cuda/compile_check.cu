@@ -20,9 +20,14 @@ DF_STEP(c10::BFloat16, c10::BFloat16)
 DF_STEP(c10::Half, c10::Half)
 #undef DF_STEP
 #undef DF_STEP1
-template __global__ void modality_epilogue_kernel<float>(const float*, const float*, const float*, const float*,
-    const float*, const float*, const float*, const float*, float*, float*, int, int, int, int, float);
-template __global__ void modality_epilogue_kernel<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*,
-    const c10::BFloat16*, const float*, const float*, const float*, const float*, const float*, c10::BFloat16*,
-    c10::BFloat16*, int, int, int, int, float);
+#define DF_EPI1(T, V, CPL)                                                                                  \
+  template __global__ void modality_epilogue_kernel<T, V, CPL>(const T*, const T*, const T*, const float*,         \
+                                                               const float*, const float*, const float*,          \
+                                                               const float*, T*, T*, int, int, int, int, float);
+#define DF_EPI(T) DF_EPI1(T, 4, 1) DF_EPI1(T, 4, 2) DF_EPI1(T, 4, 4) DF_EPI1(T, 4, 8) DF_EPI1(T, 1, 8) DF_EPI1(T, 1, 32)
+DF_EPI(float)
+DF_EPI(c10::BFloat16)
+DF_EPI(c10::Half)
+#undef DF_EPI
+#undef DF_EPI1
 }  // namespace deqfuse
