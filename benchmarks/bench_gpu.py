@@ -26,7 +26,7 @@ import deqfuse  # noqa: E402
 from deqfuse import DEQFusion  # noqa: E402
 from deqfuse.kernels.anderson import anderson_step_triton  # noqa: E402
 from deqfuse.kernels.cell import cell_forward_triton, cell_vjp_triton  # noqa: E402
-from deqfuse.kernels.cell_fused import cell_forward_fused  # noqa: E402
+from deqfuse.kernels.cell_fused import cell_forward_fused, cell_vjp_fused  # noqa: E402
 from deqfuse.reference import anderson_step_ref, cell_forward, cell_vjp  # noqa: E402
 from deqfuse.bench import step_args  # noqa: E402
 
@@ -105,7 +105,8 @@ def cell_bench(B=8192, D=1024, N=3, dtype=torch.float32):
         _, saved_r = cell_forward(z, x, xf, p, save=True)
         _, saved_t = cell_forward_triton(z, x, xf, p, save=True)
         g = torch.randn_like(z)
-        for name, fn in [("reference", lambda: cell_vjp(g, saved_r, p)), ("triton", lambda: cell_vjp_triton(g, saved_t, p))]:
+        for name, fn in [("reference", lambda: cell_vjp(g, saved_r, p)), ("triton", lambda: cell_vjp_triton(g, saved_t, p)),
+                         ("triton-fused", lambda: cell_vjp_fused(g, saved_t, p))]:
             ms = bench(fn)
             record(sec + " vjp", name, ms, TFLOPs=round(flops / ms / 1e9, 1))
 

@@ -4,9 +4,10 @@ import torch
 
 def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, check_finite: bool = True):
     """features: list of N tensors [B, D] on ref's device, floating point, finite.
-    The finiteness check syncs with the host, so it is skipped while a CUDA graph is being captured."""
-    if check_finite and ref.is_cuda and torch.cuda.is_current_stream_capturing():
-        check_finite = False
+    The finiteness check syncs with the host, so it is skipped under torch.compile and while a CUDA graph
+    is being captured."""
+    if check_finite and (torch.compiler.is_compiling() or (ref.is_cuda and torch.cuda.is_current_stream_capturing())):
+        check_finite = False  # a host sync: a graph break under torch.compile, illegal in a CUDA graph
     if not isinstance(features, (list, tuple)):
         raise TypeError(f"features must be a list of {num_modalities} tensors [B, {dim}], got {type(features).__name__}")
     if len(features) != num_modalities:

@@ -40,6 +40,7 @@ def triton_status():
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not a call into pybind (graph break)
 def ext_has(device: torch.device) -> bool:
     ext, _ = extension_status()
     return ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.has_cuda()))

@@ -58,9 +58,10 @@ CELL_GEMMS = ("cublas", "fused")
 
 
 def cell_gemm(dim: int, groups: int) -> str:
-    """Which Triton cell forward runs: 'cublas' (cuBLAS GEMMs + fused row-epilogue kernels, 8 launches;
-    the path measured in benchmarks/RESULTS.md) or 'fused' (Triton GEMMs with the GroupNorm epilogues
-    in registers, 4 launches; needs dim / groups <= 256). Chosen by DEQFUSE_CELL_GEMM (default cublas)."""
+    """Which Triton cell forward and VJP run: 'cublas' (cuBLAS GEMMs + fused row-epilogue kernels: 8
+    launches forward, ~12 VJP; the path measured in benchmarks/RESULTS.md) or 'fused' (Triton GEMMs
+    with the GroupNorm steps in their epilogues: 4 forward, 5 VJP; needs dim / groups <= 256).
+    Chosen by DEQFUSE_CELL_GEMM (default cublas)."""
     want = os.environ.get("DEQFUSE_CELL_GEMM", "cublas")
     if want not in CELL_GEMMS:
         raise ValueError(f"DEQFUSE_CELL_GEMM must be one of {CELL_GEMMS}, got {want!r}")
@@ -82,6 +83,9 @@ def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference",
 
 def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "reference"):
     if "triton" in saved and _kernel_ok(backend, gbar.device, "cell"):
+        if cell_gemm(gbar.shape[-1], groups) == "fused":
+            from .kernels.cell_fused import cell_vjp_fused
+            return cell_vjp_fused(gbar, saved, p, groups)
         from .kernels.cell import cell_vjp_triton
         return cell_vjp_triton(gbar, saved, p, groups)
     return cell_vjp(gbar, saved, p, groups)

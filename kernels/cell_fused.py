@@ -1,6 +1,7 @@
-"""Fused-GEMM path of the fusion cell forward: 4 Triton GEMM launches whose epilogues do the bias,
+"""Fused-GEMM path of the fusion cell: a forward of 4 Triton GEMM launches whose epilogues do the bias,
 GroupNorm, ReLU, residual and input injection in registers (kernels/cell.py instead runs cuBLAS GEMMs
-followed by row kernels: 8 launches, and every pre-norm activation makes a round trip through memory).
+followed by row kernels: 8 launches, and every pre-norm activation makes a round trip through memory),
+and a VJP of 1 row kernel + 4 GEMMs with the GroupNorm backward steps in the epilogues.
 
 A GEMM program owns a [BM rows, one GroupNorm group] output tile, so the group statistics are complete
 in its accumulator: BN = next_pow2(D / groups) columns (masked), hence D / groups <= MAX_GROUP_WIDTH.
@@ -9,7 +10,14 @@ in its accumulator: BN = next_pow2(D / groups) columns (masked), hence D / group
                          z_i+ = GN3_i(ReLU(u)) -> out[:, i]; s = sum_i z_i+ + N z_f  -> s [B, D]
   GATE grid (B/BM, D/BN): q = z_f * (s W_g^T + N b_g)                          -> q [B, D]
   FUSE grid (B/BM, G)  : z_f+ = GN_f(ReLU(q W_f^T + b_f + x_f))               -> out[:, N]
-With save=True the kernels also write what cell_vjp_triton reads (same dict as cell_forward_triton).
+With save=True the kernels also write what the VJPs read (same dict as cell_forward_triton).
+VJP (cell_vjp_fused), with gbar [B, N+1, D]:
+  row  da3 = GN_f^T(gbar_f) * (a3 > 0)                       (kernels/cell.py's row kernel)
+  Q    grid (B/BM, D/BN): dq = da3 W_f; dga = dq * z_f; of = dq * ga
+  S    grid (B/BM, G)   : ds = dga W_g; out[:, N] = of + N ds; for i < N: du_i = GN3_i^T(gbar_i + ds) * (u > 0),
+                          da2_i = GN2_i^T(du_i)
+  H    grid (B/BM, G, N): da1_i = GN1_i^T(da2_i W2_i * (GN1_i(a1) > 0))
+  Z    grid (B/BM, D/BN, N): out[:, i] = du_i + da1_i W1_i
 Matmul inputs in the input dtype (fp32: tf32 when torch.backends.cuda.matmul.allow_tf32), fp32
 accumulation (fp64 for fp64 inputs); epilogues in the accumulator dtype.
 """
@@ -21,15 +29,17 @@ import triton.language as tl
 
 from deqfuse.reference.groupnorm import EPS
 
-from .cell import _check, _gn_fwd
+from .cell import _check, _fusion_bwd_kernel, _gn_bwd, _gn_fwd, _meta
 
 MAX_GROUP_WIDTH = 256  # a [BM, 256] fp32 accumulator already fills a warpgroup's registers at BM=128
 
 
 @triton.jit
 def _mm(a_ptr, lda, w_ptr, rows, rmask, cols, cmask, K,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """acc[BM, BN] = A[rows, :K] @ W[cols, :K]^T; A row r at a_ptr + r * lda, W row-major [*, K].
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+        W_T: tl.constexpr = False):
+    """acc[BM, BN] = A[rows, :K] @ W[cols, :K]^T; A row r at a_ptr + r * lda, W row-major [*, K]
+    (W_T: W is given as its transpose, row-major [K, *]: acc = A @ W, the VJP's products).
     PREC: 'tf32' | 'ieee' for tl.dot; 'fma' = broadcast multiply + sum (fp64: Triton's tl.dot has no
     fp64 path on NVIDIA GPUs); 'upcast' feeds bf16 operands to tl.dot as fp32 (exact products, same
     result: the CPU interpreter of Triton 3.9 returns garbage for a bf16 tl.dot)."""
@@ -38,7 +48,10 @@ def _mm(a_ptr, lda, w_ptr, rows, rmask, cols, cmask, K,
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         a = tl.load(a_ptr + rows[:, None] * lda + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
+        if W_T:
+            w = tl.load(w_ptr + ks[:, None] * K + cols[None, :], mask=cmask[None, :] & km[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
         if PREC == "fma":
             acc += tl.sum(a[:, :, None].to(ACC) * w[None, :, :].to(ACC), 1)
         elif PREC == "upcast":
@@ -156,6 +169,97 @@ def _fusion_kernel(q_ptr, wf_ptr, bf_ptr, xf_ptr, gw_ptr, gb_ptr, out_ptr, a3_pt
         _store_tile_stats(st_ptr, rows, rmask, tl.program_id(1), G, mean, rstd)
 
 
+# ---------------------------------------------------------------- VJP J^T gbar (same saved dict)
+@triton.jit
+def _tile_stats(st_ptr, srow, rmask, g, G):
+    return (tl.load(st_ptr + (srow * G + g) * 2, mask=rmask, other=0.0),
+            tl.load(st_ptr + (srow * G + g) * 2 + 1, mask=rmask, other=0.0))
+
+
+@triton.jit
+def _vjp_q_kernel(da3_ptr, wf_ptr, zf_ptr, ldz, ga_ptr, dga_ptr, of_ptr, B, D,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """dq = da3 W_f; dga = dq * z_f -> [B, D]; of = dq * ga (the fused state's own term) -> [B, D]."""
+    rows, rmask = _tile_rows(B, BM)
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    dq = _mm(da3_ptr, D, wf_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    offs = rows[:, None] * D + cols[None, :]
+    zf = tl.load(zf_ptr + rows[:, None] * ldz + cols[None, :], mask=m2, other=0.0).to(ACC)
+    ga = tl.load(ga_ptr + offs, mask=m2, other=0.0).to(ACC)
+    tl.store(dga_ptr + offs, (dq * zf).to(dga_ptr.dtype.element_ty), mask=m2)
+    tl.store(of_ptr + offs, (dq * ga).to(of_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _vjp_s_kernel(dga_ptr, wg_ptr, of_ptr, g_ptr, u_ptr, a2_ptr, st2_ptr, st3_ptr, g2w_ptr, g3w_ptr,
+                  out_ptr, du_ptr, da2_ptr, B, N, D, DG, G,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """ds = dga W_g (one group's columns); out[:, N] = of + N ds; per modality i:
+    du = GN3_i^T(gbar_i + ds) * (u > 0) -> du[i]; da2 = GN2_i^T(du) -> da2[i]."""
+    rows, rmask = _tile_rows(B, BM)
+    cols, cmask = _group_cols(DG, BN)
+    g = tl.program_id(1)
+    m2 = rmask[:, None] & cmask[None, :]
+    ds = _mm(dga_ptr, D, wg_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    offs = rows[:, None] * D + cols[None, :]
+    of = tl.load(of_ptr + offs, mask=m2, other=0.0).to(ACC)
+    orow = out_ptr + rows[:, None] * (N + 1) * D + cols[None, :]
+    grow = g_ptr + rows[:, None] * (N + 1) * D + cols[None, :]
+    tl.store(orow + N * D, (of + N * ds).to(out_ptr.dtype.element_ty), mask=m2)
+    for i in range(N):
+        srow = i * B + rows
+        ioffs = srow[:, None] * D + cols[None, :]
+        d = tl.load(grow + i * D, mask=m2, other=0.0).to(ACC) + ds
+        u = tl.load(u_ptr + ioffs, mask=m2, other=0.0).to(ACC)
+        m3, rs3 = _tile_stats(st3_ptr, srow, rmask, g, G)
+        yh3 = tl.where(m2, (tl.maximum(u, 0.0) - m3[:, None]) * rs3[:, None], 0.0)
+        du = _gn_bwd(d, tl.load(g3w_ptr + i * D + cols, mask=cmask, other=0.0)[None, :], yh3, rs3, cmask[None, :], DG)
+        du = tl.where(u > 0, du, 0.0)
+        tl.store(du_ptr + ioffs, du.to(du_ptr.dtype.element_ty), mask=m2)
+        a2 = tl.load(a2_ptr + ioffs, mask=m2, other=0.0).to(ACC)
+        mu2, rs2 = _tile_stats(st2_ptr, srow, rmask, g, G)
+        yh2 = tl.where(m2, (a2 - mu2[:, None]) * rs2[:, None], 0.0)
+        da2 = _gn_bwd(du, tl.load(g2w_ptr + i * D + cols, mask=cmask, other=0.0)[None, :], yh2, rs2, cmask[None, :], DG)
+        tl.store(da2_ptr + ioffs, da2.to(da2_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _vjp_h_kernel(da2_ptr, w2_ptr, a1_ptr, st1_ptr, g1w_ptr, g1b_ptr, da1_ptr, B, D, DG, G,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """dh_i = da2_i W2_i (one group, modality program_id(2)); da1 = GN1_i^T(dh * (GN1_i(a1) > 0))."""
+    rows, rmask = _tile_rows(B, BM)
+    cols, cmask = _group_cols(DG, BN)
+    g = tl.program_id(1)
+    i = tl.program_id(2)
+    m2 = rmask[:, None] & cmask[None, :]
+    dh = _mm(da2_ptr + i * B * D, D, w2_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    srow = i * B + rows
+    offs = srow[:, None] * D + cols[None, :]
+    a1 = tl.load(a1_ptr + offs, mask=m2, other=0.0).to(ACC)
+    mu1, rs1 = _tile_stats(st1_ptr, srow, rmask, g, G)
+    yh1 = tl.where(m2, (a1 - mu1[:, None]) * rs1[:, None], 0.0)
+    gamma = tl.load(g1w_ptr + i * D + cols, mask=cmask, other=0.0)[None, :]
+    on = yh1 * gamma + tl.load(g1b_ptr + i * D + cols, mask=cmask, other=0.0)[None, :] > 0
+    da1 = _gn_bwd(tl.where(on, dh, 0.0), gamma, yh1, rs1, cmask[None, :], DG)
+    tl.store(da1_ptr + offs, da1.to(da1_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _vjp_z_kernel(da1_ptr, w1_ptr, du_ptr, out_ptr, B, N, D,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """out[:, i] = du_i + da1_i W1_i (modality program_id(2))."""
+    rows, rmask = _tile_rows(B, BM)
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    cmask = cols < D
+    i = tl.program_id(2)
+    m2 = rmask[:, None] & cmask[None, :]
+    acc = _mm(da1_ptr + i * B * D, D, w1_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    acc += tl.load(du_ptr + (i * B + rows)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+    tl.store(out_ptr + rows[:, None] * (N + 1) * D + i * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+
 def _interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -182,7 +286,9 @@ _TUNED = {}
 
 
 def _launch(kernel, grid, bn, *args, **meta):
-    """Launch with a config picked by triton.autotune on a GPU (cached per shape key), else a fixed one."""
+    """Launch with a config picked by triton.autotune on a GPU (cached per shape key), else a fixed one.
+    Every kernel here is a pure function of its inputs (no read-modify-write of an output), so the
+    autotuner may run it repeatedly."""
     if _interpreted() or meta["PREC"] == "fma" or os.environ.get("DEQFUSE_AUTOTUNE", "1") == "0":
         cfg = _fixed_config(meta["PREC"])
         kernel[grid(cfg)](*args, BN=bn, **cfg, **meta)
@@ -191,6 +297,22 @@ def _launch(kernel, grid, bn, *args, **meta):
     if key not in _TUNED:
         _TUNED[key] = triton.autotune(_configs(bn), key=["B", "D", "N", "SAVE"])(kernel)
     _TUNED[key][grid](*args, BN=bn, **meta)
+
+
+def _gemm_meta(dt, on_gpu):
+    """PREC / ACC constexprs for a GEMM in dtype dt (see _mm)."""
+    if dt == torch.float64:
+        prec = "fma"
+    elif dt == torch.float32:
+        prec = "tf32" if on_gpu and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    else:
+        prec = "upcast" if _interpreted() else "ieee"
+    return dict(PREC=prec, ACC=tl.float64 if dt == torch.float64 else tl.float32)
+
+
+def _weights(p, dt):
+    """W1, W2, W_g, W_f in the GEMM dtype (no copy when they already are)."""
+    return [w.to(dt).contiguous() for w in (p.w1, p.w2, p.wg, p.wf)]
 
 
 def fused_supported(D: int, groups: int) -> bool:
@@ -207,14 +329,8 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
         raise ValueError(f"cell_forward_fused: D / groups = {DG} exceeds {MAX_GROUP_WIDTH}; use cell_forward_triton")
     z, x, xf = z.contiguous(), x.contiguous(), xf.contiguous()
     dt = z.dtype
-    w1, w2, wg, wf = (w.to(dt).contiguous() for w in (p.w1, p.w2, p.wg, p.wf))
-    acc = tl.float64 if dt == torch.float64 else tl.float32
-    prec = "tf32" if dt == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and z.is_cuda else "ieee"
-    if dt == torch.float64:
-        prec = "fma"
-    elif _interpreted() and dt in (torch.bfloat16, torch.float16):
-        prec = "upcast"
-    meta = dict(PREC=prec, ACC=acc, SAVE=bool(save))
+    w1, w2, wg, wf = _weights(p, dt)
+    meta = dict(**_gemm_meta(dt, z.is_cuda), SAVE=bool(save))
     bn = max(16, triton.next_power_of_2(DG))            # tl.dot needs >= 16
     st_kw = dict(dtype=torch.float64 if dt == torch.float64 else torch.float32, device=z.device)
     h = torch.empty(N, B, D, dtype=dt, device=z.device)
@@ -240,3 +356,36 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
     if not save:
         return out
     return out, dict(triton=True, a1=a1, st1=st1, a2=a2, u=u, st2=st2, st3=st3, zf=z[:, N], ga=ga, a3=a3, stf=stf)
+
+
+def cell_vjp_fused(gbar, saved, p, groups: int = 4):
+    """J^T gbar from what either Triton forward saved, with the GroupNorm backward steps in the GEMM
+    epilogues: 1 row kernel + 4 GEMMs (kernels.cell.cell_vjp_triton: 5 row/elementwise + 4 cuBLAS).
+    gbar: [B, N+1, D] -> [B, N+1, D]."""
+    gbar = gbar.contiguous()
+    B, N1, D = gbar.shape
+    N, DG = N1 - 1, D // groups
+    if not fused_supported(D, groups):
+        raise ValueError(f"cell_vjp_fused: D / groups = {DG} exceeds {MAX_GROUP_WIDTH}; use cell_vjp_triton")
+    dt = saved["a1"].dtype
+    w1, w2, wg, wf = _weights(p, dt)
+    meta = _gemm_meta(dt, gbar.is_cuda)
+    kw = dict(dtype=dt, device=gbar.device)
+    rmeta, _ = _meta(D, groups, dt)
+    da3 = torch.empty(B, D, **kw)
+    _fusion_bwd_kernel[(B,)](gbar, saved["a3"], saved["stf"], p.gnf_w, da3, N, D, DG, groups, **rmeta)
+    dga, of = torch.empty(B, D, **kw), torch.empty(B, D, **kw)
+    du, da2, da1 = (torch.empty(N, B, D, **kw) for _ in range(3))
+    out = torch.empty_like(gbar)
+    zf = saved["zf"]
+    bn = max(16, triton.next_power_of_2(DG))
+    bn_full = min(128, max(16, triton.next_power_of_2(D)))
+    rows = lambda M: triton.cdiv(B, M["BM"])  # noqa: E731
+    _launch(_vjp_q_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full)), bn_full, da3, wf, zf, zf.stride(0),
+            saved["ga"], dga, of, B, D, **meta)
+    _launch(_vjp_s_kernel, lambda M: (rows(M), groups), bn, dga, wg, of, gbar, saved["u"], saved["a2"], saved["st2"],
+            saved["st3"], p.gn2_w, p.gn3_w, out, du, da2, B, N, D, DG, groups, **meta)
+    _launch(_vjp_h_kernel, lambda M: (rows(M), groups, N), bn, da2, w2, saved["a1"], saved["st1"], p.gn1_w, p.gn1_b,
+            da1, B, D, DG, groups, **meta)
+    _launch(_vjp_z_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full), N), bn_full, da1, w1, du, out, B, N, D, **meta)
+    return out
