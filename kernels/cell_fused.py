@@ -36,10 +36,9 @@ MAX_GROUP_WIDTH = 256  # a [BM, 256] fp32 accumulator already fills a warpgroup'
 
 @triton.jit
 def _mm(a_ptr, lda, w_ptr, rows, rmask, cols, cmask, K,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-        W_T: tl.constexpr = False):
-    """acc[BM, BN] = A[rows, :K] @ W[cols, :K]^T; A row r at a_ptr + r * lda, W row-major [*, K]
-    (W_T: W is given as its transpose, row-major [K, *]: acc = A @ W, the VJP's products).
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """acc[BM, BN] = A[rows, :K] @ W[cols, :K]^T; A row r at a_ptr + r * lda, W row-major [*, K].
+    Both operands K-major (what Hopper's tf32 wgmma needs): the VJP passes transposed weight copies.
     PREC: 'tf32' | 'ieee' for tl.dot; 'fma' = broadcast multiply + sum (fp64: Triton's tl.dot has no
     fp64 path on NVIDIA GPUs); 'upcast' feeds bf16 operands to tl.dot as fp32 (exact products, same
     result: the CPU interpreter of Triton 3.9 returns garbage for a bf16 tl.dot)."""
@@ -48,10 +47,7 @@ def _mm(a_ptr, lda, w_ptr, rows, rmask, cols, cmask, K,
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         a = tl.load(a_ptr + rows[:, None] * lda + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        if W_T:
-            w = tl.load(w_ptr + ks[:, None] * K + cols[None, :], mask=cmask[None, :] & km[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
         if PREC == "fma":
             acc += tl.sum(a[:, :, None].to(ACC) * w[None, :, :].to(ACC), 1)
         elif PREC == "upcast":
@@ -170,6 +166,7 @@ def _fusion_kernel(q_ptr, wf_ptr, bf_ptr, xf_ptr, gw_ptr, gb_ptr, out_ptr, a3_pt
 
 
 # ---------------------------------------------------------------- VJP J^T gbar (same saved dict)
+# Weights arrive transposed (w*t_ptr = W^T, row-major), so every product is a K-major A @ W'^T.
 @triton.jit
 def _tile_stats(st_ptr, srow, rmask, g, G):
     return (tl.load(st_ptr + (srow * G + g) * 2, mask=rmask, other=0.0),
@@ -177,14 +174,14 @@ def _tile_stats(st_ptr, srow, rmask, g, G):
 
 
 @triton.jit
-def _vjp_q_kernel(da3_ptr, wf_ptr, zf_ptr, ldz, ga_ptr, dga_ptr, of_ptr, B, D,
+def _vjp_q_kernel(da3_ptr, wft_ptr, zf_ptr, ldz, ga_ptr, dga_ptr, of_ptr, B, D,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """dq = da3 W_f; dga = dq * z_f -> [B, D]; of = dq * ga (the fused state's own term) -> [B, D]."""
     rows, rmask = _tile_rows(B, BM)
     cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     cmask = cols < D
     m2 = rmask[:, None] & cmask[None, :]
-    dq = _mm(da3_ptr, D, wf_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    dq = _mm(da3_ptr, D, wft_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     offs = rows[:, None] * D + cols[None, :]
     zf = tl.load(zf_ptr + rows[:, None] * ldz + cols[None, :], mask=m2, other=0.0).to(ACC)
     ga = tl.load(ga_ptr + offs, mask=m2, other=0.0).to(ACC)
@@ -193,7 +190,7 @@ def _vjp_q_kernel(da3_ptr, wf_ptr, zf_ptr, ldz, ga_ptr, dga_ptr, of_ptr, B, D,
 
 
 @triton.jit
-def _vjp_s_kernel(dga_ptr, wg_ptr, of_ptr, g_ptr, u_ptr, a2_ptr, st2_ptr, st3_ptr, g2w_ptr, g3w_ptr,
+def _vjp_s_kernel(dga_ptr, wgt_ptr, of_ptr, g_ptr, u_ptr, a2_ptr, st2_ptr, st3_ptr, g2w_ptr, g3w_ptr,
                   out_ptr, du_ptr, da2_ptr, B, N, D, DG, G,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """ds = dga W_g (one group's columns); out[:, N] = of + N ds; per modality i:
@@ -202,7 +199,7 @@ def _vjp_s_kernel(dga_ptr, wg_ptr, of_ptr, g_ptr, u_ptr, a2_ptr, st2_ptr, st3_pt
     cols, cmask = _group_cols(DG, BN)
     g = tl.program_id(1)
     m2 = rmask[:, None] & cmask[None, :]
-    ds = _mm(dga_ptr, D, wg_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    ds = _mm(dga_ptr, D, wgt_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     offs = rows[:, None] * D + cols[None, :]
     of = tl.load(of_ptr + offs, mask=m2, other=0.0).to(ACC)
     orow = out_ptr + rows[:, None] * (N + 1) * D + cols[None, :]
@@ -226,7 +223,7 @@ def _vjp_s_kernel(dga_ptr, wg_ptr, of_ptr, g_ptr, u_ptr, a2_ptr, st2_ptr, st3_pt
 
 
 @triton.jit
-def _vjp_h_kernel(da2_ptr, w2_ptr, a1_ptr, st1_ptr, g1w_ptr, g1b_ptr, da1_ptr, B, D, DG, G,
+def _vjp_h_kernel(da2_ptr, w2t_ptr, a1_ptr, st1_ptr, g1w_ptr, g1b_ptr, da1_ptr, B, D, DG, G,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """dh_i = da2_i W2_i (one group, modality program_id(2)); da1 = GN1_i^T(dh * (GN1_i(a1) > 0))."""
     rows, rmask = _tile_rows(B, BM)
@@ -234,7 +231,7 @@ def _vjp_h_kernel(da2_ptr, w2_ptr, a1_ptr, st1_ptr, g1w_ptr, g1b_ptr, da1_ptr, B
     g = tl.program_id(1)
     i = tl.program_id(2)
     m2 = rmask[:, None] & cmask[None, :]
-    dh = _mm(da2_ptr + i * B * D, D, w2_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    dh = _mm(da2_ptr + i * B * D, D, w2t_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     srow = i * B + rows
     offs = srow[:, None] * D + cols[None, :]
     a1 = tl.load(a1_ptr + offs, mask=m2, other=0.0).to(ACC)
@@ -247,7 +244,7 @@ def _vjp_h_kernel(da2_ptr, w2_ptr, a1_ptr, st1_ptr, g1w_ptr, g1b_ptr, da1_ptr, B
 
 
 @triton.jit
-def _vjp_z_kernel(da1_ptr, w1_ptr, du_ptr, out_ptr, B, N, D,
+def _vjp_z_kernel(da1_ptr, w1t_ptr, du_ptr, out_ptr, B, N, D,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """out[:, i] = du_i + da1_i W1_i (modality program_id(2))."""
     rows, rmask = _tile_rows(B, BM)
@@ -255,7 +252,7 @@ def _vjp_z_kernel(da1_ptr, w1_ptr, du_ptr, out_ptr, B, N, D,
     cmask = cols < D
     i = tl.program_id(2)
     m2 = rmask[:, None] & cmask[None, :]
-    acc = _mm(da1_ptr + i * B * D, D, w1_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC, True)
+    acc = _mm(da1_ptr + i * B * D, D, w1t_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     acc += tl.load(du_ptr + (i * B + rows)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
     tl.store(out_ptr + rows[:, None] * (N + 1) * D + i * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
 
@@ -361,14 +358,17 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
 def cell_vjp_fused(gbar, saved, p, groups: int = 4):
     """J^T gbar from what either Triton forward saved, with the GroupNorm backward steps in the GEMM
     epilogues: 1 row kernel + 4 GEMMs (kernels.cell.cell_vjp_triton: 5 row/elementwise + 4 cuBLAS).
-    gbar: [B, N+1, D] -> [B, N+1, D]."""
+    Adds the transposed weights to `saved` on first use. gbar: [B, N+1, D] -> [B, N+1, D]."""
     gbar = gbar.contiguous()
     B, N1, D = gbar.shape
     N, DG = N1 - 1, D // groups
     if not fused_supported(D, groups):
         raise ValueError(f"cell_vjp_fused: D / groups = {DG} exceeds {MAX_GROUP_WIDTH}; use cell_vjp_triton")
     dt = saved["a1"].dtype
-    w1, w2, wg, wf = _weights(p, dt)
+    if saved.get("_wT_dtype") != dt:  # W^T copies, made once per saved point (an adjoint solve reuses them)
+        saved["_wT"] = [w.transpose(-1, -2).contiguous() for w in _weights(p, dt)]
+        saved["_wT_dtype"] = dt
+    w1t, w2t, wgt, wft = saved["_wT"]
     meta = _gemm_meta(dt, gbar.is_cuda)
     kw = dict(dtype=dt, device=gbar.device)
     rmeta, _ = _meta(D, groups, dt)
@@ -381,11 +381,11 @@ def cell_vjp_fused(gbar, saved, p, groups: int = 4):
     bn = max(16, triton.next_power_of_2(DG))
     bn_full = min(128, max(16, triton.next_power_of_2(D)))
     rows = lambda M: triton.cdiv(B, M["BM"])  # noqa: E731
-    _launch(_vjp_q_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full)), bn_full, da3, wf, zf, zf.stride(0),
+    _launch(_vjp_q_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full)), bn_full, da3, wft, zf, zf.stride(0),
             saved["ga"], dga, of, B, D, **meta)
-    _launch(_vjp_s_kernel, lambda M: (rows(M), groups), bn, dga, wg, of, gbar, saved["u"], saved["a2"], saved["st2"],
+    _launch(_vjp_s_kernel, lambda M: (rows(M), groups), bn, dga, wgt, of, gbar, saved["u"], saved["a2"], saved["st2"],
             saved["st3"], p.gn2_w, p.gn3_w, out, du, da2, B, N, D, DG, groups, **meta)
-    _launch(_vjp_h_kernel, lambda M: (rows(M), groups, N), bn, da2, w2, saved["a1"], saved["st1"], p.gn1_w, p.gn1_b,
+    _launch(_vjp_h_kernel, lambda M: (rows(M), groups, N), bn, da2, w2t, saved["a1"], saved["st1"], p.gn1_w, p.gn1_b,
             da1, B, D, DG, groups, **meta)
-    _launch(_vjp_z_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full), N), bn_full, da1, w1, du, out, B, N, D, **meta)
+    _launch(_vjp_z_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full), N), bn_full, da1, w1t, du, out, B, N, D, **meta)
     return out

@@ -219,8 +219,9 @@ def test_triton_gather_multi_matches_reference():
 @pytest.mark.triton
 @needs_triton
 def test_triton_routing_equals_reference_routing():
-    m = make_model().double().eval()
-    f = [x.double() for x in feats(61)]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = make_model().double().eval().to(dev)
+    f = [x.double().to(dev) for x in feats(61)]
     with torch.no_grad():
         ref = m(f)
         m.backend = "triton"
