@@ -2,8 +2,9 @@
 # One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer memcheck on the
 # CUDA ops, then the benchmarks. Logs and CSVs go to $OUT (default ./bench_out).
 #   bash benchmarks/gpu_check.sh            build + tests + sanitizer + bench_gpu + plot + bench_dynamic
-#   bash benchmarks/gpu_check.sh sweep-fp32 build + the B x D x N grid for fp32 (sweep.csv/png/md); also
-#                                sweep-bf16 (each fits one 10-minute device call; see benchmarks/sweep.py)
+#   bash benchmarks/gpu_check.sh sweep-fp32[-N2,3]  build + the B x D x N grid for fp32 (sweep.csv/png/md),
+#                                optionally only some N; also sweep-bf16. The sweep starts no new point
+#                                after SWEEP_BUDGET_S (420) seconds, so it ends inside one device call.
 # Optional wheels (e.g. torchdeq for the side-by-side numbers) are installed from ./.whl if present.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +20,11 @@ python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import deqfuse; print('extension:', deqfuse.extension_status()[1]); print('triton:', deqfuse.triton_status()[1])"
 MODE=${1:-all}
-if [[ $MODE == sweep-* ]]; then
-  python3 benchmarks/sweep.py --dtype "${MODE#sweep-}" --out "$OUT" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  " | tail -40
+if [[ $MODE == sweep-* ]]; then  # sweep-fp32 | sweep-bf16, optionally -N2,3 (one device call is <= 10 min)
+  spec=${MODE#sweep-}; dtype=${spec%%-N*}; nsel=""
+  [[ $spec == *-N* ]] && nsel="--N ${spec#*-N}"
+  python3 benchmarks/sweep.py --dtype "$dtype" $nsel --budget-s "${SWEEP_BUDGET_S:-420}" --out "$OUT" 2>&1 \
+    | tee "$OUT/sweep.log" | grep -v "^  " | tail -40
   python3 benchmarks/sweep_report.py "$OUT/sweep.csv" "$OUT/sweep.png" "$OUT/sweep.md"
   exit 0
 fi

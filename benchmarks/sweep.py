@@ -1,7 +1,7 @@
 """B x D x N x dtype sweep (issue 6): every variant timed side by side at each point, in one process.
 
   python benchmarks/sweep.py [--dtype fp32|bf16|all] [--out DIR] [--iters 30] [--device cuda|cpu]
-                             [--smoke] [--no-compile] [--no-torchdeq]
+                             [--N 2,3] [--D ...] [--B ...] [--budget-s 540] [--smoke] [--no-compile] [--no-torchdeq]
 Per point (B, D, N, dtype), with L = (N+1) D and m = 6:
   cell_fwd     reference | torch.compile(reference) | triton (cuBLAS + row epilogues) | triton-fused
   step         reference | torch.compile(reference) | triton | cuda
@@ -199,7 +199,8 @@ class Sweep:
             self.record(pt, "train_step", name, tdq_step, mem=True, slow=True)
 
     # ------------------------------------------------------------------ driver
-    def run(self, grid, dtypes):
+    def run(self, grid, dtypes, budget_s=0.0):
+        t_start = time.time()
         for dname in dtypes:
             for N in grid["N"]:
                 for D in grid["D"]:
@@ -207,6 +208,9 @@ class Sweep:
                         pt = dict(B=B, D=D, N=N, dtype=dname)
                         if B * N * D > MAX_STATE:
                             continue
+                        if budget_s and time.time() - t_start > budget_s:
+                            print(f"# time budget ({budget_s:.0f} s) spent: stopping before B={B} D={D} N={N} {dname}")
+                            return
                         t0 = time.time()
                         self.cell(pt, DTYPES[dname])
                         self.step(pt, DTYPES[dname])
@@ -232,14 +236,22 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-torchdeq", action="store_true")
+    ap.add_argument("--N", help="comma list: only these N (default: the whole grid)")
+    ap.add_argument("--D", help="comma list: only these D")
+    ap.add_argument("--B", help="comma list: only these B")
+    ap.add_argument("--budget-s", type=float, default=0.0, help="start no new point after this many seconds")
     a = ap.parse_args(argv)
+    grid = dict(SMOKE if a.smoke else GRID)
+    for k in ("N", "D", "B"):
+        if getattr(a, k):
+            grid[k] = tuple(int(v) for v in getattr(a, k).split(","))
     os.makedirs(a.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     iters = min(a.iters, 2) if a.smoke else a.iters
     print(f"# sweep {name} torch {torch.__version__} {time.strftime('%Y-%m-%d')} iters={iters}", flush=True)
     s = Sweep(a.device, a.out, iters, not a.no_compile, not a.no_torchdeq, a.smoke)
-    s.run(SMOKE if a.smoke else GRID, list(DTYPES) if a.dtype == "all" else [a.dtype])
+    s.run(grid, list(DTYPES) if a.dtype == "all" else [a.dtype], a.budget_s)
     s.write()
     return s.rows
 
