@@ -68,11 +68,17 @@ def run(device, B, reps=15):
         torch.testing.assert_close(routed()[0], run_all(), rtol=1e-4, atol=1e-4)
         t_routed = timeit(routed, device, reps)
         t_all = timeit(run_all, device, reps)
-        if device == "cuda":  # the same routing with the PyTorch primitives (argsort, index_select)
-            m.backend = "reference"
-            t_ref = timeit(routed, device, reps)
-            m.backend = "auto"
-            print(f"cuda  B={B} routed with torch primitives (backend=reference): {t_ref:8.3f} ms")
+        backends = ["reference", "cuda"] + (["triton"] if device == "cuda" else [])
+        by_backend = {}
+        for b in backends:  # the same routing through each implementation of its three primitives
+            m.backend = b
+            try:
+                by_backend[b] = timeit(routed, device, reps)
+            except RuntimeError as e:  # e.g. the extension is not built
+                print(f"{device:<5} B={B} routing backend={b} unavailable: {e}")
+        m.backend = "auto"
+        print(f"{device:<5} B={B} routed, by routing backend: "
+              + "  ".join(f"{b} {t:.3f} ms" for b, t in by_backend.items()))
         counts = torch.bincount(choice, minlength=3).tolist()
         launches = {k: count_launches(f) for k, f in (("all", run_all), ("routed", routed))} if device == "cuda" else {}
     costs = m.costs.tolist()

@@ -15,5 +15,11 @@ for N, B, D in [(3, 5, 20), (2, 7, 1024), (1, 3, 4096), (2, 3, 1204)]:  # every 
     a2, x, z = torch.randn(N, B, D, device="cuda"), torch.randn(B, N, D, device="cuda"), torch.randn(B, N + 1, D, device="cuda")
     p = [torch.randn(N, D, device="cuda") for _ in range(5)]
     torch.ops.deqfuse.modality_epilogue(a2, x, z, *p, 4)
+for B, E in [(5, 3), (3000, 7)]:
+    choice = torch.randint(0, E, (B,), device="cuda")
+    order, counts = torch.ops.deqfuse.group_by_choice(choice, E)
+    srcs = [torch.randn(B, d, device="cuda") for d in (3, 64, 5)] + [torch.randn(B, 3, device="cuda").half()]
+    outs = torch.ops.deqfuse.gather_rows_multi(srcs, order)
+    torch.ops.deqfuse.scatter_rows(outs[1], order, torch.empty_like(srcs[1]))
 torch.cuda.synchronize()
 print("sanitize_ops: all CUDA op paths ran")

@@ -3,18 +3,11 @@
 #include <torch/extension.h>
 
 #include <string>
+
 #include "anderson_common.h"
+#include "check_util.h"
 
 namespace deqfuse {
-
-// "[2, 7]". Numbers in messages are formatted by hand (std::to_string): streaming integers or
-// IntArrayRef into TORCH_CHECK segfaulted under torch 2.11+cu130 on the GPU machine (strings did not;
-// likely a libstdc++ locale/ABI mismatch), while it works under the CPU torch 2.13.
-inline std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 inline void check_anderson_args(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& X,
                                 const at::Tensor& G, const at::Tensor& GG, const at::Tensor& best_x,

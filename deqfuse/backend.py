@@ -50,11 +50,16 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
     """Concrete backend for `op` on `device`; raises a clear error if a named backend can't run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda_ops = {"anderson_step", "modality_epilogue"}  # ops the extension provides
-    triton_ops = {"anderson_step", "cell", "routing"}   # ops with a Triton kernel
+    cuda_ops = {"anderson_step", "modality_epilogue", "routing"}  # ops the extension provides
+    triton_ops = {"anderson_step", "cell", "routing"}                # ops with a Triton kernel
     if backend == "cuda" and op not in cuda_ops:
-        backend = "auto"  # the extension covers the Anderson step; other ops take the best other path
+        backend = "auto"  # ops the extension lacks (the cell) take the best other path
     if backend == "auto":
+        # routing is a chain of tiny launches: the extension's C++ launches cost less host time than
+        # Triton's Python launcher (not yet timed side by side: benchmarks/bench_dynamic.py does)
+        ext_first = op == "routing"
+        if ext_first and ext_has(device):
+            return "cuda"
         if op in triton_ops and device.type == "cuda" and triton_status()[0]:
             return "triton"
         if op in cuda_ops and ext_has(device):

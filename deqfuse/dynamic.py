@@ -40,9 +40,18 @@ def scatter_rows_ref(src, idx, out):
     return out.index_copy_(0, idx, src)
 
 
+def _scatter_rows_op(src, idx, out):
+    torch.ops.deqfuse.scatter_rows(src, idx, out)
+    return out
+
+
 def _router(device, backend):
     """(group_by_choice, gather_rows_multi, scatter_rows) for this device and backend."""
-    if _backend.resolve(backend, device, "routing") == "triton":
+    b = _backend.resolve(backend, device, "routing")
+    if b == "cuda":
+        ops = torch.ops.deqfuse
+        return ops.group_by_choice, ops.gather_rows_multi, _scatter_rows_op
+    if b == "triton":
         from .kernels.routing import gather_rows_multi_triton, group_by_choice_triton, scatter_rows_triton
         return group_by_choice_triton, gather_rows_multi_triton, scatter_rows_triton
     return group_by_choice_ref, gather_rows_multi_ref, scatter_rows_ref
@@ -141,7 +150,7 @@ class DynamicFusion(nn.Module):
       costs: MACs per sample of each expert; None = count them with example inputs on first forward.
       tau, hard: Gumbel-softmax temperature and straight-through hard sampling in training.
       lambda_cost, budget: resource loss lambda * E[cost] / max(C), or lambda * max(0, E[cost] - budget)/max(C).
-      backend: routing kernels ('auto' | 'triton' | 'reference').
+      backend: routing kernels ('auto' | 'cuda' (compiled ops, also on the CPU) | 'triton' | 'reference').
     forward(features) -> [B, out]; `self.info` holds RoutingInfo; `resource_loss()` the cost term.
     """
 

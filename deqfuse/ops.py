@@ -14,6 +14,21 @@ def _modality_epilogue_fake(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups):
     return a2.new_empty(B, N, D), a2.new_empty(N, B, D)
 
 
+@torch.library.register_fake("deqfuse::group_by_choice")
+def _group_by_choice_fake(choice, num_groups):
+    return choice.new_empty(choice.shape[0], dtype=torch.int64), choice.new_empty(num_groups, dtype=torch.int32)
+
+
+@torch.library.register_fake("deqfuse::gather_rows_multi")
+def _gather_rows_multi_fake(srcs, idx):
+    return [s.new_empty(idx.shape[0], s.shape[1]) for s in srcs]
+
+
+@torch.library.register_fake("deqfuse::scatter_rows")
+def _scatter_rows_fake(src, idx, out):
+    return None
+
+
 def modality_epilogue(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups: int = 4, backend: str = "auto"):
     """Fused epilogue (see reference/epilogue.py): the CUDA op when available, else the reference."""
     from .backend import resolve

@@ -134,3 +134,56 @@ def test_torch_compile_traces_the_whole_eval_solve_in_one_graph():
         torch._dynamo.reset()
         out = torch.compile(layer, backend="aot_eager")(feats)
         assert rel_err(out, layer(feats)) < 1e-5
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("B,E,dtype", [(1, 3, torch.int64), (37, 2, torch.int64), (3000, 5, torch.int64),
+                                       (1500, 64, torch.int32)])   # > 1024: several chunks on CUDA
+def test_compiled_group_by_choice_is_the_stable_sort(dev, B, E, dtype):
+    from deqfuse.dynamic import group_by_choice_ref
+    choice = torch.randint(0, E, (B,), generator=torch.Generator().manual_seed(B)).to(dev, dtype)
+    order, counts = torch.ops.deqfuse.group_by_choice(choice, E)
+    ref_order, ref_counts = group_by_choice_ref(choice.long(), E)
+    assert torch.equal(order, ref_order) and torch.equal(counts.long(), ref_counts)
+    bad = choice.clone()
+    bad[0] = E
+    assert int(torch.ops.deqfuse.group_by_choice(bad, E)[1].sum()) == B - 1
+    with pytest.raises(RuntimeError, match="choice must be an integer"):
+        torch.ops.deqfuse.group_by_choice(choice.float(), E)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_compiled_gather_multi_and_scatter_match_reference(dev):
+    from deqfuse.dynamic import gather_rows_multi_ref
+    g = torch.Generator().manual_seed(0)
+    # widths and dtypes that take every copy word (16, 8, 4, 2 bytes); 9 sources: two launches on CUDA
+    specs = [(4, torch.float32), (3, torch.float32), (3, torch.float16), (1, torch.bfloat16), (2, torch.float64),
+             (40, torch.float32), (5, torch.float16), (8, torch.bfloat16), (7, torch.float64)]
+    srcs = [torch.randn(23, d, generator=g).to(dev, dt) for d, dt in specs]
+    idx = torch.tensor([22, 0, 5, 5, 11], device=dev)
+    for a, b in zip(torch.ops.deqfuse.gather_rows_multi(srcs, idx), gather_rows_multi_ref(srcs, idx)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert [t.shape for t in torch.ops.deqfuse.gather_rows_multi(srcs, idx[:0])] == [(0, d) for d, _ in specs]
+    out = torch.full((23, 3), float("nan"), device=dev)
+    y = torch.randn(3, 3, generator=g).to(dev)
+    torch.ops.deqfuse.scatter_rows(y, torch.tensor([4, 0, 22], device=dev), out)
+    assert torch.equal(out[[4, 0, 22]], y) and out.isnan().sum() == 20 * 3
+    with pytest.raises(RuntimeError, match="idx must be a 1-D int64"):
+        torch.ops.deqfuse.gather_rows_multi(srcs, idx.int())
+    with pytest.raises(RuntimeError, match="share D"):
+        torch.ops.deqfuse.scatter_rows(y[:, :2], torch.tensor([4, 0, 22], device=dev), out)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_dynamic_fusion_routes_through_the_compiled_ops(dev):
+    from deqfuse import DynamicFusion, MLPHead, SubsetExpert
+    torch.manual_seed(0)
+    experts = [SubsetExpert([0], MLPHead(6, 4)), SubsetExpert([0, 1], MLPHead(11, 4, hidden=16))]
+    m = DynamicFusion(experts, [6, 5]).double().eval().to(dev)
+    f = [torch.randn(50, 6, dtype=torch.float64, device=dev), torch.randn(50, 5, dtype=torch.float64, device=dev)]
+    with torch.no_grad():
+        m.backend = "reference"
+        ref = m(f)
+        m.backend = "cuda"
+        out = m(f)
+    assert torch.equal(out, ref) and sum(m.info.counts) == 50

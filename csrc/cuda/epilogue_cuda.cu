@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include "../anderson_check.h"  // shape_str
+#include "../check_util.h"
 #include "epilogue_kernel.cuh"
 
 namespace deqfuse {

@@ -2,6 +2,7 @@
 // the launchers dispatch to, so nvcc checks them without torch's CUDA headers (see tests/nvcc_compile.py).
 #include "../../csrc/cuda/anderson_kernel.cuh"
 #include "../../csrc/cuda/epilogue_kernel.cuh"
+#include "../../csrc/cuda/routing_kernel.cuh"
 
 namespace deqfuse {
 #define DF_STEP1(X, H, V, MT)                                                                            \
@@ -30,4 +31,8 @@ DF_EPI(c10::BFloat16)
 DF_EPI(c10::Half)
 #undef DF_EPI
 #undef DF_EPI1
+template __global__ void group_by_choice_kernel<int64_t>(const int64_t*, int64_t, int, int64_t*, int32_t*);
+template __global__ void group_by_choice_kernel<int32_t>(const int32_t*, int64_t, int, int64_t*, int32_t*);
+template __global__ void move_rows_kernel<true>(RowMoves, const int64_t*, int64_t);
+template __global__ void move_rows_kernel<false>(RowMoves, const int64_t*, int64_t);
 }  // namespace deqfuse
