@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension, run the GPU tests, compute-sanitizer memcheck on the
 # CUDA ops, then the benchmarks. Logs and CSVs go to $OUT (default ./bench_out).
-#   bash benchmarks/gpu_check.sh            build + tests + sanitizer + bench_gpu + plot + bench_dynamic
+#   bash benchmarks/gpu_check.sh [all]      build + tests + sanitizer + bench_gpu + plot + bench_dynamic
+#   bash benchmarks/gpu_check.sh tests      build + tests + sanitizer     (if `all` would not fit 10 min)
+#   bash benchmarks/gpu_check.sh bench      build + bench_gpu + plot + bench_dynamic
 #   bash benchmarks/gpu_check.sh sweep-fp32[-N2,3]  build + the B x D x N grid for fp32 (sweep.csv/png/md),
 #                                optionally only some N; also sweep-bf16. The sweep starts no new point
 #                                after SWEEP_BUDGET_S (420) seconds, so it ends inside one device call.
@@ -28,10 +30,14 @@ if [[ $MODE == sweep-* ]]; then  # sweep-fp32 | sweep-bf16, optionally -N2,3 (on
   python3 benchmarks/sweep_report.py "$OUT/sweep.csv" "$OUT/sweep.png" "$OUT/sweep.md"
   exit 0
 fi
-python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
-if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/sanitize_ops.py 2>&1 | tail -6 | tee "$OUT/sanitizer.log"
+if [[ $MODE == all || $MODE == tests ]]; then
+  python3 -m pytest -q tests -p no:cacheprovider --maxfail=25 --durations=10 2>&1 | tee "$OUT/tests.log" | tail -40
+  if command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/sanitize_ops.py 2>&1 | tail -6 | tee "$OUT/sanitizer.log"
+  fi
 fi
-python3 benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
-python3 benchmarks/plot_results.py "$OUT/results.csv" "$OUT/results.png"
-python3 benchmarks/bench_dynamic.py --device all --B 1024,8192 2>&1 | tee "$OUT/dynamic.log"
+if [[ $MODE == all || $MODE == bench ]]; then
+  python3 benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+  python3 benchmarks/plot_results.py "$OUT/results.csv" "$OUT/results.png"
+  python3 benchmarks/bench_dynamic.py --device all --B 1024,8192 2>&1 | tee "$OUT/dynamic.log"
+fi
