@@ -60,7 +60,7 @@ CELL_GEMMS = ("cublas", "fused")
 def cell_gemm(dim: int, groups: int) -> str:
     """Which Triton cell forward and VJP run: 'cublas' (cuBLAS GEMMs + fused row-epilogue kernels: 8
     launches forward, ~12 VJP; the path measured in benchmarks/RESULTS.md) or 'fused' (Triton GEMMs
-    with the GroupNorm steps in their epilogues: 4 forward, 5 VJP; needs dim / groups <= 256).
+    with the GroupNorm steps in their epilogues: 5 forward, 6 VJP; needs dim / groups <= 256).
     Chosen by DEQFUSE_CELL_GEMM (default cublas)."""
     want = os.environ.get("DEQFUSE_CELL_GEMM", "cublas")
     if want not in CELL_GEMMS:

