@@ -262,21 +262,21 @@ def _interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(bn):
-    """Autotuning candidates (GPU), by tile width BN; the first is the untuned default. Chosen from the
-    sm_90 register report (tests/triton_aot.py): at BN = 256 only 32-row tiles on 8 warps keep every
-    group-tile kernel free of spills (64-row tiles spill ~1 KB/thread in L2 and the VJP's H); at
-    BN = 128, 128-row tiles spill in the plain GEMMs' epilogues."""
-    if bn >= 256:
+def _configs(bn, group_tile=True):
+    """Autotuning candidates (GPU) by tile width BN; the first is the untuned default. group_tile: the
+    program owns a whole GroupNorm group (heavier epilogue). Chosen from the sm_90 register report
+    (tests/triton_aot.py): group tiles stay spill-free with 32-row tiles on 8 warps (64-row tiles spill
+    ~0.3 KB/thread at BN = 128 and ~1 KB at 256 in L2 and the VJP's H); 128-row tiles spill everywhere."""
+    if bn >= 128 and group_tile:
         cands = [(32, 32, 8, 4), (32, 32, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2)]
     elif bn >= 128:
-        cands = [(64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 8, 4), (128, 32, 8, 3)]
+        cands = [(64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 8, 4), (64, 32, 4, 3)]
     else:
         cands = [(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
     return [triton.Config(dict(BM=bm, BK=bk), num_warps=w, num_stages=st) for bm, bk, w, st in cands]
 
 
-def _fixed_config(prec, bn):
+def _fixed_config(prec, bn, group_tile=True):
     """The config when not autotuning: the interpreter (timing it would be meaningless), the fp64 FMA
     path (a test path: a [BM, BK, BN] product per step, so small tiles), or DEQFUSE_AUTOTUNE=0 (the
     GPU tests: dozens of tiny shapes, each would be tuned): the first autotuning candidate."""
@@ -284,7 +284,7 @@ def _fixed_config(prec, bn):
         return dict(BM=32, BK=32)
     if prec == "fma":
         return dict(BM=16, BK=8, num_warps=4)
-    c = _configs(bn)[0]
+    c = _configs(bn, group_tile)[0]
     return dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
@@ -308,7 +308,7 @@ def _quick_bench(kernel_call, quantiles=None, **_):
 def _autotuned(kernel, bn):
     """kernel under triton.autotune, keyed on the shape arguments it has (Triton rejects others)."""
     key = [k for k in ("B", "D", "N", "SAVE") if k in kernel.arg_names]
-    return triton.autotune(_configs(bn), key=key, do_bench=_quick_bench)(kernel)
+    return triton.autotune(_configs(bn, "DG" in kernel.arg_names), key=key, do_bench=_quick_bench)(kernel)
 
 
 def _launch(kernel, grid, bn, *args, **meta):
@@ -317,7 +317,7 @@ def _launch(kernel, grid, bn, *args, **meta):
     autotuner may run it repeatedly."""
     fixed = (_interpreted() and not _AUTOTUNE_IN_INTERPRETER) or os.environ.get("DEQFUSE_AUTOTUNE", "1") == "0"
     if fixed or meta["PREC"] == "fma":
-        cfg = _fixed_config(meta["PREC"], bn)
+        cfg = _fixed_config(meta["PREC"], bn, "DG" in kernel.arg_names)
         kernel[grid(cfg)](*args, BN=bn, **cfg, **meta)
         return
     key = (kernel, bn)

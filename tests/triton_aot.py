@@ -93,7 +93,8 @@ def gpu_variants(call, all_tiles=True):
     if call["module"].endswith("cell_fused") and "BM" in c and c.get("PREC") != "fma":
         from deqfuse.kernels.cell_fused import _configs
         bn = 256 if "DG" in call["signature"] else 128  # group tiles at D / groups = 256; D/BN tiles at D >= 128
-        tiles = [(cfg.kwargs["BM"], cfg.kwargs["BK"], cfg.num_warps, cfg.num_stages, bn) for cfg in _configs(bn)]
+        tiles = [(cfg.kwargs["BM"], cfg.kwargs["BK"], cfg.num_warps, cfg.num_stages, bn)
+                 for cfg in _configs(bn, "DG" in call["signature"])]
         tiles = tiles if all_tiles else tiles[:1]
     for prec in precs:
         for tile in tiles:
