@@ -308,7 +308,11 @@ def _quick_bench(kernel_call, quantiles=None, **_):
 def _autotuned(kernel, bn):
     """kernel under triton.autotune, keyed on the shape arguments it has (Triton rejects others)."""
     key = [k for k in ("B", "D", "N", "SAVE") if k in kernel.arg_names]
-    return triton.autotune(_configs(bn, "DG" in kernel.arg_names), key=key, do_bench=_quick_bench)(kernel)
+    configs = _configs(bn, "DG" in kernel.arg_names)
+    try:
+        return triton.autotune(configs, key=key, do_bench=_quick_bench)(kernel)
+    except TypeError:  # a Triton without autotune(do_bench=...): its default timer
+        return triton.autotune(configs, key=key)(kernel)
 
 
 def _launch(kernel, grid, bn, *args, **meta):
