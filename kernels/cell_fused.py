@@ -86,6 +86,7 @@ def _store_tile_stats(st_ptr, srow, rmask, g, G, mean, rstd):
 def _l1_kernel(z_ptr, w1_ptr, b1_ptr, gw_ptr, gb_ptr, h_ptr, a1_ptr, st_ptr, B, N, D, DG, G, eps,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                ACC: tl.constexpr, SAVE: tl.constexpr):
+    """Modality n = program_id(2), group program_id(1): h_n = ReLU(GN1_n(z_n W1_n^T + b1_n))."""
     rows, rmask = _tile_rows(B, BM)
     cols, cmask = _group_cols(DG, BN)
     n = tl.program_id(2)
@@ -152,6 +153,7 @@ def _gate_input_kernel(out_ptr, z_ptr, s_ptr, B, N, D, BLOCK: tl.constexpr, ACC:
 def _gate_kernel(s_ptr, wg_ptr, bg_ptr, z_ptr, q_ptr, ga_ptr, B, N, D,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                  ACC: tl.constexpr, SAVE: tl.constexpr):
+    """q = z_f * ga with ga = s W_g^T + N b_g (the N gate terms folded into one GEMM)."""
     rows, rmask = _tile_rows(B, BM)
     cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     cmask = cols < D
@@ -169,6 +171,7 @@ def _gate_kernel(s_ptr, wg_ptr, bg_ptr, z_ptr, q_ptr, ga_ptr, B, N, D,
 def _fusion_kernel(q_ptr, wf_ptr, bf_ptr, xf_ptr, gw_ptr, gb_ptr, out_ptr, a3_ptr, st_ptr, B, N, D, DG, G, eps,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                    ACC: tl.constexpr, SAVE: tl.constexpr):
+    """z_f+ = GN_f(ReLU(q W_f^T + b_f + x_f)) -> out[:, N]."""
     rows, rmask = _tile_rows(B, BM)
     cols, cmask = _group_cols(DG, BN)
     m2 = rmask[:, None] & cmask[None, :]
