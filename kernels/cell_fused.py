@@ -76,6 +76,13 @@ def _group_cols(DG, BN: tl.constexpr):
 
 
 @triton.jit
+def _block_cols(D, BN: tl.constexpr):
+    """Columns of the BN-wide block this program owns (program_id(1)) and their mask."""
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    return cols, cols < D
+
+
+@triton.jit
 def _store_tile_stats(st_ptr, srow, rmask, g, G, mean, rstd):
     """GN stats [rows, G, 2] for rows `srow` [BM] of group g."""
     tl.store(st_ptr + (srow * G + g) * 2, mean, mask=rmask)
@@ -155,8 +162,7 @@ def _gate_kernel(s_ptr, wg_ptr, bg_ptr, z_ptr, q_ptr, ga_ptr, B, N, D,
                  ACC: tl.constexpr, SAVE: tl.constexpr):
     """q = z_f * ga with ga = s W_g^T + N b_g (the N gate terms folded into one GEMM)."""
     rows, rmask = _tile_rows(B, BM)
-    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-    cmask = cols < D
+    cols, cmask = _block_cols(D, BN)
     m2 = rmask[:, None] & cmask[None, :]
     acc = _mm(s_ptr, D, wg_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     ga = acc + N * tl.load(bg_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -200,8 +206,7 @@ def _vjp_q_kernel(da3_ptr, wft_ptr, zf_ptr, ldz, ga_ptr, dga_ptr, of_ptr, B, D,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """dq = da3 W_f; dga = dq * z_f -> [B, D]; of = dq * ga (the fused state's own term) -> [B, D]."""
     rows, rmask = _tile_rows(B, BM)
-    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-    cmask = cols < D
+    cols, cmask = _block_cols(D, BN)
     m2 = rmask[:, None] & cmask[None, :]
     dq = _mm(da3_ptr, D, wft_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     offs = rows[:, None] * D + cols[None, :]
@@ -216,8 +221,7 @@ def _vjp_s_kernel(dga_ptr, wgt_ptr, of_ptr, out_ptr, ds_ptr, B, N, D,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """ds = dga W_g -> [B, D]; out[:, N] = of + N ds."""
     rows, rmask = _tile_rows(B, BM)
-    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-    cmask = cols < D
+    cols, cmask = _block_cols(D, BN)
     m2 = rmask[:, None] & cmask[None, :]
     ds = _mm(dga_ptr, D, wgt_ptr, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
     offs = rows[:, None] * D + cols[None, :]
@@ -252,8 +256,7 @@ def _vjp_z_kernel(da1_ptr, w1t_ptr, du_ptr, out_ptr, B, N, D,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """out[:, i] = du_i + da1_i W1_i (modality program_id(2); du: [B, N+1, D] like out)."""
     rows, rmask = _tile_rows(B, BM)
-    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-    cmask = cols < D
+    cols, cmask = _block_cols(D, BN)
     i = tl.program_id(2)
     m2 = rmask[:, None] & cmask[None, :]
     acc = _mm(da1_ptr + i * B * D, D, w1t_ptr + i * D * D, rows, rmask, cols, cmask, D, BM, BN, BK, PREC, ACC)
@@ -355,19 +358,24 @@ def fused_supported(D: int, groups: int) -> bool:
     return D % groups == 0 and D // groups <= MAX_GROUP_WIDTH
 
 
+def _tile_widths(D, groups, who):
+    """(BN of the group tiles, BN of the plain D/BN tiles); raises if the groups are too wide."""
+    if not fused_supported(D, groups):
+        raise ValueError(f"{who}: D / groups = {D // groups} exceeds {MAX_GROUP_WIDTH}; use the kernels/cell.py path")
+    return max(16, triton.next_power_of_2(D // groups)), min(128, max(16, triton.next_power_of_2(D)))  # tl.dot: >= 16
+
+
 def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
     """f(z) with the GEMM epilogues fused (no autograd graph). Same contract and saved dict as
     kernels.cell.cell_forward_triton. z: [B, N+1, D], x: [B, N, D], xf: [B, D] -> [B, N+1, D]."""
     _check(z, x, xf, groups)
     B, N1, D = z.shape
     N, DG = N1 - 1, D // groups
-    if not fused_supported(D, groups):
-        raise ValueError(f"cell_forward_fused: D / groups = {DG} exceeds {MAX_GROUP_WIDTH}; use cell_forward_triton")
+    bn, bn_full = _tile_widths(D, groups, "cell_forward_fused")
     z, x, xf = z.contiguous(), x.contiguous(), xf.contiguous()
     dt = z.dtype
     w1, w2, wg, wf = _weights(p, dt)
     meta = dict(**_gemm_meta(dt, z.is_cuda), SAVE=bool(save))
-    bn = max(16, triton.next_power_of_2(DG))            # tl.dot needs >= 16
     st_kw = dict(dtype=torch.float64 if dt == torch.float64 else torch.float32, device=z.device)
     h = torch.empty(N, B, D, dtype=dt, device=z.device)
     out = torch.empty_like(z)
@@ -386,8 +394,7 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
     _launch(_l2_kernel, lambda M: (rows(M), groups, N), bn, h, w2, p.b2, x, z, p.gn2_w, p.gn2_b, p.gn3_w, p.gn3_b,
             out, a2, u, st2, st3, B, N, D, DG, groups, EPS, **meta)
     _gate_input_kernel[(B,)](out, z, s, B, N, D, BLOCK=min(1024, triton.next_power_of_2(D)), ACC=meta["ACC"])
-    bn_gate = min(128, max(16, triton.next_power_of_2(D)))
-    _launch(_gate_kernel, lambda M: (rows(M), triton.cdiv(D, bn_gate)), bn_gate, s, wg, p.bg, z, q, ga, B, N, D, **meta)
+    _launch(_gate_kernel, lambda M: (rows(M), triton.cdiv(D, bn_full)), bn_full, s, wg, p.bg, z, q, ga, B, N, D, **meta)
     _launch(_fusion_kernel, lambda M: (rows(M), groups), bn, q, wf, p.bf, xf, p.gnf_w, p.gnf_b, out, a3, stf,
             B, N, D, DG, groups, EPS, **meta)
     if not save:
@@ -402,8 +409,7 @@ def cell_vjp_fused(gbar, saved, p, groups: int = 4):
     gbar = gbar.contiguous()
     B, N1, D = gbar.shape
     N, DG = N1 - 1, D // groups
-    if not fused_supported(D, groups):
-        raise ValueError(f"cell_vjp_fused: D / groups = {DG} exceeds {MAX_GROUP_WIDTH}; use cell_vjp_triton")
+    bn, bn_full = _tile_widths(D, groups, "cell_vjp_fused")
     dt = saved["a1"].dtype
     if saved.get("_wT_dtype") != dt:  # W^T copies, made once per saved point (an adjoint solve reuses them)
         saved["_wT"] = [w.transpose(-1, -2).contiguous() for w in _weights(p, dt)]
@@ -419,8 +425,6 @@ def cell_vjp_fused(gbar, saved, p, groups: int = 4):
     du = torch.empty_like(gbar)                      # [B, N+1, D]; slot N unused
     out = torch.empty_like(gbar)
     zf = saved["zf"]
-    bn = max(16, triton.next_power_of_2(DG))
-    bn_full = min(128, max(16, triton.next_power_of_2(D)))
     rows = lambda M: triton.cdiv(B, M["BM"])  # noqa: E731
     cols = lambda M: triton.cdiv(D, bn_full)  # noqa: E731
     _launch(_vjp_q_kernel, lambda M: (rows(M), cols(M)), bn_full, da3, wft, zf, zf.stride(0), saved["ga"], dga, of,
