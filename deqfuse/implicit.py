@@ -6,12 +6,13 @@ from typing import Callable
 
 import torch
 
+from .rowwise import PlusRows, is_rowwise
+from .solvers import solve
+
 
 def nvtx_range(name: str):
     """An NVTX range (visible in Nsight Systems) when CUDA is available, else a no-op."""
     return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
-
-from .solvers import solve
 
 
 class ImplicitAdjoint(torch.autograd.Function):
@@ -31,9 +32,11 @@ class ImplicitAdjoint(torch.autograd.Function):
 
 def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, **solver_kw):
     """grad -> g solving g = vjp(g) + grad per sample with a batched solver (vjp: [B, L] -> [B, L],
-    e.g. a fused kernel on saved tensors). The solver's stats land in stats_box[0] if a list is given."""
+    e.g. a fused kernel on saved tensors; if vjp is row-wise (deqfuse.rowwise) the adjoint solve can
+    shrink its batch to the unconverged rows). The solver's stats land in stats_box[0] if a list is given."""
     def adjoint(grad):
-        g, stats = solve(solver, lambda y: vjp(y) + grad, grad.clone(), **solver_kw)
+        f = PlusRows(vjp, grad) if is_rowwise(vjp) else (lambda y: vjp(y) + grad)
+        g, stats = solve(solver, f, grad.clone(), **solver_kw)
         if stats_box is not None:
             stats_box[:] = [stats]
         return g

@@ -12,7 +12,12 @@ from .cell import FusionCell
 from .graphs import GraphedSolves
 from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, nvtx_range, phantom_grad
 from .reference.cell import fuse_inputs
-from .solvers import SolverStats, solve
+from .rowwise import RowwiseFn
+from .solvers import SolverStats, check_solver, solve, solver_options
+
+# solver options the layer sets itself (from its own arguments), so solver_kw must not
+_LAYER_SET = {"max_iter": "f_max_iter / b_max_iter", "tol": "f_tol / b_tol", "stop_mode": "stop_mode",
+              "backend": "backend"}
 
 
 @dataclass
@@ -33,6 +38,9 @@ class DEQFusion(nn.Module):
         `unrolled_steps` weight-tied applications with full backprop; the paper's ablation).
       jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off).
       backend: 'auto' | 'triton' | 'cuda' | 'reference' for the kernels used inside the solves.
+      solver_kw: further options of the solver, for both solves (e.g. m, lam, beta for Anderson;
+        check_every / compact for adaptive compute: by default a solve stops once every sample has
+        converged and shrinks its batch to the unconverged samples, see deqfuse/solvers.py).
       on_nonconvergence: 'warn' (one host sync per forward) | 'ignore' (read info.forward_stats).
       cuda_graph: on CUDA, run each solve (forward, and the adjoint in training) as one CUDA-graph
         replay, captured on first use per batch size (see graphs.py; needs grad='implicit' to graph
@@ -51,13 +59,21 @@ class DEQFusion(nn.Module):
             raise ValueError(f"grad must be 'implicit', 'phantom' or 'unrolled', got {grad!r}")
         if on_nonconvergence not in ("warn", "ignore"):
             raise ValueError(f"on_nonconvergence must be 'warn' or 'ignore', got {on_nonconvergence!r}")
+        check_solver(solver)
+        kw = dict(solver_kw or {})
+        for k in kw:
+            if k in _LAYER_SET:
+                raise ValueError(f"solver_kw[{k!r}]: set it with DEQFusion's {_LAYER_SET[k]} argument")
+            if k not in solver_options(solver):
+                raise ValueError(f"solver_kw[{k!r}]: not an option of solver {solver!r} "
+                                 f"(options: {sorted(solver_options(solver) - set(_LAYER_SET))})")
         self.cell = FusionCell(dim, num_modalities, groups)
         self.dim, self.n = dim, num_modalities
         self.weights = nn.Parameter(torch.ones(num_modalities))  # x_f = sum_i w_i x_i + b
         self.bias = nn.Parameter(torch.zeros(1))
         self.solver, self.grad, self.backend = solver, grad, backend
-        self.f_kw = dict(max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode, **(solver_kw or {}))
-        self.b_kw = dict(max_iter=b_max_iter, tol=b_tol, stop_mode=stop_mode, **(solver_kw or {}))
+        self.f_kw = dict(max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode, **kw)
+        self.b_kw = dict(max_iter=b_max_iter, tol=b_tol, stop_mode=stop_mode, **kw)
         if solver == "anderson":
             self.f_kw["backend"] = self.b_kw["backend"] = backend
         self.phantom_steps, self.phantom_lam = phantom_steps, phantom_lam
@@ -67,15 +83,20 @@ class DEQFusion(nn.Module):
         self._graphs = GraphedSolves(self)
         self.info: Optional[DEQInfo] = None
 
-    def _flat_cell(self, x, xf, B):
-        shape = (B, self.n + 1, self.dim)
-        return lambda z: self.cell(z.view(shape), x, xf, self.backend).reshape(B, -1)
+    def _cell_rows(self, z, x, xf):
+        """f on a block of b rows: z [b, (N+1) D], x [b, N, D], xf [b, D] -> [b, (N+1) D]."""
+        b = z.shape[0]
+        return self.cell(z.view(b, self.n + 1, self.dim), x, xf, self.backend).reshape(b, -1)
+
+    def _flat_cell(self, x, xf):
+        """f as a row-wise map of flat states (the solvers may evaluate it on a subset of rows)."""
+        return RowwiseFn(self._cell_rows, x, xf)
 
     def forward(self, features, return_info: bool = False):
         B = check_features(features, self.n, self.dim, self.weights)
         x = torch.stack(list(features), 1)                   # [B, N, D]
         xf = fuse_inputs(x, self.weights, self.bias)         # [B, D]
-        f = self._flat_cell(x, xf, B)
+        f = self._flat_cell(x, xf)
         z0 = x.new_zeros(B, (self.n + 1) * self.dim)
         jac = x.new_zeros(())
         fstats, bstats = None, []
@@ -108,7 +129,7 @@ class DEQFusion(nn.Module):
     def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False):
         jac = x.new_zeros(())
         if self.grad == "phantom":
-            return phantom_grad(self._flat_cell(x, xf, B), z_star, self.phantom_steps, self.phantom_lam), jac
+            return phantom_grad(self._flat_cell(x, xf), z_star, self.phantom_steps, self.phantom_lam), jac
         z_star = z_star.detach().requires_grad_(self.jac_reg > 0)
         fz, saved = self.cell(z_star.view(B, self.n + 1, self.dim), x, xf, "reference", save=True)
         fz = fz.reshape(B, -1)
@@ -116,22 +137,40 @@ class DEQFusion(nn.Module):
             jac = jacobian_reg(fz, z_star, self.jac_reg)
         if graphed:
             return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats)), jac
+        z_star, x, xf = z_star.detach(), x.detach(), xf.detach()
         if resolve(self.backend, z_star.device, "cell") == "reference":  # reuse the grad forward's tensors
             saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())
                      for k, v in saved.items()}
-            vjp = self._vjp_from(saved, B)
+            vjp = SavedVJP(self, z_star, x, xf, saved)
         else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
-            vjp = self.saved_vjp(z_star.detach(), x, xf)
+            vjp = self.saved_vjp(z_star, x, xf)
         return implicit_grad(fz, vjp, self.solver, stats_box=bstats, **self.b_kw), jac
-
-    def _vjp_from(self, saved, B):
-        shape = (B, self.n + 1, self.dim)
-        return lambda g: self.cell.vjp(g.view(shape), saved, self.backend).reshape(B, -1)
 
     def saved_vjp(self, z_star, x, xf):
         """g [B, L] -> J^T g at z* [B, L], from one no-grad forward of this layer's backend that saves
         what its VJP reads (so each adjoint iteration replays no autograd graph)."""
-        B = x.shape[0]
-        with torch.no_grad():
-            _, saved = self.cell(z_star.view(B, self.n + 1, self.dim), x, xf, self.backend, save=True)
-        return self._vjp_from(saved, B)
+        return SavedVJP(self, z_star, x, xf)
+
+
+class SavedVJP:
+    """g [b, L] -> J^T g at z* for a block of b rows (z* [b, L], x [b, N, D], xf [b, D], all detached),
+    from the tensors one forward of the layer's backend saved (computed here unless given). Row-wise:
+    subset(idx) re-saves on those rows only (one cell forward of len(idx) rows), so the adjoint solve
+    can shrink its batch like the forward solve."""
+
+    def __init__(self, layer: DEQFusion, z_star, x, xf, saved=None):
+        self.layer, self.z, self.x, self.xf = layer, z_star, x, xf
+        if saved is None:
+            with torch.no_grad():
+                _, saved = layer.cell(self._shaped(z_star), x, xf, layer.backend, save=True)
+        self.saved = saved
+
+    def _shaped(self, t):
+        return t.view(t.shape[0], self.layer.n + 1, self.layer.dim)
+
+    def __call__(self, g):
+        return self.layer.cell.vjp(self._shaped(g), self.saved, self.layer.backend).reshape(g.shape[0], -1)
+
+    def subset(self, idx):
+        return SavedVJP(self.layer, self.z.index_select(0, idx), self.x.index_select(0, idx),
+                        self.xf.index_select(0, idx))

@@ -1,10 +1,25 @@
-"""Batched root solvers for z = f(z) with per-sample residuals, best iterate and freezing.
+"""Batched root solvers for z = f(z): per-sample residuals, best iterate, freezing, early exit and
+active-set compaction.
 
-Every solver takes ``f: [B, L] -> [B, L]`` and ``x0: [B, L]`` and returns ``(z, SolverStats)``.
-Nothing in the loop syncs with the host unless ``check_every > 0`` (then one ``.all()`` every k steps),
-so a fixed-``max_iter`` solve is CUDA-graph capturable. Converged samples are frozen: their state
-stops changing, although f is still evaluated on the whole batch (fixed shapes).
+Every solver takes ``f: [B, L] -> [B, L]`` and ``x0: [B, L]`` and returns ``(z, SolverStats)``: z is
+each sample's best iterate (lowest residual by ``stop_mode``). A sample whose residual drops below
+``tol`` is frozen: its state stops changing.
+
+Adaptive compute (the defaults):
+  * early exit: every ``check_every`` steps one host sync asks "has every sample converged?" and the
+    solve stops if so. ``check_every=None`` picks a per-device default (DEFAULT_CHECK_EVERY, chosen
+    from measurements in benchmarks/RESULTS.md); ``check_every=0`` runs exactly ``max_iter`` steps with
+    no host sync at all (what a CUDA-graph capture or torch.compile of a whole solve needs).
+  * compaction: at a check, when the still-active samples are at most a fraction ``compact`` of the
+    batch being iterated, their whole solver state (iterate, histories, Gram matrices, best iterate,
+    counters, traces) is gathered into a smaller batch and only those rows are evaluated from then on;
+    results are scattered back into the full batch at the next compaction and at the end. Needs a
+    row-wise f (deqfuse.rowwise: ``f.subset(idx)``); a plain callable gets early exit only.
+    ``compact=None`` is DEFAULT_COMPACT for row-wise f and off otherwise; ``compact=0`` turns it off.
+A compacted solve gives, per sample, the iterate, residual, step count, flag and trace of the
+fixed-shape solve (tests/test_adaptive.py); SolverStats.rows counts the rows f was evaluated on.
 """
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -12,6 +27,13 @@ import torch
 
 from . import backend as _backend
 from .reference.anderson import REL_EPS
+from .rowwise import is_rowwise
+
+# Early-exit interval per device type (steps between host syncs). CPU: a sync costs ~nothing, so every
+# step (benchmarks/bench_adaptive.py). CUDA: a sync drains the launch queue; 4 is a first guess that
+# bounds the wasted steps to 3 -- not yet timed on a GPU (issue 13 sets it from measurements).
+DEFAULT_CHECK_EVERY = {"cpu": 1, "cuda": 4}
+DEFAULT_COMPACT = 0.75  # compact when <= 75% of the iterated rows are still active (bench_adaptive.py)
 
 
 @dataclass
@@ -20,7 +42,8 @@ class SolverStats:
 
     abs_trace/rel_trace: [T, B] residual of each sample at each step (NaN once frozen);
     best_res: [B] residual of the returned iterate (by stop_mode); nstep: [B] step it came from;
-    converged: [B] bool; steps: steps run (host int).
+    converged: [B] bool; steps: steps run (host int); rows: rows f was evaluated on, summed over the
+    steps (B * steps without compaction); compactions: how often the batch was shrunk.
     """
     abs_trace: torch.Tensor
     rel_trace: torch.Tensor
@@ -30,6 +53,8 @@ class SolverStats:
     steps: int
     tol: float
     stop_mode: str
+    rows: int = -1
+    compactions: int = 0
 
     @property
     def all_converged(self) -> bool:
@@ -39,174 +64,364 @@ class SolverStats:
         """Host-side digest (one sync)."""
         return dict(steps=self.steps, converged=int(self.converged.sum()), batch=self.converged.numel(),
                     max_res=float(self.best_res.max()), mean_nstep=float(self.nstep.float().mean()),
-                    stop_mode=self.stop_mode, tol=self.tol)
+                    rows=self.rows, compactions=self.compactions, stop_mode=self.stop_mode, tol=self.tol)
 
 
-class _Tracker:
-    """Residuals, best iterate, freezing: the bookkeeping shared by the Broyden and fixed-point loops."""
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def __init__(self, x0, max_iter, tol, stop_mode):
-        B = x0.shape[0]
-        dev = x0.device
-        self.tol, self.stop_rel = tol, stop_mode == "rel"
-        self.best_x = x0.clone()
-        self.best_res = torch.full((B,), float("inf"), device=dev)
+
+class Results:
+    """Per-sample outputs of a solve: best_x [B, L], best_res [B] (acc dtype), nstep [B] int32,
+    converged [B] bool, abs_trace/rel_trace [T, B] (acc dtype, NaN where a sample was frozen)."""
+    FIELDS = ("best_x", "best_res", "nstep", "converged")  # batch on dim 0
+    TRACES = ("abs_trace", "rel_trace")                   # batch on dim 1
+
+    def __init__(self, x0, max_iter):
+        B, dev, acc = x0.shape[0], x0.device, _acc_dtype(x0)
+        self.best_x = x0.clone(memory_format=torch.contiguous_format)
+        self.best_res = torch.full((B,), float("inf"), dtype=acc, device=dev)
         self.nstep = torch.zeros(B, dtype=torch.int32, device=dev)
         self.converged = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.abs_trace = torch.full((max_iter, B), float("nan"), device=dev)
-        self.rel_trace = torch.full((max_iter, B), float("nan"), device=dev)
+        self.abs_trace = torch.full((max_iter, B), float("nan"), dtype=acc, device=dev)
+        self.rel_trace = torch.full((max_iter, B), float("nan"), dtype=acc, device=dev)
 
-    def update(self, k, x, fx):
-        """Record the residual of x (whose image is fx); returns the mask of samples still moving."""
-        g = (fx - x).float()
-        absr = g.norm(dim=1)
-        relr = absr / (fx.float().norm(dim=1) + REL_EPS)
-        res = relr if self.stop_rel else absr
+    def reset(self, x0):
+        """Back to the state of a fresh solve from x0, in place (CUDA-graph replays reuse the buffers)."""
+        self.best_x.copy_(x0)
+        self.best_res.fill_(float("inf"))
+        self.nstep.zero_()
+        self.converged.zero_()
+        self.abs_trace.fill_(float("nan"))
+        self.rel_trace.fill_(float("nan"))
+
+    def gather(self, idx):
+        new = object.__new__(Results)
+        for n in self.FIELDS:
+            setattr(new, n, getattr(self, n).index_select(0, idx))
+        for n in self.TRACES:
+            setattr(new, n, getattr(self, n).index_select(1, idx))
+        return new
+
+    def write_back(self, idx, part):
+        """self[idx] = part (part holds the rows idx of this batch, in that order)."""
+        for n in self.FIELDS:
+            getattr(self, n).index_copy_(0, idx, getattr(part, n))
+        for n in self.TRACES:
+            getattr(self, n).index_copy_(1, idx, getattr(part, n))
+
+    def record(self, k, x, fx, tol, stop_rel):
+        """Residual of x (whose image is fx) at step k, best iterate, freezing: the Python form of the
+        bookkeeping the fused Anderson steps do in-kernel. Returns the mask of samples still moving."""
+        acc = self.best_res.dtype
+        fa = fx.to(acc)
+        absr = (fa - x.to(acc)).norm(dim=1)
+        relr = absr / (fa.norm(dim=1) + REL_EPS)
+        res = relr if stop_rel else absr
         active = ~self.converged
         self.abs_trace[k] = torch.where(active, absr, self.abs_trace[k])
         self.rel_trace[k] = torch.where(active, relr, self.rel_trace[k])
         better = active & (res < self.best_res)
-        self.best_res = torch.where(better, res, self.best_res)
-        self.best_x = torch.where(better[:, None], x, self.best_x)
-        self.nstep = torch.where(better, torch.full_like(self.nstep, k + 1), self.nstep)
-        self.converged = self.converged | (active & (res < self.tol))
+        self.best_res.copy_(torch.where(better, res, self.best_res))
+        self.best_x.copy_(torch.where(better[:, None], x, self.best_x))
+        self.nstep.masked_fill_(better, k + 1)
+        self.converged.logical_or_(active & (res < tol))
         return ~self.converged
 
-    def stats(self, steps, stop_mode):
-        return SolverStats(self.abs_trace[:steps], self.rel_trace[:steps], self.best_res, self.nstep,
-                           self.converged, steps, self.tol, stop_mode)
+
+def _result_property(name):
+    return property(lambda self: getattr(self.res, name))
+
+
+class _State:
+    """Working buffers of one solve over a batch of rows, plus its Results.
+
+    ROW_FIELDS: buffers with the batch on dim 0, gathered on compaction. iterate(f, k) performs step k
+    in place: exactly one evaluation of f on this state's batch, no host sync.
+    """
+    ROW_FIELDS = ()
+
+    def __init__(self, x0, max_iter):
+        self.x = x0.clone(memory_format=torch.contiguous_format)  # the kernels want contiguous rows
+        self.res = Results(x0, max_iter)
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    def gather(self, idx):
+        """A state holding only rows idx (int64 [b]) of this one, in that order."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        for n in self.ROW_FIELDS:
+            setattr(new, n, getattr(self, n).index_select(0, idx))
+        new.res = self.res.gather(idx)
+        return new
+
+    def reset(self, x0):
+        """In place: the state of a fresh solve from x0 (same shape)."""
+        self.x.copy_(x0)
+        for n in self.ROW_FIELDS:
+            if n != "x":
+                getattr(self, n).zero_()
+        self.res.reset(x0)
+
+    def _checked(self, fx, k):
+        if k == 0 and (fx.shape != self.x.shape or fx.dtype != self.x.dtype or fx.device != self.x.device):
+            raise ValueError(f"f(x) must match x0: got {tuple(fx.shape)} {fx.dtype} {fx.device}, "
+                             f"x0 is {tuple(self.x.shape)} {self.x.dtype} {self.x.device}")
+        return fx
+
+    def iterate(self, f, k: int):
+        raise NotImplementedError
+
+
+for _n in Results.FIELDS + Results.TRACES:
+    setattr(_State, _n, _result_property(_n))
+
+
+class AndersonState(_State):
+    """Device buffers of one Anderson solve (see reference.anderson for the step contract):
+    x [B, L]; rings X, G [B, m, L] (history_dtype); Gram matrix GG [B, m, m] (acc dtype)."""
+    ROW_FIELDS = ("x", "X", "G", "GG")
+
+    def __init__(self, x0, m, max_iter, history_dtype=None, *, step_fn=None, beta=1.0, lam=1e-4,
+                 tol=1e-4, stop_rel=True):
+        super().__init__(x0, max_iter)
+        B, L = x0.shape
+        dev, hd = x0.device, history_dtype or x0.dtype
+        self.X = torch.zeros(B, m, L, dtype=hd, device=dev)
+        self.G = torch.zeros(B, m, L, dtype=hd, device=dev)
+        self.GG = torch.zeros(B, m, m, dtype=_acc_dtype(x0), device=dev)
+        self.step_fn, self.beta, self.lam, self.tol, self.stop_rel = step_fn, beta, lam, tol, stop_rel
+
+    def step(self, step_fn, fx, k, beta, lam, tol, stop_rel):
+        """One fused step given f(x) (low level: the kernels' contract)."""
+        r = self.res
+        step_fn(self.x, fx, self.X, self.G, self.GG, r.best_x, r.best_res, r.converged, r.nstep,
+                r.abs_trace[k], r.rel_trace[k], k, beta, lam, tol, stop_rel)
+
+    def iterate(self, f, k):
+        fx = self._checked(f(self.x), k)
+        self.step(self.step_fn, fx, k, self.beta, self.lam, self.tol, self.stop_rel)
+
+
+class FixedPointState(_State):
+    ROW_FIELDS = ("x",)
+
+    def __init__(self, x0, max_iter, *, tau=1.0, tol=1e-4, stop_rel=True):
+        super().__init__(x0, max_iter)
+        self.tau, self.tol, self.stop_rel = tau, tol, stop_rel
+
+    def iterate(self, f, k):
+        x = self.x
+        fx = self._checked(f(x), k)
+        active = self.res.record(k, x, fx, self.tol, self.stop_rel)
+        x.copy_(torch.where(active[:, None], (1 - self.tau) * x + self.tau * fx, x))
+
+
+class BroydenState(_State):
+    """Limited-memory ("good") Broyden on g(x) = f(x) - x, inverse Jacobian started at -I; its low-rank
+    factors live in rings of m columns per sample: Us [B, L, m], VTs [B, m, L]."""
+    ROW_FIELDS = ("x", "fx", "gx", "Us", "VTs")
+
+    def __init__(self, x0, m, max_iter, *, tol=1e-4, stop_rel=True):
+        super().__init__(x0, max_iter)
+        B, L = x0.shape
+        self.fx, self.gx = torch.zeros_like(self.x), torch.zeros_like(self.x)
+        self.Us = x0.new_zeros(B, L, m)
+        self.VTs = x0.new_zeros(B, m, L)
+        self.m, self.tol, self.stop_rel = m, tol, stop_rel
+
+    def _matvec(self, v):  # J^-1 v with J^-1 = -I + Us VTs ; v: [B, L]
+        return -v + torch.einsum("blm,bm->bl", self.Us, torch.einsum("bml,bl->bm", self.VTs, v))
+
+    def _rmatvec(self, v):  # v^T J^-1
+        return -v + torch.einsum("bm,bml->bl", torch.einsum("bl,blm->bm", v, self.Us), self.VTs)
+
+    def iterate(self, f, k):
+        x = self.x
+        if k == 0:
+            self.fx.copy_(self._checked(f(x), k))
+            self.gx.copy_(self.fx - x)
+        else:  # the quasi-Newton step from step k-1's point, then one evaluation of f
+            active = ~self.res.converged
+            dx = torch.where(active[:, None], -self._matvec(self.gx), torch.zeros_like(x))
+            x.add_(dx)
+            fx_new = f(x)
+            gx_new = fx_new - x
+            dg = gx_new - self.gx
+            vT = self._rmatvec(dx)
+            denom = (vT * dg).sum(1, keepdim=True)
+            ok = active[:, None] & (denom.abs() > 1e-30)
+            u = torch.where(ok, (dx - self._matvec(dg)) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
+            slot = (k - 1) % self.m
+            self.Us[:, :, slot] = torch.where(ok, u, self.Us[:, :, slot])
+            self.VTs[:, slot] = torch.where(ok, vT, self.VTs[:, slot])
+            self.fx.copy_(fx_new)
+            self.gx.copy_(gx_new)
+        self.res.record(k, x, self.fx, self.tol, self.stop_rel)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def _host_sync_allowed(x) -> bool:
+    """False under torch.compile tracing and while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def resolve_check_every(check_every, x) -> int:
+    """The early-exit interval for a solve on x's device (0 = fixed iterations, no host sync)."""
+    if check_every is None:
+        if not _host_sync_allowed(x):
+            return 0
+        return DEFAULT_CHECK_EVERY.get(x.device.type, DEFAULT_CHECK_EVERY["cuda"])
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+        raise ValueError(f"check_every must be None (per-device default), 0 (fixed iterations) or a "
+                         f"positive int, got {check_every!r}")
+    if check_every and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("check_every > 0 syncs with the host, which a CUDA graph capture forbids: pass "
+                         "check_every=0 (fixed iterations) or use DEQFusion(cuda_graph=True)")
+    return check_every
+
+
+def resolve_compact(compact, f, check_every: int) -> float:
+    """The compaction threshold (0 = off) for a solve of f with the given (resolved) check interval."""
+    if compact is None:
+        return DEFAULT_COMPACT if (check_every and is_rowwise(f)) else 0.0
+    if isinstance(compact, bool) or not isinstance(compact, (int, float)) or not 0 <= compact <= 1:
+        raise ValueError(f"compact must be None (default), 0 (off) or a fraction in (0, 1], got {compact!r}")
+    if compact and not check_every:
+        raise ValueError("compact > 0 needs check_every > 0: compaction happens at the convergence checks")
+    if compact and not is_rowwise(f):
+        raise ValueError("compact > 0 needs a row-wise f (deqfuse.rowwise.RowwiseFn or any callable with "
+                         "subset(idx)); pass compact=0 for a plain callable")
+    return float(compact)
+
+
+def run(state: _State, f: Callable, max_iter: int, check_every: int, compact: float, tol: float,
+        stop_mode: str):
+    """Drive state.iterate for up to max_iter steps with early exit and compaction (see module doc).
+    Returns (best iterate [B, L], SolverStats) of the full batch."""
+    full, idx = state.res, None       # idx: rows of the full batch that `state` holds (None = all)
+    steps = rows = compactions = 0
+    for k in range(max_iter):
+        state.iterate(f, k)
+        rows += state.batch
+        steps = k + 1
+        if not check_every or steps % check_every or steps == max_iter:
+            continue
+        conv = state.res.converged
+        if not compact:
+            if bool(conv.all()):      # the one host sync of this check
+                break
+            continue
+        keep = (~conv).nonzero()[:, 0]  # the one host sync of this check
+        if keep.numel() == 0:
+            break
+        if keep.numel() <= compact * state.batch:
+            if idx is not None:
+                full.write_back(idx, state.res)
+            idx = keep if idx is None else idx.index_select(0, keep)
+            state, f = state.gather(keep), f.subset(keep)
+            compactions += 1
+    if idx is not None:
+        full.write_back(idx, state.res)
+    stats = SolverStats(full.abs_trace[:steps], full.rel_trace[:steps], full.best_res, full.nstep,
+                        full.converged, steps, tol, stop_mode, rows=rows, compactions=compactions)
+    return full.best_x, stats
 
 
 def _check(x0, max_iter, tol, stop_mode):
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
         raise ValueError(f"x0 must be a [B, L] tensor, got {getattr(x0, 'shape', type(x0))}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 must be floating point, got {x0.dtype}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
 
 
-def _should_stop(k, check_every, converged):
-    return check_every > 0 and (k + 1) % check_every == 0 and bool(converged.all())
+def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_iter: int = 50,
+                   tol: float = 1e-4, stop_mode: str = "rel", history_dtype: Optional[torch.dtype] = None,
+                   backend: str = "auto") -> AndersonState:
+    """A checked AndersonState ready to iterate (the solver minus its driver; graphs.py replays it)."""
+    _check(x0, max_iter, tol, stop_mode)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m must be an int >= 1, got {m!r}")
+    step_fn = _backend.anderson_step_fn(backend, x0)
+    return AndersonState(x0, m, max_iter, history_dtype, step_fn=step_fn, beta=beta, lam=lam, tol=tol,
+                         stop_rel=stop_mode == "rel")
 
 
-class AndersonState:
-    """Device buffers of one Anderson solve (see reference.anderson for the step contract)."""
+def fixed_point_state(x0, *, tau: float = 1.0, max_iter: int = 50, tol: float = 1e-4,
+                      stop_mode: str = "rel") -> FixedPointState:
+    _check(x0, max_iter, tol, stop_mode)
+    return FixedPointState(x0, max_iter, tau=tau, tol=tol, stop_rel=stop_mode == "rel")
 
-    def __init__(self, x0, m, max_iter, history_dtype=None):
-        B, L = x0.shape
-        dev, hd = x0.device, history_dtype or x0.dtype
-        acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
-        self.x = x0.clone()
-        self.X = torch.zeros(B, m, L, dtype=hd, device=dev)
-        self.G = torch.zeros(B, m, L, dtype=hd, device=dev)
-        self.GG = torch.zeros(B, m, m, dtype=acc, device=dev)
-        self.best_x = x0.clone()
-        self.best_res = torch.full((B,), float("inf"), dtype=acc, device=dev)
-        self.converged = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.nstep = torch.zeros(B, dtype=torch.int32, device=dev)
-        self.abs_trace = torch.full((max_iter, B), float("nan"), dtype=acc, device=dev)
-        self.rel_trace = torch.full((max_iter, B), float("nan"), dtype=acc, device=dev)
 
-    def step(self, step_fn, fx, k, beta, lam, tol, stop_rel):
-        step_fn(self.x, fx, self.X, self.G, self.GG, self.best_x, self.best_res, self.converged,
-                self.nstep, self.abs_trace[k], self.rel_trace[k], k, beta, lam, tol, stop_rel)
+def broyden_state(x0, *, m: int = 30, max_iter: int = 50, tol: float = 1e-4,
+                  stop_mode: str = "rel") -> BroydenState:
+    _check(x0, max_iter, tol, stop_mode)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m must be an int >= 1, got {m!r}")
+    return BroydenState(x0, m, max_iter, tol=tol, stop_rel=stop_mode == "rel")
 
 
 def anderson(f: Callable, x0: torch.Tensor, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0,
-             max_iter: int = 50, tol: float = 1e-4, stop_mode: str = "rel", check_every: int = 0,
-             history_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+             max_iter: int = 50, tol: float = 1e-4, stop_mode: str = "rel", check_every: Optional[int] = None,
+             compact: Optional[float] = None, history_dtype: Optional[torch.dtype] = None,
+             backend: str = "auto"):
     """Anderson acceleration (bordered least-squares form), one fused step per iteration.
 
     m: history size; lam: Tikhonov term on the Gram matrix; beta: mixing (1 = use f(x) only);
-    history_dtype: dtype of the [B, m, L] ring buffers (e.g. bf16 to halve their traffic).
+    history_dtype: dtype of the [B, m, L] ring buffers (e.g. bf16 to halve their traffic);
+    check_every/compact: early exit and active-set compaction (module doc).
     """
-    _check(x0, max_iter, tol, stop_mode)
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
-    step_fn = _backend.anderson_step_fn(backend, x0)
-    st = AndersonState(x0, m, max_iter, history_dtype)
-    steps = 0
-    for k in range(max_iter):
-        fx = f(st.x)
-        if k == 0 and (fx.shape != x0.shape or fx.dtype != x0.dtype or fx.device != x0.device):
-            raise ValueError(f"f(x) must match x0: got {tuple(fx.shape)} {fx.dtype} {fx.device}, "
-                             f"x0 is {tuple(x0.shape)} {x0.dtype} {x0.device}")
-        st.step(step_fn, fx, k, beta, lam, tol, stop_mode == "rel")
-        steps = k + 1
-        if _should_stop(k, check_every, st.converged):
-            break
-    stats = SolverStats(st.abs_trace[:steps], st.rel_trace[:steps], st.best_res, st.nstep,
-                        st.converged, steps, tol, stop_mode)
-    return st.best_x, stats
+    st = anderson_state(x0, m=m, lam=lam, beta=beta, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
+                        history_dtype=history_dtype, backend=backend)
+    ce = resolve_check_every(check_every, x0)
+    return run(st, f, max_iter, ce, resolve_compact(compact, f, ce), tol, stop_mode)
 
 
 def fixed_point(f: Callable, x0: torch.Tensor, *, tau: float = 1.0, max_iter: int = 50,
-                tol: float = 1e-4, stop_mode: str = "rel", check_every: int = 0):
+                tol: float = 1e-4, stop_mode: str = "rel", check_every: Optional[int] = None,
+                compact: Optional[float] = None):
     """Damped fixed-point iteration x <- (1 - tau) x + tau f(x), frozen per sample once converged."""
-    _check(x0, max_iter, tol, stop_mode)
-    tr = _Tracker(x0, max_iter, tol, stop_mode)
-    x, steps = x0, 0
-    for k in range(max_iter):
-        fx = f(x)
-        active = tr.update(k, x, fx)
-        x = torch.where(active[:, None], (1 - tau) * x + tau * fx, x)
-        steps = k + 1
-        if _should_stop(k, check_every, tr.converged):
-            break
-    return tr.best_x, tr.stats(steps, stop_mode)
+    st = fixed_point_state(x0, tau=tau, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    ce = resolve_check_every(check_every, x0)
+    return run(st, f, max_iter, ce, resolve_compact(compact, f, ce), tol, stop_mode)
 
 
 def broyden(f: Callable, x0: torch.Tensor, *, m: int = 30, max_iter: int = 50, tol: float = 1e-4,
-            stop_mode: str = "rel", check_every: int = 0):
-    """Limited-memory ("good") Broyden on g(x) = f(x) - x, inverse Jacobian started at -I.
-
-    The low-rank factors live in rings of m columns per sample: Us [B, L, m], VTs [B, m, L].
-    """
-    _check(x0, max_iter, tol, stop_mode)
-    B, L = x0.shape
-    tr = _Tracker(x0, max_iter, tol, stop_mode)
-    Us = x0.new_zeros(B, L, m)
-    VTs = x0.new_zeros(B, m, L)
-
-    def matvec(v):  # J^-1 v with J^-1 = -I + Us VTs ; v: [B, L]
-        return -v + torch.einsum("blm,bm->bl", Us, torch.einsum("bml,bl->bm", VTs, v))
-
-    def rmatvec(v):  # v^T J^-1
-        return -v + torch.einsum("bm,bml->bl", torch.einsum("bl,blm->bm", v, Us), VTs)
-
-    x = x0
-    fx = f(x)
-    gx = fx - x
-    steps = 0
-    for k in range(max_iter):
-        active = tr.update(k, x, fx)
-        steps = k + 1
-        if k == max_iter - 1 or _should_stop(k, check_every, tr.converged):
-            break
-        dx = torch.where(active[:, None], -matvec(gx), torch.zeros_like(x))
-        x_new = x + dx
-        fx_new = f(x_new)
-        gx_new = fx_new - x_new
-        dg = gx_new - gx
-        vT = rmatvec(dx)
-        denom = (vT * dg).sum(1, keepdim=True)
-        ok = active[:, None] & (denom.abs() > 1e-30)
-        u = torch.where(ok, (dx - matvec(dg)) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-        slot = k % m
-        Us[:, :, slot] = torch.where(ok, u, Us[:, :, slot])
-        VTs[:, slot] = torch.where(ok, vT, VTs[:, slot])
-        x, fx, gx = x_new, fx_new, gx_new
-    return tr.best_x, tr.stats(steps, stop_mode)
+            stop_mode: str = "rel", check_every: Optional[int] = None, compact: Optional[float] = None):
+    """Limited-memory Broyden (see BroydenState)."""
+    st = broyden_state(x0, m=m, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    ce = resolve_check_every(check_every, x0)
+    return run(st, f, max_iter, ce, resolve_compact(compact, f, ce), tol, stop_mode)
 
 
 SOLVERS = {"anderson": anderson, "broyden": broyden, "fixed_point": fixed_point}
+STATES = {"anderson": anderson_state, "broyden": broyden_state, "fixed_point": fixed_point_state}
+
+
+def check_solver(name: str):
+    if name not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
+
+
+def solver_options(name: str) -> set:
+    """Keyword options the named solver accepts (besides f and x0)."""
+    check_solver(name)
+    return {p for p in inspect.signature(SOLVERS[name]).parameters if p not in ("f", "x0")}
 
 
 def solve(name: str, f: Callable, x0: torch.Tensor, **kw):
     """Dispatch by name ('anderson' | 'broyden' | 'fixed_point')."""
-    if name not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
+    check_solver(name)
     return SOLVERS[name](f, x0, **kw)

@@ -87,7 +87,8 @@ def macro_f1(pred, y, classes):
 
 
 def train_one(method, data, D=64, epochs=25, batch=128, lr=2e-3, seed=0, progress=True, deq_kw=None,
-              dynmm_lambda=0.3):
+              dynmm_lambda=0.3, return_model=False):
+    """Train one method; returns its result dict (and the trained model if return_model)."""
     torch.manual_seed(seed)
     (xtr, ytr), (xte, yte), dims = data["train"], data["test"], data["dims"]
     classes = int(ytr.max()) + 1
@@ -134,7 +135,7 @@ def train_one(method, data, D=64, epochs=25, batch=128, lr=2e-3, seed=0, progres
         res.update(solver_converged=f"{int(st.converged.sum())}/{st.converged.numel()}",
                    solver_mean_steps=round(float(st.nstep.float().mean()), 1),
                    rel_trace=st.rel_trace.tolist())
-    return res
+    return (res, model) if return_model else res
 
 
 def plot_convergence(rel_trace, path):
