@@ -41,14 +41,18 @@ VARIANTS = {  # solver_kw of each deqfuse variant
 ROWS = []
 
 
-def timed(fn, reps):
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median ms of each fn, timed round-robin (one call of each per round) so that a noisy machine
+    shifts every variant alike; one warm-up call each first."""
+    for fn in fns.values():
         fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in ts.items()}
 
 
 def record(work, mode, variant, ms, **kw):
@@ -88,70 +92,73 @@ def layer_like(src: DEQFusion, **solver_kw):
 
 
 def compare(work, src: DEQFusion, eval_feats, train_feats, loss_fn, reps, thresholds=()):
-    """Eval forward and training step of every variant on the layer src (its weights and limits)."""
+    """Eval forward and training step of every variant on the layer src (its weights and limits),
+    each mode timed round-robin over the variants (and torchdeq) in one run."""
     src = src.float()
-    out = {}
-    B = eval_feats[0].shape[0]
-    for name, kw in list(VARIANTS.items()) + [(f"compact={t}", dict(compact=t)) for t in thresholds]:
-        ly = layer_like(src, **kw).eval()
-        with torch.no_grad():
-            ms = timed(lambda: ly(eval_feats), reps)
-            z = ly(eval_feats)
-        st = ly.info.forward_stats
-        need = int(torch.where(st.converged, st.nstep, st.steps).sum())
-        ref = out.setdefault("eval_fixed", z)
-        out.setdefault("eval_fixed_converged", st.converged)
-        out[name] = ms
-        record(work, "eval", name, ms, rows=st.rows, need=need, rows_per_need=round(st.rows / need, 3),
-               steps=st.steps, converged=f"{int(st.converged.sum())}/{B}", max_diff=f"{(z - ref).abs().max():.1e}")
-        ly.train()
+    N, D, B = src.n, src.dim, eval_feats[0].shape[0]
+    variants = list(VARIANTS.items()) + [(f"compact={t}", dict(compact=t)) for t in thresholds]
+    layers = {name: layer_like(src, **kw) for name, kw in variants}
+    ev, tr = {}, {}
+    for name, ly in layers.items():
+        ev[name] = lambda ly=ly: ly.eval()(eval_feats)
 
-        def step():
-            ly.zero_grad(set_to_none=True)
+        def step(ly=ly):
+            ly.train().zero_grad(set_to_none=True)
             loss_fn(ly(train_feats)).backward()
-        ms = timed(step, reps)
-        fs, bs = ly.info.forward_stats, ly.info.backward_stats[0]
-        need = sum(int(torch.where(s.converged, s.nstep, s.steps).sum()) for s in (fs, bs))
-        record(work, "train", name, ms, rows=fs.rows + bs.rows, need=need,
-               rows_per_need=round((fs.rows + bs.rows) / need, 3), steps=f"{fs.steps}+{bs.steps}")
-        out[f"train {name}"] = ms
+        tr[name] = step
+    deq = None
     try:
         deq = _torchdeq(src.f_kw["max_iter"], src.b_kw["max_iter"], src.f_kw["tol"], src.f_kw.get("m", 5))
     except ImportError as e:
         print("  torchdeq unavailable:", e)
-        return out
-    N, D = src.n, src.dim
-    ly = layer_like(src)
+    if deq is not None:
+        ly_t = layer_like(src)
 
-    def tdq(feats):
-        x = torch.stack(feats, 1)
-        xf = fuse_inputs(x, ly.weights, ly.bias)
-        zs, _ = deq(lambda z: ly.cell(z, x, xf, "reference"), torch.zeros(x.shape[0], N + 1, D))
-        return zs[-1][:, N]
-    deq.eval()
+        def tdq(feats):
+            x = torch.stack(feats, 1)
+            xf = fuse_inputs(x, ly_t.weights, ly_t.bias)
+            zs, _ = deq(lambda z: ly_t.cell(z, x, xf, "reference"), torch.zeros(x.shape[0], N + 1, D))
+            return zs[-1][:, N]
+        ev["torchdeq 0.1.0"] = lambda: deq.eval() and tdq(eval_feats)
+
+        def tstep():
+            deq.train()
+            ly_t.zero_grad(set_to_none=True)
+            loss_fn(tdq(train_feats)).backward()
+        tr["torchdeq 0.1.0"] = tstep
     with torch.no_grad():
-        ms = timed(lambda: tdq(eval_feats), reps)
-        _Counter.rows = 0
-        z = tdq(eval_feats)
-    ok = out["eval_fixed_converged"]  # compare where the fixed solve converged (else: two best iterates)
-    record(work, "eval", "torchdeq 0.1.0", ms, rows=_Counter.rows,
-           max_diff=f"{(z - out['eval_fixed'])[ok].abs().max():.1e} on {int(ok.sum())} converged")
-    out["torchdeq"] = ms
-    deq.train()
-
-    def tstep():
-        ly.zero_grad(set_to_none=True)
-        loss_fn(tdq(train_feats)).backward()
-    ms = timed(tstep, reps)
+        ms_ev = interleaved(ev, reps)
+    ms_tr = interleaved(tr, reps)
+    # work done, from one more call of each
+    ref = None
+    for name, ly in layers.items():
+        with torch.no_grad():
+            z = ly.eval()(eval_feats)
+        st = ly.info.forward_stats
+        if ref is None:
+            ref, ok = z, st.converged
+        need = int(torch.where(st.converged, st.nstep, st.steps).sum())
+        record(work, "eval", name, ms_ev[name], rows=st.rows, need=need, rows_per_need=round(st.rows / need, 3),
+               steps=st.steps, converged=f"{int(st.converged.sum())}/{B}", max_diff=f"{(z - ref).abs().max():.1e}")
+        tr[name]()
+        fs, bs = ly.info.forward_stats, ly.info.backward_stats[0]
+        need = sum(int(torch.where(s.converged, s.nstep, s.steps).sum()) for s in (fs, bs))
+        record(work, "train", name, ms_tr[name], rows=fs.rows + bs.rows, need=need,
+               rows_per_need=round((fs.rows + bs.rows) / need, 3), steps=f"{fs.steps}+{bs.steps}")
+    if deq is None:
+        return
     _Counter.rows = 0
-    tstep()
-    record(work, "train", "torchdeq 0.1.0", ms, rows=_Counter.rows)
-    out["train torchdeq"] = ms
-    for name in VARIANTS:
-        for mode, key in (("eval", name), ("train", f"train {name}")):
-            base = out["torchdeq" if mode == "eval" else "train torchdeq"]
-            record(work, mode, f"x vs torchdeq: {name}", 0.0, speedup=round(base / out[key], 2))
-    return out
+    with torch.no_grad():
+        z = ev["torchdeq 0.1.0"]()
+    # compare where the fixed-iteration solve converged (elsewhere two solvers' best iterates differ)
+    record(work, "eval", "torchdeq 0.1.0", ms_ev["torchdeq 0.1.0"], rows=_Counter.rows,
+           max_diff=f"{(z - ref)[ok].abs().max():.1e} on {int(ok.sum())} converged")
+    _Counter.rows = 0
+    tr["torchdeq 0.1.0"]()
+    record(work, "train", "torchdeq 0.1.0", ms_tr["torchdeq 0.1.0"], rows=_Counter.rows)
+    for name in layers:
+        record(work, "eval", f"x vs torchdeq: {name}", 0.0, speedup=round(ms_ev["torchdeq 0.1.0"] / ms_ev[name], 2))
+        record(work, "train", f"x vs torchdeq: {name}", 0.0, speedup=round(ms_tr["torchdeq 0.1.0"] / ms_tr[name], 2))
 
 
 def main_job_model(path=None, epochs=25):

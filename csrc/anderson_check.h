@@ -12,7 +12,9 @@ namespace deqfuse {
 inline void check_anderson_args(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& X,
                                 const at::Tensor& G, const at::Tensor& GG, const at::Tensor& best_x,
                                 const at::Tensor& best_res, const at::Tensor& converged,
-                                const at::Tensor& nstep, const at::Tensor& abs_out, const at::Tensor& rel_out) {
+                                const at::Tensor& nstep, const at::Tensor& abs_out, const at::Tensor& rel_out,
+                                int64_t k) {
+  TORCH_CHECK(k >= 0, "anderson_step: the step index k must be >= 0, got ", std::to_string(k));
   TORCH_CHECK(x.dim() == 2, "anderson_step: x must be [B, L], got ", shape_str(x.sizes()));
   const auto B = x.size(0), L = x.size(1);
   TORCH_CHECK(X.dim() == 3 && X.size(0) == B && X.size(2) == L, "anderson_step: X must be [B, m, L], got ", shape_str(X.sizes()));

@@ -6,8 +6,71 @@
 #include <vector>
 
 #include "anderson_check.h"
+#include "cpu_simd.h"
 
 namespace deqfuse {
+
+// One sample's step (the contract of reference/anderson.py). g, mixed: [L] scratch rows. Pass 1 forms
+// g = f(x) - x once (norms, then the history-rounded copy the Gram row is taken from); the Gram row is
+// one contiguous dot product per ring slot; pass 2 writes the new slot and mixes slot by slot into an
+// accumulator row (in slot order: the sum order of the reference). Every inner loop is over a
+// contiguous row (SIMD).
+template <typename scalar_t, typename hist_t, typename acc_t>
+DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* Xb, hist_t* Gb, acc_t* GGb,
+                                      scalar_t* bxb, acc_t* brb, bool* cb, int32_t* nb, acc_t* ab, acc_t* rb,
+                                      acc_t* gp, acc_t* mp, int64_t L, int m, int slot, int n, int64_t k,
+                                      acc_t beta, acc_t lam, double tol, bool stop_rel) {
+  acc_t dots[kMaxM], alpha[kMaxM], A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
+  acc_t g2 = 0, f2 = 0, gr2 = 0;
+#pragma omp simd reduction(+ : g2, f2)
+  for (int64_t l = 0; l < L; ++l) {
+    const acc_t fv = (acc_t)fb[l], gv = fv - (acc_t)xb[l];
+    gp[l] = gv;
+    g2 += gv * gv;
+    f2 += fv * fv;
+  }
+  if constexpr (!std::is_same_v<hist_t, acc_t>) {
+    for (int64_t l = 0; l < L; ++l) gp[l] = (acc_t)(hist_t)gp[l];  // what the ring will hold
+#pragma omp simd reduction(+ : gr2)
+    for (int64_t l = 0; l < L; ++l) gr2 += gp[l] * gp[l];
+  } else {
+    gr2 = g2;
+  }
+  for (int j = 0; j < m; ++j) {
+    acc_t d = 0;
+    if (j < n && j != slot) {
+      const hist_t* Gj = Gb + j * L;
+#pragma omp simd reduction(+ : d)
+      for (int64_t l = 0; l < L; ++l) d += (acc_t)Gj[l] * gp[l];
+    }
+    dots[j] = d;
+  }
+  const int fl = record_residual<acc_t>(g2, f2, stop_rel, tol, k, ab, rb, brb, nb, cb);
+  if (fl & 1) std::copy(xb, xb + L, bxb);
+  if (fl & 2) return;
+  dots[slot] = gr2;
+  for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = dots[j];
+  bordered_solve<acc_t>(GGb, m, n, lam, A, rhs, alpha);
+  hist_t* Xs = Xb + slot * L;
+  hist_t* Gs = Gb + slot * L;
+  for (int64_t l = 0; l < L; ++l) {
+    Xs[l] = (hist_t)xb[l];
+    Gs[l] = (hist_t)gp[l];
+  }
+  for (int j = 0; j < n; ++j) {
+    const acc_t a = alpha[j];
+    const hist_t* Xj = Xb + j * L;
+    const hist_t* Gj = Gb + j * L;
+    if (j == 0) {
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) mp[l] = a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]);
+    } else {
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) mp[l] += a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]);
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) xb[l] = (scalar_t)mp[l];
+}
 
 template <typename scalar_t, typename hist_t>
 void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, at::Tensor& G, at::Tensor& GG,
@@ -16,7 +79,7 @@ void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, 
                             double tol, bool stop_rel) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = x.size(0), L = x.size(1), m = X.size(1);
-  const int64_t slot = k % m, n = std::min<int64_t>(k + 1, m);
+  const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
   scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* fp = fx.data_ptr<scalar_t>();
   hist_t* Xp = X.data_ptr<hist_t>();
@@ -28,39 +91,14 @@ void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, 
   int32_t* np = nstep.data_ptr<int32_t>();
   acc_t* ap = abs_out.data_ptr<acc_t>();
   acc_t* rp = rel_out.data_ptr<acc_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    acc_t dots[kMaxM], alpha[kMaxM], A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> g(L), mixed(L);
     for (int64_t b = b0; b < b1; ++b) {
-      if (cp[b]) continue;
-      scalar_t* xb = xp + b * L;
-      const scalar_t* fb = fp + b * L;
-      hist_t* Xb = Xp + b * m * L;
-      hist_t* Gb = Gp + b * m * L;
-      acc_t g2 = 0, f2 = 0, gr2 = 0;
-      for (int j = 0; j < m; ++j) dots[j] = 0;
-      for (int64_t l = 0; l < L; ++l) {
-        const acc_t xv = xb[l], fv = fb[l], g = fv - xv, gr = (acc_t)(hist_t)g;
-        g2 += g * g;
-        f2 += fv * fv;
-        gr2 += gr * gr;
-        for (int j = 0; j < n; ++j)
-          if (j != slot) dots[j] += (acc_t)Gb[j * L + l] * gr;
-      }
-      const int fl = record_residual<acc_t>(g2, f2, stop_rel, tol, k, ap + b, rp + b, brp + b, np + b, cp + b);
-      if (fl & 1) std::copy(xb, xb + L, bxp + b * L);
-      if (fl & 2) continue;
-      dots[slot] = gr2;
-      acc_t* GGb = GGp + b * m * m;
-      for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = dots[j];
-      bordered_solve<acc_t>(GGb, (int)m, (int)n, (acc_t)lam, A, rhs, alpha);
-      for (int64_t l = 0; l < L; ++l) {
-        const acc_t xv = xb[l], g = (acc_t)fb[l] - xv;
-        Xb[slot * L + l] = (hist_t)xv;
-        Gb[slot * L + l] = (hist_t)g;
-        acc_t v = 0;
-        for (int j = 0; j < n; ++j) v += alpha[j] * ((acc_t)Xb[j * L + l] + (acc_t)beta * (acc_t)Gb[j * L + l]);
-        xb[l] = (scalar_t)v;
-      }
+      if (cp[b]) continue;  // frozen
+      anderson_row<scalar_t, hist_t, acc_t>(xp + b * L, fp + b * L, Xp + b * m * L, Gp + b * m * L, GGp + b * m * m,
+                                            bxp + b * L, brp + b, cp + b, np + b, ap + b, rp + b, g.data(),
+                                            mixed.data(), L, (int)m, slot, n, k, (acc_t)beta, (acc_t)lam, tol,
+                                            stop_rel);
     }
   });
 }
@@ -68,7 +106,7 @@ void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, 
 void anderson_step_cpu(at::Tensor x, at::Tensor fx, at::Tensor X, at::Tensor G, at::Tensor GG, at::Tensor best_x,
                        at::Tensor best_res, at::Tensor converged, at::Tensor nstep, at::Tensor abs_out,
                        at::Tensor rel_out, int64_t k, double beta, double lam, double tol, bool stop_rel) {
-  check_anderson_args(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out);
+  check_anderson_args(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out, k);
   TORCH_CHECK(x.device().is_cpu(), "anderson_step (CPU): x must be a CPU tensor");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "anderson_step_cpu", [&] {
     using x_t = scalar_t;

@@ -1,8 +1,14 @@
-// Python module deqfuse._C: importing it registers the torch.ops.deqfuse.* operators.
+// Python module deqfuse._C: importing it registers the torch.ops.deqfuse.* operators (schemas in the
+// TORCH_LIBRARY blocks of the .cpp files; fake kernels for torch.compile in deqfuse/ops.py):
+//   anderson_step (CPU, CUDA), cell_forward / cell_vjp (CPU), modality_epilogue (CUDA),
+//   group_by_choice / gather_rows_multi / scatter_rows (CPU, CUDA).
 #include <torch/extension.h>
 
+#include "cpu_blas.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "deqfuse compiled ops (torch.ops.deqfuse.anderson_step, torch.ops.deqfuse.modality_epilogue)";
+  m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, modality_epilogue, "
+            "group_by_choice, gather_rows_multi, scatter_rows}";
   m.def("has_cuda", []() {
 #ifdef WITH_CUDA
     return true;
@@ -10,4 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("blas_backend", []() { return std::string(deqfuse::blas_backend()); },
+        "which GEMM the C++ CPU cell op calls: torch's BLAS (sgemm_/dgemm_) or the at::mm fallback");
 }

@@ -1,9 +1,10 @@
 """Backend discovery and dispatch: 'auto' | 'triton' | 'cuda' | 'reference'.
 
-'cuda' means the compiled extension deqfuse._C (CUDA kernels, plus a C++ CPU Anderson step so the
-compiled path also runs without a GPU). 'auto' picks, per device, the fastest path measured on an H100
-(benchmarks/RESULTS.md): triton > cuda ext > reference on a GPU (the Triton step beat the CUDA one for
-fp32 and bf16 history); cuda ext (CPU op) > reference on the CPU. Triton on the CPU only runs under
+'cuda' means the compiled extension deqfuse._C (CUDA kernels, plus C++ CPU ops -- the Anderson step and
+the whole fusion cell forward and VJP -- so the compiled path also runs without a GPU). 'auto' picks, per
+device, the fastest path measured (benchmarks/RESULTS.md): triton > cuda ext > reference on a GPU (the
+Triton step beat the CUDA one for fp32 and bf16 history on an H100); cuda ext (C++ ops) > reference on
+the CPU. Triton on the CPU only runs under
 TRITON_INTERPRET=1 and is chosen there only when asked for by name.
 """
 import functools
@@ -24,7 +25,8 @@ def extension_status():
     except ImportError as e:
         return None, f"extension not built ({e}); reinstall without DEQFUSE_NO_EXT=1"
     from . import ops  # noqa: F401  fake kernels for torch.compile
-    return _C, "ok (cuda kernels: %s)" % ("yes" if _C.has_cuda() else "no, CPU build")
+    return _C, "ok (cuda kernels: %s; CPU cell GEMMs: %s)" % ("yes" if _C.has_cuda() else "no, CPU build",
+                                                               _C.blas_backend())
 
 
 @functools.lru_cache(None)
@@ -50,7 +52,9 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
     """Concrete backend for `op` on `device`; raises a clear error if a named backend can't run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda_ops = {"anderson_step", "modality_epilogue", "routing"}  # ops the extension provides
+    # ops the extension provides, per device type (the cell op is C++ CPU only; on GPUs the Triton cell
+    # is the kernel path)
+    cuda_ops = {"anderson_step", "routing"} | ({"cell"} if device.type == "cpu" else {"modality_epilogue"})
     triton_ops = {"anderson_step", "cell", "routing"}                # ops with a Triton kernel
     if backend == "cuda" and op not in cuda_ops:
         backend = "auto"  # ops the extension lacks (the cell) take the best other path

@@ -7,6 +7,7 @@ import os
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from ._validate import check_dim_groups
@@ -49,9 +50,40 @@ class FusionCell(nn.Module):
         """J^T gbar at the point saved by forward(save=True). gbar: [B, N+1, D]."""
         return cell_vjp_apply(gbar, saved, self.params(), self.groups, backend)
 
+    def bind(self, backend: str, like: torch.Tensor):
+        """f(z, x, xf) -> f(z) [b, N+1, D] for a solver loop: the kernel path is chosen once (for tensors
+        like `like`) and the parameters are gathered once, so an iteration costs one call of the path
+        (the parameters are read in place: optimizer steps between solves are seen). With grad enabled
+        it runs the reference (autograd) path, like forward()."""
+        p, G = self.params(), self.groups
+        path = cell_path(backend, like)
+        if path == "reference":
+            return lambda z, x, xf: cell_forward(z, x, xf, p, G)
+        if path == "ext":
+            op, plist = torch.ops.deqfuse.cell_forward.default, list(p)
+
+            def f(z, x, xf):
+                if torch.is_grad_enabled():  # unrolled / phantom gradients: the C++ backward
+                    return ext_cell_with_grad(z, x, xf, plist, G)[0]
+                return op(z, x, xf, plist, G, False)[0]
+            return f
+        return lambda z, x, xf: cell_apply(z, x, xf, p, G, backend)
+
 
 def _kernel_ok(backend, device, op):
     return _backend.resolve(backend, device, op) == "triton"
+
+
+EXT_CELL_DTYPES = (torch.float32, torch.float64)
+
+
+def cell_path(backend: str, z: torch.Tensor) -> str:
+    """Which implementation of the no-grad cell forward serves `backend` for tensors like z:
+    'ext' (the compiled C++ op: CPU, float32/float64), 'triton', or 'reference'."""
+    b = _backend.resolve(backend, z.device, "cell")
+    if b == "cuda":
+        return "ext" if z.dtype in EXT_CELL_DTYPES else "reference"
+    return b
 
 
 CELL_GEMMS = ("cublas", "fused")
@@ -69,10 +101,47 @@ def cell_gemm(dim: int, groups: int) -> str:
     return "fused" if want == "fused" and fused_supported(dim, groups) else "cublas"
 
 
+class _ExtCell(torch.autograd.Function):
+    """The compiled C++ cell forward (save=True) with the C++ backward (gradients of z, x, xf and all 16
+    parameters). Outputs: f(z) and the 13 saved tensors (non-differentiable; the adjoint VJP reads them).
+    Once differentiable: a double backward (e.g. the Jacobian regulariser's create_graph) raises; the
+    layers use the reference path there."""
+
+    @staticmethod
+    def forward(ctx, z, x, xf, groups, *params):
+        out, saved = torch.ops.deqfuse.cell_forward.default(z, x, xf, list(params), groups, True)
+        ctx.save_for_backward(z, *params, *saved)
+        ctx.groups, ctx.n_params = groups, len(params)
+        ctx.mark_non_differentiable(*saved)
+        return (out, *saved)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout, *_):
+        z, *rest = ctx.saved_tensors
+        params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
+        dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward.default(gout.contiguous(), z, list(saved), list(params),
+                                                                  ctx.groups)
+        return (dz, dx, dxf, None, *dp)
+
+
+def ext_cell_with_grad(z, x, xf, params, groups: int):
+    """f(z) with autograd through the C++ ops (CPU, float32/float64). Returns (out [B, N+1, D], saved list:
+    what torch.ops.deqfuse.cell_vjp reads)."""
+    out, *saved = _ExtCell.apply(z, x, xf, groups, *params)
+    return out, saved
+
+
 def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference", save: bool = False):
-    """Dispatch the cell forward. The Triton path is forward-only (no autograd graph): use it inside
-    the no-grad solver loops; with grad enabled the reference path runs so parameters get gradients."""
-    if torch.is_grad_enabled() or not _kernel_ok(backend, z.device, "cell"):
+    """Dispatch the cell forward. The kernel paths (Triton, the compiled C++ op) are forward-only (no
+    autograd graph): they run inside the no-grad solver loops; with grad enabled the reference path runs
+    so parameters get gradients."""
+    if torch.is_grad_enabled():
+        return cell_forward(z, x, xf, p, groups, save)
+    if cell_path(backend, z) == "ext":
+        out, saved = torch.ops.deqfuse.cell_forward(z, x, xf, list(p), groups, save)
+        return (out, dict(ext=saved)) if save else out
+    if not _kernel_ok(backend, z.device, "cell"):
         return cell_forward(z, x, xf, p, groups, save)
     if cell_gemm(z.shape[-1], groups) == "fused":
         from .kernels.cell_fused import cell_forward_fused
@@ -82,6 +151,9 @@ def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference",
 
 
 def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "reference"):
+    """J^T gbar from the tensors the forward of the same path saved (the saved dict says which)."""
+    if "ext" in saved:
+        return torch.ops.deqfuse.cell_vjp(gbar, saved["ext"], list(p), groups)
     if "triton" in saved and _kernel_ok(backend, gbar.device, "cell"):
         if cell_gemm(gbar.shape[-1], groups) == "fused":
             from .kernels.cell_fused import cell_vjp_fused

@@ -8,7 +8,7 @@ from torch import nn
 
 from ._validate import check_features
 from .backend import resolve
-from .cell import FusionCell
+from .cell import FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad
 from .graphs import GraphedSolves
 from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, nvtx_range, phantom_grad
 from .reference.cell import fuse_inputs
@@ -83,14 +83,14 @@ class DEQFusion(nn.Module):
         self._graphs = GraphedSolves(self)
         self.info: Optional[DEQInfo] = None
 
-    def _cell_rows(self, z, x, xf):
-        """f on a block of b rows: z [b, (N+1) D], x [b, N, D], xf [b, D] -> [b, (N+1) D]."""
-        b = z.shape[0]
-        return self.cell(z.view(b, self.n + 1, self.dim), x, xf, self.backend).reshape(b, -1)
-
     def _flat_cell(self, x, xf):
-        """f as a row-wise map of flat states (the solvers may evaluate it on a subset of rows)."""
-        return RowwiseFn(self._cell_rows, x, xf)
+        """f as a row-wise map of flat states [b, (N+1) D] (the solvers may evaluate it on a subset of
+        rows); the kernel path and the parameters are bound once per solve."""
+        fn, shape = self.cell.bind(self.backend, x), (self.n + 1, self.dim)
+
+        def rows(z, x, xf):
+            return fn(z.view(z.shape[0], *shape), x, xf).view(z.shape[0], -1)
+        return RowwiseFn(rows, x, xf)
 
     def forward(self, features, return_info: bool = False):
         B = check_features(features, self.n, self.dim, self.weights)
@@ -131,14 +131,22 @@ class DEQFusion(nn.Module):
         if self.grad == "phantom":
             return phantom_grad(self._flat_cell(x, xf), z_star, self.phantom_steps, self.phantom_lam), jac
         z_star = z_star.detach().requires_grad_(self.jac_reg > 0)
-        fz, saved = self.cell(z_star.view(B, self.n + 1, self.dim), x, xf, "reference", save=True)
+        zs = z_star.view(B, self.n + 1, self.dim)
+        if self.jac_reg == 0 and cell_path(self.backend, zs) == "ext":
+            # C++ forward + backward for the parameter gradients; its saved tensors serve the adjoint
+            fz, ext_saved = ext_cell_with_grad(zs, x, xf, list(self.cell.params()), self.cell.groups)
+            saved = dict(ext=ext_saved)
+        else:  # reference autograd (double-differentiable: the Jacobian regulariser needs create_graph)
+            fz, saved = self.cell(zs, x, xf, "reference", save=True)
         fz = fz.reshape(B, -1)
         if self.jac_reg > 0:
             jac = jacobian_reg(fz, z_star, self.jac_reg)
         if graphed:
             return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats)), jac
         z_star, x, xf = z_star.detach(), x.detach(), xf.detach()
-        if resolve(self.backend, z_star.device, "cell") == "reference":  # reuse the grad forward's tensors
+        if "ext" in saved:
+            vjp = SavedVJP(self, z_star, x, xf, saved)
+        elif resolve(self.backend, z_star.device, "cell") == "reference":  # reuse the grad forward's tensors
             saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())
                      for k, v in saved.items()}
             vjp = SavedVJP(self, z_star, x, xf, saved)
@@ -156,20 +164,30 @@ class SavedVJP:
     """g [b, L] -> J^T g at z* for a block of b rows (z* [b, L], x [b, N, D], xf [b, D], all detached),
     from the tensors one forward of the layer's backend saved (computed here unless given). Row-wise:
     subset(idx) re-saves on those rows only (one cell forward of len(idx) rows), so the adjoint solve
-    can shrink its batch like the forward solve."""
+    can shrink its batch like the forward solve. The parameters are gathered once (read in place)."""
 
     def __init__(self, layer: DEQFusion, z_star, x, xf, saved=None):
         self.layer, self.z, self.x, self.xf = layer, z_star, x, xf
+        cell = layer.cell
         if saved is None:
             with torch.no_grad():
-                _, saved = layer.cell(self._shaped(z_star), x, xf, layer.backend, save=True)
-        self.saved = saved
+                _, saved = cell(self._shaped(z_star), x, xf, layer.backend, save=True)
+        self.saved, self.params = saved, cell.params()
+        if "ext" in saved:  # the C++ op: call it directly, and let it add the adjoint's right-hand side
+            op, plist, G = torch.ops.deqfuse.cell_vjp.default, list(self.params), cell.groups
+            self._ext = lambda g, c: op(self._shaped(g), saved["ext"], plist, G,
+                                        None if c is None else self._shaped(c)).view(g.shape[0], -1)
+            self.call_plus = self._ext
 
     def _shaped(self, t):
         return t.view(t.shape[0], self.layer.n + 1, self.layer.dim)
 
     def __call__(self, g):
-        return self.layer.cell.vjp(self._shaped(g), self.saved, self.layer.backend).reshape(g.shape[0], -1)
+        if "ext" in self.saved:
+            return self._ext(g, None)
+        cell = self.layer.cell
+        return cell_vjp_apply(self._shaped(g), self.saved, self.params, cell.groups,
+                              self.layer.backend).reshape(g.shape[0], -1)
 
     def subset(self, idx):
         return SavedVJP(self.layer, self.z.index_select(0, idx), self.x.index_select(0, idx),

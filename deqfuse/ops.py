@@ -8,6 +8,29 @@ def _anderson_step_fake(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs
     return None
 
 
+@torch.library.register_fake("deqfuse::cell_forward")
+def _cell_forward_fake(z, x, xf, params, groups, save):
+    B, N1, D = z.shape
+    N = N1 - 1
+    if not save:
+        return z.new_empty(B, N1, D), []
+    shapes = [(N, B, D), (N, B, groups), (N, B, D), (N, B, D), (N, B, groups), (N, B, D), (N, B, D),
+              (N, B, groups), (B, D), (B, D), (B, D), (B, D), (B, groups)]
+    return z.new_empty(B, N1, D), [z.new_empty(s) for s in shapes]
+
+
+@torch.library.register_fake("deqfuse::cell_vjp")
+def _cell_vjp_fake(gbar, saved, params, groups, add=None):
+    return torch.empty_like(gbar)
+
+
+@torch.library.register_fake("deqfuse::cell_backward")
+def _cell_backward_fake(gout, z, saved, params, groups):
+    B, N1, D = gout.shape
+    return (torch.empty_like(gout), gout.new_empty(B, N1 - 1, D), gout.new_empty(B, D),
+            [torch.empty_like(p) for p in params])
+
+
 @torch.library.register_fake("deqfuse::modality_epilogue")
 def _modality_epilogue_fake(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups):
     N, B, D = a2.shape

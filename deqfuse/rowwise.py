@@ -33,12 +33,16 @@ class RowwiseFn:
 
 
 class PlusRows:
-    """y -> g(y) + c with c: [B, L] (the adjoint fixed point g = J^T g + grad). Row-wise if g is."""
+    """y -> g(y) + c with c: [B, L] (the adjoint fixed point g = J^T g + grad). Row-wise if g is.
+    If g has call_plus(y, c) (a kernel that adds c in its own epilogue), that is used."""
 
     def __init__(self, g: Callable, c: torch.Tensor):
         self.g, self.c = g, c
+        self._fused = getattr(g, "call_plus", None)
 
     def __call__(self, y):
+        if self._fused is not None:
+            return self._fused(y, self.c)
         return self.g(y) + self.c
 
     def subset(self, idx: torch.Tensor) -> "PlusRows":

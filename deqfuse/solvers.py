@@ -11,7 +11,7 @@ Adaptive compute (the defaults):
     from measurements in benchmarks/RESULTS.md); ``check_every=0`` runs exactly ``max_iter`` steps with
     no host sync at all (what a CUDA-graph capture or torch.compile of a whole solve needs).
   * compaction: at a check, when the still-active samples are at most a fraction ``compact`` of the
-    batch being iterated, their whole solver state (iterate, histories, Gram matrices, best iterate,
+    batch being iterated (and enough steps are left to repay the move, COMPACT_COST), their whole solver state (iterate, histories, Gram matrices, best iterate,
     counters, traces) is gathered into a smaller batch and only those rows are evaluated from then on;
     results are scattered back into the full batch at the next compaction and at the end. Needs a
     row-wise f (deqfuse.rowwise: ``f.subset(idx)``); a plain callable gets early exit only.
@@ -23,6 +23,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from . import backend as _backend
@@ -33,7 +34,11 @@ from .rowwise import is_rowwise
 # step (benchmarks/bench_adaptive.py). CUDA: a sync drains the launch queue; 4 is a first guess that
 # bounds the wasted steps to 3 -- not yet timed on a GPU (issue 13 sets it from measurements).
 DEFAULT_CHECK_EVERY = {"cpu": 1, "cuda": 4}
-DEFAULT_COMPACT = 0.75  # compact when <= 75% of the iterated rows are still active (bench_adaptive.py)
+DEFAULT_COMPACT = 0.5  # compact when <= half of the iterated rows are still active (bench_adaptive.py)
+# A compaction gathers the whole solver state of the kept rows (the Anderson rings dominate: 2 m L values
+# per row); on the CPU that costs about as much as 1-2 iterations of those rows (bench_adaptive.py,
+# main-job model: ~1.3). So compact only if the rows dropped, times the steps left, outweigh it.
+COMPACT_COST = 2.0
 
 
 @dataclass
@@ -301,6 +306,13 @@ def resolve_compact(compact, f, check_every: int) -> float:
     return float(compact)
 
 
+def _count(flags: torch.Tensor) -> int:
+    """Number of True entries (a host sync; on the CPU read through numpy: ~1 us, no ATen dispatch)."""
+    if flags.device.type == "cpu" and not torch.compiler.is_compiling():
+        return int(np.count_nonzero(flags.numpy()))
+    return int(flags.sum())
+
+
 def run(state: _State, f: Callable, max_iter: int, check_every: int, compact: float, tol: float,
         stop_mode: str):
     """Drive state.iterate for up to max_iter steps with early exit and compaction (see module doc).
@@ -313,15 +325,12 @@ def run(state: _State, f: Callable, max_iter: int, check_every: int, compact: fl
         steps = k + 1
         if not check_every or steps % check_every or steps == max_iter:
             continue
-        conv = state.res.converged
-        if not compact:
-            if bool(conv.all()):      # the one host sync of this check
-                break
-            continue
-        keep = (~conv).nonzero()[:, 0]  # the one host sync of this check
-        if keep.numel() == 0:
+        n_keep = state.batch - _count(state.res.converged)  # the one host sync of this check
+        if n_keep == 0:
             break
-        if keep.numel() <= compact * state.batch:
+        n_drop = state.batch - n_keep
+        if compact and n_keep <= compact * state.batch and n_drop * (max_iter - steps) >= COMPACT_COST * n_keep:
+            keep = (~state.res.converged).nonzero()[:, 0]
             if idx is not None:
                 full.write_back(idx, state.res)
             idx = keep if idx is None else idx.index_select(0, keep)

@@ -42,7 +42,7 @@ void launch(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, at::Tensor& G, a
 void anderson_step_cuda(at::Tensor x, at::Tensor fx, at::Tensor X, at::Tensor G, at::Tensor GG, at::Tensor best_x,
                         at::Tensor best_res, at::Tensor converged, at::Tensor nstep, at::Tensor abs_out,
                         at::Tensor rel_out, int64_t k, double beta, double lam, double tol, bool stop_rel) {
-  check_anderson_args(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out);
+  check_anderson_args(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out, k);
   TORCH_CHECK(x.is_cuda(), "anderson_step (CUDA): x must be a CUDA tensor");
   TORCH_CHECK(k >= 0, "anderson_step: k must be >= 0, got ", std::to_string(k));
   const c10::cuda::CUDAGuard guard(x.device());

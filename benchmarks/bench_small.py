@@ -1,0 +1,179 @@
+"""Small problems at full speed: time per solver iteration of an eval forward solve and of a training
+step, side by side in one run, at the same fixed iteration counts (tol 1e-30: no sample stops early):
+
+  deqfuse      this checkout, default backend (on the CPU: the C++ cell op + the C++ Anderson step)
+  baseline     another checkout of deqfuse (--baseline DIR, its extension built in place), e.g. the
+               revision before a change: "today's path" of the issue that asked for it
+  torchdeq     torchdeq 0.1.0's Anderson solver + IFT backward on the same cell (plain PyTorch)
+  gemm floor   the 2N+2 GEMMs of one cell evaluation alone ([B, D] x [D, D] each, torch.mm with out=):
+               the floor of one iteration's cell work
+
+  python benchmarks/bench_small.py [--threads 2] [--B 32,128,512] [--D 32,64,256] [--N 2,3] [--iters 30]
+                                   [--baseline /path/to/old/checkout] [--out DIR]
+Also counts ATen ops per iteration of the eval solve (torch.profiler), the number issue 17 asks to keep
+small. Writes small.csv to --out.
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _median_ms(fn, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def measure_deqfuse(B, D, N, iters, reps):
+    """Per-iteration ms of deqfuse (whichever checkout is importable): eval solve and training step."""
+    import warnings
+
+    from deqfuse import DEQFusion
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    layer = DEQFusion(D, N, f_max_iter=iters, b_max_iter=iters, f_tol=1e-30, b_tol=1e-30,
+                      on_nonconvergence="ignore")
+    feats = [torch.randn(B, D) for _ in range(N)]
+    P, y = torch.randn(D, 10), torch.randint(0, 10, (B,))
+    layer.eval()
+    with torch.no_grad():
+        ev = _median_ms(lambda: layer(feats), reps) / iters
+    layer.train()
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(layer(feats) @ P, y).backward()
+    tr = _median_ms(step, reps) / (2 * iters)
+    return dict(eval_it=ev, train_it=tr)
+
+
+def aten_ops_per_iter(B, D, N, iters=20):
+    from torch.profiler import ProfilerActivity, profile
+
+    from deqfuse import DEQFusion
+    layer = DEQFusion(D, N, f_max_iter=iters, f_tol=1e-30, on_nonconvergence="ignore").eval()
+    feats = [torch.randn(B, D) for _ in range(N)]
+    with torch.no_grad():
+        layer(feats)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(feats)
+    ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "deqfuse::"))]
+    top = [e.key for e in ops if not e.key.startswith("aten::")]
+    return sum(e.count for e in ops if e.key.startswith("aten::")) / iters, top
+
+
+def measure_torchdeq(B, D, N, iters, reps):
+    from torchdeq import get_deq
+
+    from deqfuse import DEQFusion
+    from deqfuse.reference.cell import cell_forward, fuse_inputs
+    torch.manual_seed(0)
+    layer = DEQFusion(D, N)
+    feats = [torch.randn(B, D) for _ in range(N)]
+    P, y = torch.randn(D, 10), torch.randint(0, 10, (B,))
+    deq = get_deq(ift=True, f_solver="anderson", b_solver="anderson", f_max_iter=iters, b_max_iter=iters,
+                  f_tol=1e-30, b_tol=1e-30)
+
+    def run():
+        x = torch.stack(feats, 1)
+        xf = fuse_inputs(x, layer.weights, layer.bias)
+        p = layer.cell.params()
+        zs, _ = deq(lambda z: cell_forward(z, x, xf, p, layer.cell.groups), torch.zeros(B, N + 1, D),
+                    solver_kwargs=dict(m=5))
+        return zs[-1][:, N]
+    deq.eval()
+    with torch.no_grad():
+        ev = _median_ms(run, reps) / iters
+    deq.train()
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(run() @ P, y).backward()
+    tr = _median_ms(step, reps) / (2 * iters)
+    return dict(eval_it=ev, train_it=tr)
+
+
+def gemm_floor_ms(B, D, N, reps=200):
+    X, out = torch.randn(B, D), torch.empty(B, D)
+    Ws = [torch.randn(D, D).t() for _ in range(2 * N + 2)]
+    return _median_ms(lambda: [torch.mm(X, w, out=out) for w in Ws], reps, warmup=20)
+
+
+def _in_checkout(src, B, D, N, iters, reps, threads):
+    """measure_deqfuse run in a subprocess that imports deqfuse from the checkout src."""
+    code = (f"import sys, json, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({threads}); "
+            f"import bench_small; print(json.dumps(bench_small.measure_deqfuse({B}, {D}, {N}, {iters}, {reps})))")
+    env = dict(os.environ, PYTHONPATH=src)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=src, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--B", default="32,128,512")
+    ap.add_argument("--D", default="32,64,256")
+    ap.add_argument("--N", default="2,3")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--baseline", default=None, help="checkout of an older deqfuse, extension built in place")
+    ap.add_argument("--no-torchdeq", action="store_true")
+    ap.add_argument("--out", default="bench_out")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    rows = []
+    print(f"threads={torch.get_num_threads()}  iters={a.iters}  per-iteration ms (train: fwd + adjoint iterations)")
+    print(f"{'B':>4} {'D':>4} {'N':>2}  {'gemm floor':>10}  {'deqfuse eval':>12} {'x floor':>7}  {'train':>7} "
+          f"{'x floor':>7}  {'baseline eval/train':>19}  {'x':>11}  {'torchdeq eval/train':>19}  {'x':>11}")
+    for N in ints(a.N):
+        for D in ints(a.D):
+            for B in ints(a.B):
+                floor = gemm_floor_ms(B, D, N)
+                ours = measure_deqfuse(B, D, N, a.iters, a.reps)
+                base = _in_checkout(a.baseline, B, D, N, a.iters, a.reps, a.threads) if a.baseline else None
+                tdq = None if a.no_torchdeq else measure_torchdeq(B, D, N, a.iters, a.reps)
+                row = dict(B=B, D=D, N=N, gemm_floor_ms=floor, eval_it_ms=ours["eval_it"], train_it_ms=ours["train_it"],
+                           eval_x_floor=ours["eval_it"] / floor, train_x_floor=ours["train_it"] / floor)
+                cols = ""
+                for name, r in (("baseline", base), ("torchdeq", tdq)):
+                    if r is None:
+                        cols += f"  {'-':>19}  {'-':>11}"
+                        continue
+                    row.update({f"{name}_eval_it_ms": r["eval_it"], f"{name}_train_it_ms": r["train_it"],
+                                f"speedup_eval_vs_{name}": r["eval_it"] / ours["eval_it"],
+                                f"speedup_train_vs_{name}": r["train_it"] / ours["train_it"]})
+                    cols += (f"  {r['eval_it']:9.3f}/{r['train_it']:<9.3f}  "
+                             f"{r['eval_it'] / ours['eval_it']:4.1f}x/{r['train_it'] / ours['train_it']:4.1f}x")
+                rows.append(row)
+                print(f"{B:4d} {D:4d} {N:2d}  {floor:10.3f}  {ours['eval_it']:12.3f} {row['eval_x_floor']:7.1f}  "
+                      f"{ours['train_it']:7.3f} {row['train_x_floor']:7.1f}{cols}", flush=True)
+    n_ops, ops = aten_ops_per_iter(128, 64, 2)
+    print(f"ATen ops per eval-solve iteration (B=128 D=64 N=2): {n_ops:.1f}; deqfuse ops: {ops}")
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "small.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
+                                                 if k in rows[0] else 99))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

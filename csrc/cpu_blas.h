@@ -1,0 +1,51 @@
+// Row-major GEMMs on raw pointers for the C++ CPU ops, called from inside at::parallel_for on one
+// thread's block of rows (so the whole cell runs in one parallel region, each block in cache).
+//
+// The BLAS is the one PyTorch itself links (MKL on x86-64 wheels: libtorch_cpu exports the Fortran
+// symbols sgemm_/dgemm_). They are declared weak: if this torch build does not export them, the
+// pointers are null and the GEMMs go through at::mm on tensors wrapping the same memory (slower:
+// dispatcher overhead per call, but the same result contract). blas_backend() says which is in use.
+#pragma once
+#include <torch/extension.h>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace deqfuse {
+
+inline const char* blas_backend() { return (sgemm_ && dgemm_) ? "blas (sgemm_/dgemm_ of torch's BLAS)" : "at::mm"; }
+
+// C[M, Nc] (row stride ldc) = beta * C + A[M, K] (row stride lda) @ op(W), W row-major:
+//   trans_w = true : op(W) = W^T with W [Nc, K]   (a Linear: y = a W^T)
+//   trans_w = false: op(W) = W   with W [K, Nc]   (its VJP: da = dy W)
+// All sizes are small enough for int (checked by the ops: B, D < 2^31).
+template <typename T>
+inline void gemm_rows(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* W, bool trans_w,
+                      T beta, T* C, int64_t ldc) {
+  if (M == 0) return;
+  const int m = (int)Nc, n = (int)M, k = (int)K, la = (int)lda, lc = (int)ldc;
+  const int lw = trans_w ? (int)K : (int)Nc;
+  const char tw = trans_w ? 'T' : 'N', tn = 'N';
+  const T one = 1;
+  // column-major view: C^T [Nc, M] = op(W)^T [Nc, K] . A^T [K, M]
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&tw, &tn, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&tw, &tn, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
+  at::Tensor w = at::from_blob(const_cast<T*>(W), trans_w ? at::IntArrayRef{Nc, K} : at::IntArrayRef{K, Nc}, opt);
+  at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opt);
+  at::Tensor prod = at::mm(a, trans_w ? w.t() : w);
+  if (beta == (T)0) c.copy_(prod);
+  else c.mul_(beta).add_(prod);
+}
+
+}  // namespace deqfuse

@@ -1,0 +1,21 @@
+// Runtime ISA dispatch for the C++ CPU kernels' hot loops, without building the extension for one CPU:
+// a function marked DEQFUSE_SIMD_CLONES is compiled twice by GCC (AVX2+FMA, x86-64-v3, and the
+// baseline) and the loader picks the clone the running CPU supports (ifunc). The loops are written for
+// the compiler's vectoriser (`#pragma omp simd`, needs -fopenmp), so the wider clone is the same code.
+// Only plain functions carry the attribute: a lambda inside them is compiled for the baseline, so the
+// per-row work lives in such functions, not in the at::parallel_for lambdas.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && !defined(DEQFUSE_NO_CLONES)
+#define DEQFUSE_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DEQFUSE_SIMD_CLONES
+#endif
+
+// Helpers called from a DEQFUSE_SIMD_CLONES function are forced inline so that they are compiled into
+// each clone (a helper left out of line is compiled once, for the baseline ISA).
+#if defined(__GNUC__)
+#define DEQFUSE_INLINE inline __attribute__((always_inline))
+#else
+#define DEQFUSE_INLINE inline
+#endif
