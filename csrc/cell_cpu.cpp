@@ -194,7 +194,7 @@ inline int64_t block_rows(int64_t B) {
 template <typename T>
 DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) a[j] = a[j] > 0 ? a[j] : (T)0;
+  for (int64_t j = 0; j < n; ++j) a[j] = a[j] < 0 ? (T)0 : a[j];  // ReLU; NaN stays NaN (torch.relu)
 }
 
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
@@ -245,7 +245,7 @@ DEQFUSE_SIMD_CLONES void forward_block(const Cell<T>& c, const T* zp, const T* x
       gn_row<T>(ar, g1w + i * D, g1b + i * D, D, G, g, save ? yh1 + (base + r) * D : nullptr,
                 save ? rs1 + (base + r) * G : nullptr);
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) hr[j] = g[j] > 0 ? g[j] : (T)0;
+      for (int64_t j = 0; j < D; ++j) hr[j] = g[j] < 0 ? (T)0 : g[j];
     }
     // a2 = h W2_i^T ; + b2 + x_i, GN2, u = . + z_i (saved), ReLU, GN3 -> out_i ; s += out_i
     gemm_rows<T>(M, D, D, h, D, w2 + i * D * D, true, 0, a, D);
@@ -261,7 +261,7 @@ DEQFUSE_SIMD_CLONES void forward_block(const Cell<T>& c, const T* zp, const T* x
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) {
         u[j] += zi[j];
-        ar[j] = u[j] > 0 ? u[j] : (T)0;
+        ar[j] = u[j] < 0 ? (T)0 : u[j];  // ReLU(u) (NaN stays NaN), reusing a2's row
       }
       T* o = outp + b * ZS + i * D;
       gn_row<T>(ar, g3w + i * D, g3b + i * D, D, G, o, save ? yh3 + (base + r) * D : nullptr,

@@ -128,6 +128,8 @@ class _ExtCell(torch.autograd.Function):
 def ext_cell_with_grad(z, x, xf, params, groups: int):
     """f(z) with autograd through the C++ ops (CPU, float32/float64). Returns (out [B, N+1, D], saved list:
     what torch.ops.deqfuse.cell_vjp reads)."""
+    if _backend.extension_status()[0] is None:
+        raise RuntimeError(f"the C++ cell op is unavailable: {_backend.extension_status()[1]}")
     out, *saved = _ExtCell.apply(z, x, xf, groups, *params)
     return out, saved
 
