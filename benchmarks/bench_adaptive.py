@@ -14,8 +14,8 @@ Workloads (CPU here; on a GPU the same code runs eager):
             whose norm does not depend on its input, so that loss has a zero adjoint).
 Columns: ms (median of --reps), rows = cell rows the solver evaluated (forward, and + adjoint rows =
 VJP rows in training), need = sum over samples of the steps each needed (the per-sample minimum),
-rows/need, steps run, max |out - out_fixed|, speed-up vs torchdeq. Also a sweep of the compaction
-threshold (the default DEQFUSE's DEFAULT_COMPACT comes from it). Writes adaptive.csv to --out.
+rows/need, steps run, max |out - out_fixed|, speed-up vs torchdeq. --sweep adds compaction thresholds
+and check intervals (where DEFAULT_COMPACT / DEFAULT_CHECK_EVERY come from). Writes adaptive.csv.
 """
 import argparse
 import csv
@@ -38,6 +38,8 @@ VARIANTS = {  # solver_kw of each deqfuse variant
     "early exit": dict(compact=0),
     "early exit + compaction (default)": {},
 }
+SWEEP = [dict(compact=0.25), dict(compact=0.75), dict(compact=0.9), dict(check_every=2), dict(check_every=4),
+         dict(check_every=8)]
 ROWS = []
 
 
@@ -91,12 +93,13 @@ def layer_like(src: DEQFusion, **solver_kw):
     return ly
 
 
-def compare(work, src: DEQFusion, eval_feats, train_feats, loss_fn, reps, thresholds=()):
+def compare(work, src: DEQFusion, eval_feats, train_feats, loss_fn, reps, sweep=()):
     """Eval forward and training step of every variant on the layer src (its weights and limits),
-    each mode timed round-robin over the variants (and torchdeq) in one run."""
+    each mode timed round-robin over the variants (and torchdeq) in one run. sweep: extra solver_kw
+    variants (the compaction threshold and the check interval the defaults are chosen from)."""
     src = src.float()
     N, D, B = src.n, src.dim, eval_feats[0].shape[0]
-    variants = list(VARIANTS.items()) + [(f"compact={t}", dict(compact=t)) for t in thresholds]
+    variants = list(VARIANTS.items()) + [(", ".join(f"{k}={v}" for k, v in kw.items()), kw) for kw in sweep]
     layers = {name: layer_like(src, **kw) for name, kw in variants}
     ev, tr = {}, {}
     for name, ly in layers.items():
@@ -194,6 +197,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller random workload, 2 epochs of training")
     ap.add_argument("--model", default=None, help="cache file of the trained main-job model")
     ap.add_argument("--work", default="main-job,random")
+    ap.add_argument("--sweep", action="store_true", help="also time compaction thresholds and check intervals")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"threads={torch.get_num_threads()}  DEFAULT_CHECK_EVERY={DEFAULT_CHECK_EVERY}  "
@@ -201,7 +205,7 @@ def main(argv=None):
     works = a.work.split(",")
     if "main-job" in works:
         layer, te, tr, loss = main_job_model(a.model, epochs=2 if a.quick else 25)
-        compare("main-job", layer, te, tr, loss, a.reps, thresholds=(0.5, 0.9))
+        compare("main-job", layer, te, tr, loss, a.reps, SWEEP if a.sweep else ())
     if "random" in works:
         torch.manual_seed(0)
         B, D = (64, 64) if a.quick else (256, 512)
@@ -209,7 +213,7 @@ def main(argv=None):
         feats = [torch.randn(B, D) for _ in range(3)]
         P, y = torch.randn(D, 10) / D ** 0.5, torch.randint(0, 10, (B,))
         compare("random", layer, feats, feats, lambda out: F.cross_entropy(out @ P, y), a.reps,
-                thresholds=(0.5, 0.9))
+                SWEEP if a.sweep else ())
     os.makedirs(a.out, exist_ok=True)
     keys = sorted({k for r in ROWS for k in r}, key=lambda k: list(ROWS[0]).index(k) if k in ROWS[0] else 99)
     with open(os.path.join(a.out, "adaptive.csv"), "w", newline="") as fh:

@@ -1,5 +1,6 @@
 """Command line: python -m deqfuse {train, bench, info}."""
 import argparse
+import os
 import sys
 
 
@@ -25,6 +26,30 @@ def _info():
     print("backend reference: ok (plain PyTorch, always available)")
 
 
+def _check_train_args(ap, a):
+    """Everything that can be wrong with `train`'s arguments is reported before any model trains."""
+    from .train import METHODS
+    models = [m for m in a.models.split(",") if m]
+    bad = [m for m in models if m not in METHODS]
+    if not models or bad:
+        ap.error(f"--models: unknown {bad} (choose from {', '.join(METHODS)})")
+    for flag, v, lo in (("--epochs", a.epochs, 1), ("--dim", a.dim, 4), ("--f-max-iter", a.f_max_iter, 1)):
+        if v < lo:
+            ap.error(f"{flag} must be >= {lo}, got {v}")
+    if a.dim % 4:
+        ap.error(f"--dim must be a multiple of 4 (the fusion cell's GroupNorm groups), got {a.dim}")
+    if not a.dynmm_lambda >= 0:
+        ap.error(f"--dynmm-lambda must be >= 0, got {a.dynmm_lambda}")
+    try:  # fail now, not after training
+        os.makedirs(a.out, exist_ok=True)
+        probe = os.path.join(a.out, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        ap.error(f"--out {a.out!r} is not writable: {e}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m deqfuse", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -42,6 +67,8 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="small sizes (seconds on a CPU)")
     sub.add_parser("info", help="versions, devices, and which backends are available (and why not)")
     a = ap.parse_args(argv)
+    if a.cmd == "train":
+        _check_train_args(ap, a)
     if a.cmd == "info":
         _info()
     elif a.cmd == "train":

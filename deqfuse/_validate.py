@@ -1,11 +1,53 @@
-"""Input checks with errors that name the offending argument."""
+"""Input and option checks with errors that name the offending argument (as the caller spelled it)."""
+import math
+import numbers
+
 import torch
 
 
+def check_int(name: str, v, lo: int = None, hi: int = None) -> int:
+    """v must be an int (not a bool) in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+        raise ValueError(f"{name} must be {rng}, got {v}")
+    return int(v)
+
+
+def check_float(name: str, v, lo: float = None, hi: float = None, lo_open: bool = False,
+                hi_open: bool = False) -> float:
+    """v must be a finite real number in the interval (lo/hi open or closed as given)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    v = float(v)
+    bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+    bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+    if bad_lo or bad_hi:
+        left = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
+        right = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
+        rng = f"in {left}, {right}" if lo is not None and hi is not None else (
+            f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}")
+        raise ValueError(f"{name} must be {rng}, got {v}")
+    return v
+
+
+def check_choice(name: str, v, choices):
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}")
+    return v
+
+
+def magnitude_limit(dtype: torch.dtype) -> float:
+    """Largest |feature| the cell can take in this dtype: GroupNorm squares deviations from the group
+    mean (up to twice the largest value), which must stay finite."""
+    return math.sqrt(torch.finfo(dtype).max) / 4
+
+
 def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, check_finite: bool = True):
-    """features: list of N tensors [B, D] on ref's device, floating point, finite.
-    The finiteness check syncs with the host, so it is skipped under torch.compile and while a CUDA graph
-    is being captured."""
+    """features: list of N tensors [B, D] with ref's device and dtype (ref: a parameter of the layer),
+    B >= 1, finite and within magnitude_limit. The value check syncs with the host, so it is skipped
+    under torch.compile and while a CUDA graph is being captured. Returns B."""
     if check_finite and (torch.compiler.is_compiling() or (ref.is_cuda and torch.cuda.is_current_stream_capturing())):
         check_finite = False  # a host sync: a graph break under torch.compile, illegal in a CUDA graph
     if not isinstance(features, (list, tuple)):
@@ -24,15 +66,27 @@ def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, c
             raise ValueError(f"{name} has batch {f.shape[0]}, features[0] has {B}")
         if not f.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {f.dtype}")
+        if f.dtype != ref.dtype:
+            raise TypeError(f"{name} is {f.dtype}, the layer's parameters are {ref.dtype} "
+                            f"(cast the features, or the layer with .to({f.dtype}))")
         if f.device != ref.device:
             raise ValueError(f"{name} is on {f.device}, the layer's parameters are on {ref.device}")
-        if check_finite and not bool(torch.isfinite(f).all()):
-            raise ValueError(f"{name} has non-finite values (NaN or Inf)")
     if B == 0:
         raise ValueError("features have batch size 0")
+    if check_finite:
+        limit = magnitude_limit(ref.dtype)
+        amaxes = torch.stack([f.detach().abs().amax() for f in features]).tolist()  # one host sync
+        for i, amax in enumerate(amaxes):
+            if not math.isfinite(amax):
+                raise ValueError(f"features[{i}] has non-finite values (NaN or Inf)")
+            if amax > limit:
+                raise ValueError(f"features[{i}] has values up to {amax:.3g}: beyond {limit:.3g}, what "
+                                 f"{ref.dtype} GroupNorm can square without overflow; rescale the features")
     return B
 
 
 def check_dim_groups(dim: int, groups: int):
-    if dim <= 0 or groups <= 0 or dim % groups:
+    check_int("dim", dim, 1)
+    check_int("groups", groups, 1)
+    if dim % groups:
         raise ValueError(f"dim ({dim}) must be a positive multiple of groups ({groups}) for GroupNorm")

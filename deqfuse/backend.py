@@ -79,9 +79,18 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
     return backend
 
 
-def anderson_step_fn(backend: str, x: torch.Tensor):
-    """The step function (reference.anderson contract) for this backend and x's device."""
+COMPILED_MAX_M = 8  # ring slots the compiled steps support (csrc/anderson_common.h kMaxM)
+
+
+def anderson_step_fn(backend: str, x: torch.Tensor, m: int = 1):
+    """The step function (reference.anderson contract) for this backend, x's device and ring size m.
+    'auto' falls back past a backend whose limits m exceeds; a backend named explicitly raises."""
     b = resolve(backend, x.device, "anderson_step")
+    if b == "cuda" and m > COMPILED_MAX_M:
+        if backend == "cuda":
+            raise ValueError(f"m={m}: the compiled Anderson step (backend='cuda') supports m <= {COMPILED_MAX_M}; "
+                             f"use backend='triton' or 'reference' (or 'auto')")
+        b = "triton" if x.is_cuda and triton_status()[0] else "reference"
     if b == "cuda":
         return torch.ops.deqfuse.anderson_step
     if b == "triton":

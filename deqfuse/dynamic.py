@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import backend as _backend
+from ._validate import check_choice, check_float, check_int
 
 
 # ---------------------------------------------------------------- routing primitives (+ references)
@@ -88,7 +89,12 @@ class SubsetExpert(nn.Module):
 
     def __init__(self, modalities: Sequence[int], net: nn.Module):
         super().__init__()
-        self.modalities, self.net = list(modalities), net
+        modalities = list(modalities)
+        if not modalities:
+            raise ValueError("modalities must name at least one modality")
+        for j, i in enumerate(modalities):
+            check_int(f"modalities[{j}]", i, 0)
+        self.modalities, self.net = modalities, net
 
     def forward(self, features):
         return self.net([features[i] for i in self.modalities])
@@ -123,6 +129,9 @@ class GumbelSchedule:
     """Temperature tau(epoch) = max(tau_min, tau0 * decay^epoch) for the Gumbel-softmax gate."""
 
     def __init__(self, tau0: float = 1.0, decay: float = 0.9, tau_min: float = 0.1):
+        check_float("tau0", tau0, 0, lo_open=True)
+        check_float("decay", decay, 0, 1, lo_open=True)
+        check_float("tau_min", tau_min, 0, lo_open=True)
         self.tau0, self.decay, self.tau_min = tau0, decay, tau_min
 
     def __call__(self, epoch: int) -> float:
@@ -161,8 +170,30 @@ class DynamicFusion(nn.Module):
         super().__init__()
         if len(experts) < 1:
             raise ValueError("experts must hold at least one module")
+        in_dims = list(in_dims)
+        if not in_dims:
+            raise ValueError("in_dims must give the width of at least one modality")
+        for i, d in enumerate(in_dims):
+            check_int(f"in_dims[{i}]", d, 1)
+        for e, ex in enumerate(experts):
+            for i in getattr(ex, "modalities", ()):
+                if i >= len(in_dims):
+                    raise ValueError(f"experts[{e}] reads modality {i}, but in_dims has {len(in_dims)} modalities")
+        if costs is not None:
+            costs = list(costs)
+            if len(costs) != len(experts):
+                raise ValueError(f"costs must give one cost per expert ({len(experts)}), got {len(costs)}")
+            for e, c in enumerate(costs):
+                check_float(f"costs[{e}]", c, 0)
+        check_float("lambda_cost", lambda_cost, 0)
+        if budget is not None:
+            check_float("budget", budget, 0)
+        check_int("gate_hidden", gate_hidden, 1)
+        check_choice("backend", backend, _backend.BACKENDS)
+        if not isinstance(hard, bool):
+            raise ValueError(f"hard must be a bool, got {hard!r}")
         self.experts = nn.ModuleList(experts)
-        self.in_dims = list(in_dims)
+        self.in_dims = in_dims
         self.gate = gate or nn.Sequential(nn.Linear(sum(in_dims), gate_hidden), nn.ReLU(),
                                           nn.Linear(gate_hidden, len(experts)))
         self.register_buffer("costs", torch.tensor(list(costs), dtype=torch.float64) if costs is not None
@@ -170,14 +201,31 @@ class DynamicFusion(nn.Module):
         self.tau, self.hard, self.lambda_cost, self.budget, self.backend = tau, hard, lambda_cost, budget, backend
         self.info: Optional[RoutingInfo] = None
 
+    tau = property(lambda self: self._tau, lambda self, v: setattr(self, "_tau", check_float("tau", v, 0, lo_open=True)),
+                   doc="Gumbel-softmax temperature (> 0; set per epoch by a GumbelSchedule)")
+
+    def __getstate__(self):  # copies/pickles leave out the last forward's graph-attached info
+        state = self.__dict__.copy()
+        state["info"] = None
+        return state
+
     def _check(self, features):
         if not isinstance(features, (list, tuple)) or len(features) != len(self.in_dims):
             raise ValueError(f"features must be a list of {len(self.in_dims)} tensors, got "
                              f"{len(features) if isinstance(features, (list, tuple)) else type(features).__name__}")
+        for i, f in enumerate(features):
+            if not isinstance(f, torch.Tensor) or not f.is_floating_point():
+                raise TypeError(f"features[{i}] must be a floating-point tensor, got "
+                                f"{getattr(f, 'dtype', type(f).__name__)}")
         B = features[0].shape[0]
         for i, (f, d) in enumerate(zip(features, self.in_dims)):
             if f.dim() != 2 or f.shape != (B, d):
                 raise ValueError(f"features[{i}] must have shape [{B}, {d}], got {list(f.shape)}")
+            if f.dtype != features[0].dtype or f.device != features[0].device:
+                raise TypeError(f"features[{i}] is {f.dtype} on {f.device}, features[0] is "
+                                f"{features[0].dtype} on {features[0].device}")
+        if B == 0:
+            raise ValueError("features have batch size 0")
 
     def measure_costs(self, features):
         """Count each expert's MACs per sample on (a slice of) these features."""
@@ -243,13 +291,26 @@ class DepthGatedFusion(nn.Module):
     def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], gate: nn.Module, tau: float = 1.0,
                  hard: bool = False):
         super().__init__()
+        if len(stages) < 1:
+            raise ValueError("stages must hold at least one module")
+        if not isinstance(hard, bool):
+            raise ValueError(f"hard must be a bool, got {hard!r}")
         self.stem, self.stages, self.gate = stem, nn.ModuleList(stages), gate
         self.tau, self.hard = tau, hard
         self.stage_costs: Optional[List[float]] = None
         self.info: Optional[RoutingInfo] = None
 
+    tau = DynamicFusion.tau
+
+    def __getstate__(self):  # copies/pickles leave out the last forward's graph-attached info
+        state = self.__dict__.copy()
+        state["info"] = None
+        return state
+
     def forward(self, features):
         h = self.stem(features)
+        if h.shape[0] == 0:
+            raise ValueError("features have batch size 0")
         logits = self.gate(h)                       # [B, K]
         K = len(self.stages)
         if self.stage_costs is None:

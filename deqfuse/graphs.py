@@ -18,6 +18,7 @@ from typing import Callable, List
 
 import torch
 
+from .implicit import warn_if_not_converged
 from .rowwise import PlusRows
 from .solvers import STATES, SolverStats, resolve_check_every
 
@@ -125,7 +126,7 @@ class GraphedSolves:
         kw = layer.f_kw
         return cs.state.res.best_x.clone(), cs.stats(steps, kw["tol"], kw["stop_mode"])
 
-    def adjoint(self, z_star, x, xf, stats_box=None):
+    def adjoint(self, z_star, x, xf, stats_box=None, warn: bool = False):
         """grad -> g with g = J^T g + grad at z*, as chunk replays (the fused VJP needs the kernel
         forward's saved tensors, so that forward is inside the first chunk's graph)."""
         layer = self.layer
@@ -149,7 +150,10 @@ class GraphedSolves:
             xfs.copy_(xf)
             grad_s.copy_(grad)
             steps = cs.run()
+            st = cs.stats(steps, kw["tol"], kw["stop_mode"])
             if stats_box is not None:
-                stats_box[:] = [cs.stats(steps, kw["tol"], kw["stop_mode"])]
+                stats_box[:] = [st]
+            if warn:
+                warn_if_not_converged(st, "DEQFusion adjoint (backward) solve", "b_tol")
             return cs.state.res.best_x.clone()
         return run

@@ -2,9 +2,11 @@
 Hutchinson Jacobian regulariser. Independent of the cell: everything works on flat [B, L] states.
 """
 import contextlib
+import warnings
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .rowwise import PlusRows, is_rowwise
 from .solvers import solve
@@ -15,9 +17,22 @@ def nvtx_range(name: str):
     return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
+def warn_if_not_converged(stats, what: str, tol_name: str):
+    """One host sync: a RuntimeWarning if some samples of the solve did not reach the tolerance."""
+    if stats.all_converged:
+        return
+    s = stats.summary()
+    warnings.warn(f"{what}: {s['batch'] - s['converged']}/{s['batch']} samples did not reach {tol_name}="
+                  f"{s['tol']} ({s['stop_mode']} residual) in {s['steps']} steps (max residual {s['max_res']:.3g}); "
+                  f"returning each sample's best iterate", RuntimeWarning, stacklevel=3)
+
+
 class ImplicitAdjoint(torch.autograd.Function):
     """Identity on f(z*) in the forward; in the backward replaces the incoming gradient `grad` by
-    adjoint(grad), the solution g of the adjoint fixed point g = J^T g + grad (J = df/dz at z*)."""
+    adjoint(grad), the solution g of the adjoint fixed point g = J^T g + grad (J = df/dz at z*).
+    Once differentiable: the adjoint solve runs without a graph, so a second-order gradient through it
+    would be wrong; a double backward raises instead (grad='unrolled' or 'phantom' are differentiable
+    twice)."""
 
     @staticmethod
     def forward(ctx, fz, adjoint: Callable):
@@ -25,27 +40,31 @@ class ImplicitAdjoint(torch.autograd.Function):
         return fz.view_as(fz)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         with torch.no_grad(), nvtx_range("deqfuse/adjoint_solve"):
             return ctx.adjoint(grad.contiguous()), None
 
 
-def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, **solver_kw):
+def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, **solver_kw):
     """grad -> g solving g = vjp(g) + grad per sample with a batched solver (vjp: [B, L] -> [B, L],
     e.g. a fused kernel on saved tensors; if vjp is row-wise (deqfuse.rowwise) the adjoint solve can
-    shrink its batch to the unconverged rows). The solver's stats land in stats_box[0] if a list is given."""
+    shrink its batch to the unconverged rows). The solver's stats land in stats_box[0] if a list is
+    given; warn: a RuntimeWarning when samples do not converge (one host sync)."""
     def adjoint(grad):
         f = PlusRows(vjp, grad) if is_rowwise(vjp) else (lambda y: vjp(y) + grad)
         g, stats = solve(solver, f, grad.clone(), **solver_kw)
         if stats_box is not None:
             stats_box[:] = [stats]
+        if warn:
+            warn_if_not_converged(stats, "DEQFusion adjoint (backward) solve", "b_tol")
         return g
     return adjoint
 
 
-def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, **solver_kw):
+def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, **solver_kw):
     """Attach the implicit gradient to fz = f(z*) ([B, L], computed with grad enabled)."""
-    return ImplicitAdjoint.apply(fz, adjoint_solver(vjp, solver, stats_box, **solver_kw))
+    return ImplicitAdjoint.apply(fz, adjoint_solver(vjp, solver, stats_box, warn, **solver_kw))
 
 
 def autograd_vjp(fz, z):

@@ -1,5 +1,4 @@
 """DEQFusion: the deep-equilibrium multimodal fusion layer (Ni et al.), and its unrolled ablation."""
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -7,13 +6,14 @@ import torch
 from torch import nn
 
 from ._validate import check_features
-from .backend import resolve
 from .cell import FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad
 from .graphs import GraphedSolves
-from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, nvtx_range, phantom_grad
+from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, nvtx_range, phantom_grad, warn_if_not_converged
 from .reference.cell import fuse_inputs
 from .rowwise import RowwiseFn
-from .solvers import SolverStats, check_solver, solve, solver_options
+from ._validate import check_choice, check_float, check_int
+from .backend import BACKENDS, resolve
+from .solvers import SOLVERS, SolverStats, check_options, solve, solver_options
 
 # solver options the layer sets itself (from its own arguments), so solver_kw must not
 _LAYER_SET = {"max_iter": "f_max_iter / b_max_iter", "tol": "f_tol / b_tol", "stop_mode": "stop_mode",
@@ -33,7 +33,10 @@ class DEQFusion(nn.Module):
     Args:
       dim, num_modalities, groups: width D, N, GroupNorm groups (D % groups == 0).
       solver: 'anderson' | 'broyden' | 'fixed_point' for both the forward and the adjoint solve.
-      f_max_iter/b_max_iter, f_tol/b_tol, stop_mode: solver limits ('rel' or 'abs' residual).
+      f_max_iter/b_max_iter, f_tol/b_tol: limits of the forward / adjoint solve.
+      stop_mode, b_stop_mode: residual of the forward / adjoint stopping rule ('rel' or 'abs'). The
+        adjoint's is relative by default: its right-hand side is the incoming gradient, whose scale is
+        the loss's, so an absolute rule would make the gradient depend on how the loss is scaled.
       grad: 'implicit' (adjoint fixed point) | 'phantom' (k damped steps) | 'unrolled' (no solve:
         `unrolled_steps` weight-tied applications with full backprop; the paper's ablation).
       jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off).
@@ -53,13 +56,22 @@ class DEQFusion(nn.Module):
                  stop_mode: str = "rel", grad: str = "implicit", phantom_steps: int = 5,
                  phantom_lam: float = 0.8, unrolled_steps: int = 6, jac_reg: int = 0,
                  backend: str = "auto", solver_kw: Optional[dict] = None,
-                 on_nonconvergence: str = "warn", cuda_graph: bool = False):
+                 on_nonconvergence: str = "warn", cuda_graph: bool = False, b_stop_mode: str = "rel"):
         super().__init__()
-        if grad not in ("implicit", "phantom", "unrolled"):
-            raise ValueError(f"grad must be 'implicit', 'phantom' or 'unrolled', got {grad!r}")
-        if on_nonconvergence not in ("warn", "ignore"):
-            raise ValueError(f"on_nonconvergence must be 'warn' or 'ignore', got {on_nonconvergence!r}")
-        check_solver(solver)
+        # every argument is checked here, with the argument's own name in the message
+        check_choice("grad", grad, ("implicit", "phantom", "unrolled"))
+        check_choice("on_nonconvergence", on_nonconvergence, ("warn", "ignore"))
+        check_choice("solver", solver, sorted(SOLVERS))
+        check_choice("backend", backend, BACKENDS)
+        check_int("num_modalities", num_modalities, 1)
+        check_int("phantom_steps", phantom_steps, 1)
+        check_float("phantom_lam", phantom_lam, 0, 1, lo_open=True)
+        check_int("unrolled_steps", unrolled_steps, 1)
+        check_int("jac_reg", jac_reg, 0)
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if solver_kw is not None and not isinstance(solver_kw, dict):
+            raise ValueError(f"solver_kw must be a dict of solver options, got {type(solver_kw).__name__}")
         kw = dict(solver_kw or {})
         for k in kw:
             if k in _LAYER_SET:
@@ -67,13 +79,18 @@ class DEQFusion(nn.Module):
             if k not in solver_options(solver):
                 raise ValueError(f"solver_kw[{k!r}]: not an option of solver {solver!r} "
                                  f"(options: {sorted(solver_options(solver) - set(_LAYER_SET))})")
+        check_options(solver, {k: f"solver_kw[{k!r}]" for k in kw}, **kw)
+        check_options(solver, dict(max_iter="f_max_iter", tol="f_tol", stop_mode="stop_mode"),
+                      max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode)
+        check_options(solver, dict(max_iter="b_max_iter", tol="b_tol", stop_mode="b_stop_mode"),
+                      max_iter=b_max_iter, tol=b_tol, stop_mode=b_stop_mode)
         self.cell = FusionCell(dim, num_modalities, groups)
         self.dim, self.n = dim, num_modalities
         self.weights = nn.Parameter(torch.ones(num_modalities))  # x_f = sum_i w_i x_i + b
         self.bias = nn.Parameter(torch.zeros(1))
         self.solver, self.grad, self.backend = solver, grad, backend
         self.f_kw = dict(max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode, **kw)
-        self.b_kw = dict(max_iter=b_max_iter, tol=b_tol, stop_mode=stop_mode, **kw)
+        self.b_kw = dict(max_iter=b_max_iter, tol=b_tol, stop_mode=b_stop_mode, **kw)
         if solver == "anderson":
             self.f_kw["backend"] = self.b_kw["backend"] = backend
         self.phantom_steps, self.phantom_lam = phantom_steps, phantom_lam
@@ -82,6 +99,17 @@ class DEQFusion(nn.Module):
         self.cuda_graph = cuda_graph
         self._graphs = GraphedSolves(self)
         self.info: Optional[DEQInfo] = None
+
+    def __getstate__(self):
+        """Copies and pickles leave out the transient state: info (graph-attached tensors of the last
+        forward) and the CUDA-graph cache (re-captured on first use)."""
+        state = self.__dict__.copy()
+        state["info"], state["_graphs"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._graphs = GraphedSolves(self)
 
     def _flat_cell(self, x, xf):
         """f as a row-wise map of flat states [b, (N+1) D] (the solvers may evaluate it on a subset of
@@ -112,12 +140,11 @@ class DEQFusion(nn.Module):
                 else:
                     with torch.no_grad():
                         z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
-            capturing = z0.is_cuda and torch.cuda.is_current_stream_capturing()
-            if self.on_nonconvergence == "warn" and not capturing and not fstats.all_converged:
-                s = fstats.summary()
-                warnings.warn(f"DEQFusion forward solve: {s['batch'] - s['converged']}/{s['batch']} samples "
-                              f"did not reach tol={s['tol']} in {s['steps']} steps (max residual "
-                              f"{s['max_res']:.3g}); returning each sample's best iterate", RuntimeWarning)
+            # a host sync: skipped while a CUDA graph is captured and under torch.compile (read
+            # info.forward_stats there)
+            quiet = torch.compiler.is_compiling() or (z0.is_cuda and torch.cuda.is_current_stream_capturing())
+            if self.on_nonconvergence == "warn" and not quiet:
+                warn_if_not_converged(fstats, "DEQFusion forward solve", "f_tol")
             z = z_star
             if self.training and torch.is_grad_enabled():
                 with nvtx_range("deqfuse/attach_grad"):
@@ -142,7 +169,8 @@ class DEQFusion(nn.Module):
         if self.jac_reg > 0:
             jac = jacobian_reg(fz, z_star, self.jac_reg)
         if graphed:
-            return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats)), jac
+            return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats,
+                                                                  warn=self.on_nonconvergence == "warn")), jac
         z_star, x, xf = z_star.detach(), x.detach(), xf.detach()
         if "ext" in saved:
             vjp = SavedVJP(self, z_star, x, xf, saved)
@@ -152,7 +180,8 @@ class DEQFusion(nn.Module):
             vjp = SavedVJP(self, z_star, x, xf, saved)
         else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
             vjp = self.saved_vjp(z_star, x, xf)
-        return implicit_grad(fz, vjp, self.solver, stats_box=bstats, **self.b_kw), jac
+        return implicit_grad(fz, vjp, self.solver, stats_box=bstats, warn=self.on_nonconvergence == "warn",
+                             **self.b_kw), jac
 
     def saved_vjp(self, z_star, x, xf):
         """g [B, L] -> J^T g at z* [B, L], from one no-grad forward of this layer's backend that saves

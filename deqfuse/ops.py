@@ -2,14 +2,29 @@
 import torch
 
 
+def _same_device(op: str, named: dict):
+    """Fake kernels run for meta / fake tensors; a mix with real tensors would otherwise compute nothing
+    silently, so they check what the real kernels check: one device for every tensor argument."""
+    devs = {n: t.device for n, t in named.items() if isinstance(t, torch.Tensor)}
+    first = next(iter(devs))
+    for n, d in devs.items():
+        if d != devs[first]:
+            raise RuntimeError(f"{op}: {n} is on {d}, {first} is on {devs[first]} (all tensors must be on one device)")
+
+
 @torch.library.register_fake("deqfuse::anderson_step")
 def _anderson_step_fake(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out,
                         k, beta, lam, tol, stop_rel):
+    _same_device("anderson_step", dict(x=x, fx=fx, X=X, G=G, GG=GG, best_x=best_x, best_res=best_res,
+                                       converged=converged, nstep=nstep, abs_out=abs_out, rel_out=rel_out))
+    if k < 0:
+        raise RuntimeError(f"anderson_step: the step index k must be >= 0, got {k}")
     return None
 
 
 @torch.library.register_fake("deqfuse::cell_forward")
 def _cell_forward_fake(z, x, xf, params, groups, save):
+    _same_device("cell_forward", dict(z=z, x=x, xf=xf, **{f"params[{i}]": p for i, p in enumerate(params)}))
     B, N1, D = z.shape
     N = N1 - 1
     if not save:
@@ -21,11 +36,14 @@ def _cell_forward_fake(z, x, xf, params, groups, save):
 
 @torch.library.register_fake("deqfuse::cell_vjp")
 def _cell_vjp_fake(gbar, saved, params, groups, add=None):
+    _same_device("cell_vjp", dict(gbar=gbar, add=add, **{f"saved[{i}]": t for i, t in enumerate(saved)},
+                                  **{f"params[{i}]": p for i, p in enumerate(params)}))
     return torch.empty_like(gbar)
 
 
 @torch.library.register_fake("deqfuse::cell_backward")
 def _cell_backward_fake(gout, z, saved, params, groups):
+    _same_device("cell_backward", dict(gout=gout, z=z, **{f"saved[{i}]": t for i, t in enumerate(saved)}))
     B, N1, D = gout.shape
     return (torch.empty_like(gout), gout.new_empty(B, N1 - 1, D), gout.new_empty(B, D),
             [torch.empty_like(p) for p in params])
@@ -33,6 +51,8 @@ def _cell_backward_fake(gout, z, saved, params, groups):
 
 @torch.library.register_fake("deqfuse::modality_epilogue")
 def _modality_epilogue_fake(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups):
+    _same_device("modality_epilogue", dict(a2=a2, x=x, z=z, b2=b2, gn2_w=gn2_w, gn2_b=gn2_b, gn3_w=gn3_w,
+                                           gn3_b=gn3_b))
     N, B, D = a2.shape
     return a2.new_empty(B, N, D), a2.new_empty(N, B, D)
 
@@ -44,11 +64,13 @@ def _group_by_choice_fake(choice, num_groups):
 
 @torch.library.register_fake("deqfuse::gather_rows_multi")
 def _gather_rows_multi_fake(srcs, idx):
+    _same_device("gather_rows_multi", dict(idx=idx, **{f"srcs[{i}]": t for i, t in enumerate(srcs)}))
     return [s.new_empty(idx.shape[0], s.shape[1]) for s in srcs]
 
 
 @torch.library.register_fake("deqfuse::scatter_rows")
 def _scatter_rows_fake(src, idx, out):
+    _same_device("scatter_rows", dict(src=src, idx=idx, out=out))
     return None
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import backend as _backend
+from ._validate import check_choice, check_float, check_int
 from .reference.anderson import REL_EPS
 from .rowwise import is_rowwise
 
@@ -67,8 +68,10 @@ class SolverStats:
 
     def summary(self) -> dict:
         """Host-side digest (one sync)."""
+        empty = self.converged.numel() == 0
         return dict(steps=self.steps, converged=int(self.converged.sum()), batch=self.converged.numel(),
-                    max_res=float(self.best_res.max()), mean_nstep=float(self.nstep.float().mean()),
+                    max_res=float("nan") if empty else float(self.best_res.max()),
+                    mean_nstep=float("nan") if empty else float(self.nstep.float().mean()),
                     rows=self.rows, compactions=self.compactions, stop_mode=self.stop_mode, tol=self.tol)
 
 
@@ -343,17 +346,61 @@ def run(state: _State, f: Callable, max_iter: int, check_every: int, compact: fl
     return full.best_x, stats
 
 
+HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_option(key: str, v, name: str, solver: str):
+    """One solver option (key as the solver spells it; name as the caller spelled it, for the message)."""
+    if key == "max_iter":
+        check_int(name, v, 1)
+    elif key == "tol":
+        check_float(name, v, 0, lo_open=True)
+    elif key == "stop_mode":
+        check_choice(name, v, ("abs", "rel"))
+    elif key == "check_every":
+        if v is not None:
+            check_int(name, v, 0)
+    elif key == "compact":
+        if v is not None:
+            check_float(name, v, 0, 1)
+    elif key == "m":
+        check_int(name, v, 1)
+    elif key == "lam":  # > 0: the compiled bordered solves pivot on GG + lam' I (no pivoting search)
+        check_float(name, v, 0, lo_open=True)
+    elif key == "beta":
+        check_float(name, v, 0, lo_open=True)
+    elif key == "tau":  # damped fixed point: x <- (1 - tau) x + tau f(x)
+        check_float(name, v, 0, 2, lo_open=True)
+    elif key == "history_dtype":
+        if v is not None and v not in HISTORY_DTYPES:
+            raise ValueError(f"{name} must be None or one of {HISTORY_DTYPES}, got {v!r}")
+    elif key == "backend":
+        check_choice(name, v, _backend.BACKENDS)
+    else:
+        raise ValueError(f"{name}: not an option of solver {solver!r}")
+
+
+def check_options(solver: str, names: Optional[dict] = None, **kw):
+    """Validate solver options up front; names maps an option to the name the caller used for it
+    (e.g. {'max_iter': 'f_max_iter'}) so that the message names what the user typed."""
+    check_solver(solver)
+    allowed = solver_options(solver)
+    names = names or {}
+    for key, v in kw.items():
+        name = names.get(key, key)
+        if key not in allowed:
+            raise ValueError(f"{name}: not an option of solver {solver!r} (options: {sorted(allowed)})")
+        _check_option(key, v, name, solver)
+
+
 def _check(x0, max_iter, tol, stop_mode):
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
         raise ValueError(f"x0 must be a [B, L] tensor, got {getattr(x0, 'shape', type(x0))}")
     if not x0.is_floating_point():
         raise TypeError(f"x0 must be floating point, got {x0.dtype}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if stop_mode not in ("abs", "rel"):
-        raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
+    _check_option("max_iter", max_iter, "max_iter", "")
+    _check_option("tol", tol, "tol", "")
+    _check_option("stop_mode", stop_mode, "stop_mode", "")
 
 
 def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_iter: int = 50,
@@ -361,9 +408,9 @@ def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_
                    backend: str = "auto") -> AndersonState:
     """A checked AndersonState ready to iterate (the solver minus its driver; graphs.py replays it)."""
     _check(x0, max_iter, tol, stop_mode)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an int >= 1, got {m!r}")
-    step_fn = _backend.anderson_step_fn(backend, x0)
+    for key, v in (("m", m), ("lam", lam), ("beta", beta), ("history_dtype", history_dtype), ("backend", backend)):
+        _check_option(key, v, key, "anderson")
+    step_fn = _backend.anderson_step_fn(backend, x0, m)
     return AndersonState(x0, m, max_iter, history_dtype, step_fn=step_fn, beta=beta, lam=lam, tol=tol,
                          stop_rel=stop_mode == "rel")
 
@@ -371,14 +418,14 @@ def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_
 def fixed_point_state(x0, *, tau: float = 1.0, max_iter: int = 50, tol: float = 1e-4,
                       stop_mode: str = "rel") -> FixedPointState:
     _check(x0, max_iter, tol, stop_mode)
+    _check_option("tau", tau, "tau", "fixed_point")
     return FixedPointState(x0, max_iter, tau=tau, tol=tol, stop_rel=stop_mode == "rel")
 
 
 def broyden_state(x0, *, m: int = 30, max_iter: int = 50, tol: float = 1e-4,
                   stop_mode: str = "rel") -> BroydenState:
     _check(x0, max_iter, tol, stop_mode)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an int >= 1, got {m!r}")
+    _check_option("m", m, "m", "broyden")
     return BroydenState(x0, m, max_iter, tol=tol, stop_rel=stop_mode == "rel")
 
 

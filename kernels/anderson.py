@@ -141,6 +141,8 @@ def anderson_step_triton(x, fx, X, G, GG, best_x, best_res, converged, nstep, ab
     """Same arguments and in-place semantics as reference.anderson_step_ref.
     check=False skips the Python-side argument checks (~tens of us): for solvers whose buffers are
     valid by construction and that check fx once."""
+    if k < 0:
+        raise ValueError(f"anderson_step: the step index k must be >= 0, got {k}")
     if check:
         _check_step_args(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out)
     fx = fx.contiguous()

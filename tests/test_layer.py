@@ -47,7 +47,7 @@ def test_bad_construction():
 def test_nonconvergence_warns():
     torch.manual_seed(0)
     layer = DEQFusion(16, 3, f_max_iter=2, f_tol=1e-12)
-    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+    with pytest.warns(RuntimeWarning, match="did not reach f_tol"):
         out = layer(feats())
     assert torch.isfinite(out).all()
 

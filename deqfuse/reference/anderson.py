@@ -39,6 +39,8 @@ def anderson_step_ref(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_o
                       k: int, beta: float = 1.0, lam: float = 1e-4, tol: float = 1e-4,
                       stop_rel: bool = True):
     """One step, in place on every buffer (see module docstring)."""
+    if k < 0:
+        raise ValueError(f"anderson_step: the step index k must be >= 0, got {k}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     m = X.shape[1]
     active = ~converged
