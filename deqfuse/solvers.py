@@ -350,7 +350,10 @@ HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_option(key: str, v, name: str, solver: str):
-    """One solver option (key as the solver spells it; name as the caller spelled it, for the message)."""
+    """One solver option (key as the solver spells it; name as the caller spelled it, for the message).
+    Skipped while torch.compile traces (options are then symbolic; the layer checked them when built)."""
+    if torch.compiler.is_compiling():
+        return
     if key == "max_iter":
         check_int(name, v, 1)
     elif key == "tol":

@@ -285,3 +285,20 @@ def test_fuzz_backends_agree_on_converged_samples(B, L, m, beta, dtype, transpos
         if ok.any():
             err = (z[ok] - z_ref[ok]).abs().max() / (1 + z_ref[ok].abs().max())
             assert err < (1e-7 if dtype == torch.float64 else 1e-2)
+
+
+@needs_ext
+def test_compile_does_not_recompile_per_batch_size():
+    """Issue 11 item 9: new batch sizes reuse the compiled solve (dynamic=True: one graph; default:
+    dynamo's automatic dynamic shapes after the second size)."""
+    torch.manual_seed(0)
+    layer = DEQFusion(16, 3, f_max_iter=4).eval()
+    for dynamic, most in ((True, 1), (None, 2)):
+        graphs = []
+        torch._dynamo.reset()
+        c = torch.compile(layer, backend=lambda gm, ex: graphs.append(gm) or gm.forward, dynamic=dynamic)
+        with torch.no_grad():
+            for B in (4, 8, 16, 5, 33):
+                x = feats(B)
+                assert rel_err(c(x), layer(x)) < 1e-5
+        assert len(graphs) <= most, (dynamic, len(graphs))

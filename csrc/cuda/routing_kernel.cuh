@@ -3,6 +3,8 @@
 // batches is a chain of tiny kernels, and a C++ launch costs a few microseconds of host time.
 // Kernel templates only: also compiled stand-alone by tests/nvcc_compile.py.
 #pragma once
+#include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT
+
 #include <cstdint>
 
 namespace deqfuse {
@@ -93,10 +95,12 @@ struct alignas(8) Word8 {
 };
 
 // GATHER: dst_k[r] = src_k[idx[r]]; else (scatter): dst_k[idx[r]] = src_k[r]. One block per r. An
-// index outside [0, bound) moves nothing (bound: rows of src when gathering, of dst when scattering).
+// index outside [0, bound) (bound: rows of src when gathering, of dst when scattering) is a device-side
+// assert, as in torch's own index_select on CUDA (no silent partial result), and moves nothing.
 template <bool GATHER>
 __global__ void move_rows_kernel(RowMoves a, const int64_t* __restrict__ idx, int64_t bound) {
   const int64_t r = blockIdx.x, j = idx[r];
+  CUDA_KERNEL_ASSERT(j >= 0 && j < bound && "gather_rows_multi / scatter_rows: idx out of range");
   if (j < 0 || j >= bound) return;
   const int64_t sr = GATHER ? j : r, dr = GATHER ? r : j;
   for (int k = 0; k < a.n; ++k) {
