@@ -18,9 +18,7 @@ rows/need, steps run, max |out - out_fixed|, speed-up vs torchdeq. --sweep adds 
 and check intervals (where DEFAULT_COMPACT / DEFAULT_CHECK_EVERY come from). Writes adaptive.csv.
 """
 import argparse
-import csv
 import os
-import statistics
 import sys
 import time
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from deqfuse import DEQFusion  # noqa: E402
+from deqfuse.benchmarking import Results, interleaved  # noqa: E402
 from deqfuse.reference.cell import fuse_inputs  # noqa: E402
 from deqfuse.solvers import DEFAULT_CHECK_EVERY, DEFAULT_COMPACT  # noqa: E402
 
@@ -40,28 +39,22 @@ VARIANTS = {  # solver_kw of each deqfuse variant
 }
 SWEEP = [dict(compact=0.25), dict(compact=0.75), dict(compact=0.9), dict(check_every=2), dict(check_every=4),
          dict(check_every=8)]
-ROWS = []
 
 
-def interleaved(fns: dict, reps: int) -> dict:
-    """Median ms of each fn, timed round-robin (one call of each per round) so that a noisy machine
-    shifts every variant alike; one warm-up call each first."""
-    for fn in fns.values():
-        fn()
-    ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in ts.items()}
+RES = Results(echo=False)
 
 
-def record(work, mode, variant, ms, **kw):
-    row = dict(work=work, mode=mode, variant=variant, ms=round(ms, 2), **kw)
-    ROWS.append(row)
-    extras = "  ".join(f"{k}={v}" for k, v in kw.items())
-    print(f"  {work:<9} {mode:<6} {variant:<36} {ms:9.1f} ms  {extras}", flush=True)
+def record(work, mode, variant, ms, shape=None, **metrics):
+    """One variant's time (and work metrics) in the long results format: op deq_forward (eval) or
+    deq_train_step, the workload in the note."""
+    op = "deq_forward" if mode == "eval" else "deq_train_step"
+    fields = dict(shape or {}, note=work)
+    if ms is not None:
+        RES.add(op, variant, "ms", ms, "ms", **fields)
+    for k, v in metrics.items():
+        RES.add(op, variant, k, v, "", **fields)
+    extras = "  ".join(f"{k}={v}" for k, v in metrics.items())
+    print(f"  {work:<9} {mode:<6} {variant:<36} {ms if ms is not None else float('nan'):9.1f} ms  {extras}", flush=True)
 
 
 class _Counter:
@@ -132,6 +125,7 @@ def compare(work, src: DEQFusion, eval_feats, train_feats, loss_fn, reps, sweep=
     with torch.no_grad():
         ms_ev = interleaved(ev, reps)
     ms_tr = interleaved(tr, reps)
+    shape = dict(B=B, D=D, N=N, dtype=torch.float32)
     # work done, from one more call of each
     ref = None
     for name, ly in layers.items():
@@ -141,12 +135,12 @@ def compare(work, src: DEQFusion, eval_feats, train_feats, loss_fn, reps, sweep=
         if ref is None:
             ref, ok = z, st.converged
         need = int(torch.where(st.converged, st.nstep, st.steps).sum())
-        record(work, "eval", name, ms_ev[name], rows=st.rows, need=need, rows_per_need=round(st.rows / need, 3),
+        record(work, "eval", name, ms_ev[name], shape, rows=st.rows, need=need, rows_per_need=round(st.rows / need, 3),
                steps=st.steps, converged=f"{int(st.converged.sum())}/{B}", max_diff=f"{(z - ref).abs().max():.1e}")
         tr[name]()
         fs, bs = ly.info.forward_stats, ly.info.backward_stats[0]
         need = sum(int(torch.where(s.converged, s.nstep, s.steps).sum()) for s in (fs, bs))
-        record(work, "train", name, ms_tr[name], rows=fs.rows + bs.rows, need=need,
+        record(work, "train", name, ms_tr[name], dict(shape, B=train_feats[0].shape[0]), rows=fs.rows + bs.rows, need=need,
                rows_per_need=round((fs.rows + bs.rows) / need, 3), steps=f"{fs.steps}+{bs.steps}")
     if deq is None:
         return
@@ -154,14 +148,16 @@ def compare(work, src: DEQFusion, eval_feats, train_feats, loss_fn, reps, sweep=
     with torch.no_grad():
         z = ev["torchdeq 0.1.0"]()
     # compare where the fixed-iteration solve converged (elsewhere two solvers' best iterates differ)
-    record(work, "eval", "torchdeq 0.1.0", ms_ev["torchdeq 0.1.0"], rows=_Counter.rows,
+    record(work, "eval", "torchdeq 0.1.0", ms_ev["torchdeq 0.1.0"], shape, rows=_Counter.rows,
            max_diff=f"{(z - ref)[ok].abs().max():.1e} on {int(ok.sum())} converged")
     _Counter.rows = 0
     tr["torchdeq 0.1.0"]()
-    record(work, "train", "torchdeq 0.1.0", ms_tr["torchdeq 0.1.0"], rows=_Counter.rows)
+    record(work, "train", "torchdeq 0.1.0", ms_tr["torchdeq 0.1.0"], dict(shape, B=train_feats[0].shape[0]),
+           rows=_Counter.rows)
     for name in layers:
-        record(work, "eval", f"x vs torchdeq: {name}", 0.0, speedup=round(ms_ev["torchdeq 0.1.0"] / ms_ev[name], 2))
-        record(work, "train", f"x vs torchdeq: {name}", 0.0, speedup=round(ms_tr["torchdeq 0.1.0"] / ms_tr[name], 2))
+        record(work, "eval", name, None, shape, speedup_vs_torchdeq=round(ms_ev["torchdeq 0.1.0"] / ms_ev[name], 2))
+        record(work, "train", name, None, dict(shape, B=train_feats[0].shape[0]),
+               speedup_vs_torchdeq=round(ms_tr["torchdeq 0.1.0"] / ms_tr[name], 2))
 
 
 def main_job_model(path=None, epochs=25):
@@ -200,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time compaction thresholds and check intervals")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    RES.meta["device"] = f"cpu ({a.threads} threads)"
     print(f"threads={torch.get_num_threads()}  DEFAULT_CHECK_EVERY={DEFAULT_CHECK_EVERY}  "
           f"DEFAULT_COMPACT={DEFAULT_COMPACT}")
     works = a.work.split(",")
@@ -214,13 +211,8 @@ def main(argv=None):
         P, y = torch.randn(D, 10) / D ** 0.5, torch.randint(0, 10, (B,))
         compare("random", layer, feats, feats, lambda out: F.cross_entropy(out @ P, y), a.reps,
                 SWEEP if a.sweep else ())
-    os.makedirs(a.out, exist_ok=True)
-    keys = sorted({k for r in ROWS for k in r}, key=lambda k: list(ROWS[0]).index(k) if k in ROWS[0] else 99)
-    with open(os.path.join(a.out, "adaptive.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(ROWS)
-    return ROWS
+    RES.write_csv(os.path.join(a.out, "adaptive.csv"))
+    return RES.rows
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ On a GPU it also counts the kernels each variant launches (torch.profiler): at B
 ~0.1 ms there, so the routing's launches and its one host sync decide the ratio.
 """
 import argparse
-import time
+import os
 
 import torch
 
 from deqfuse import DynamicFusion, MLPHead, SubsetExpert
+from deqfuse.benchmarking import Results, time_ms
 
 DIMS = [256, 512, 128]
 
@@ -28,19 +29,7 @@ def build(device, dtype=torch.float32):
 
 
 def timeit(fn, device, reps):
-    for _ in range(3):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return 1e3 * ts[len(ts) // 2]
+    return time_ms(fn, device, reps=reps, warmup=3, warmup_ms=25, rep_ms=200)
 
 
 def count_launches(fn):
@@ -87,14 +76,24 @@ def run(device, B, reps=15):
     print(f"{device:<5} B={B} counts={counts} all-experts {t_all:8.3f} ms  routed {t_routed:8.3f} ms  "
           f"MAC saving {100 * mac_saving:5.1f}%  time saving {100 * time_saving:5.1f}%  "
           f"ratio {time_saving / mac_saving:.2f}" + (f"  kernels all/routed {launches['all']}/{launches['routed']}" if launches else ""))
+    res = RESULTS.setdefault(device, Results(device, echo=False))
+    for variant, ms in [("run every expert", t_all), ("routed (auto)", t_routed)] + [
+            (f"routed (routing backend {b})", t) for b, t in by_backend.items()]:
+        res.add("dynmm_inference", variant, "ms", ms, "ms", B=B, dtype=torch.float32)
+    res.add("dynmm_inference", "routed (auto)", "mac_saving", mac_saving, "", B=B)
+    res.add("dynmm_inference", "routed (auto)", "time_saving_over_mac_saving", time_saving / mac_saving, "", B=B)
     return dict(device=device, B=B, t_all_ms=t_all, t_routed_ms=t_routed, mac_saving=mac_saving,
                 time_saving=time_saving, ratio=time_saving / mac_saving)
+
+
+RESULTS = {}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--B", default="1024")
     ap.add_argument("--device", default="all")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args()
     devs = ["cpu", "cuda"] if a.device == "all" else [a.device]
     for d in devs:
@@ -102,6 +101,7 @@ def main():
             continue
         for B in map(int, a.B.split(",")):
             run(d, B)
+        RESULTS[d].write_csv(os.path.join(a.out, f"dynamic_{d}.csv"))
 
 
 if __name__ == "__main__":

@@ -14,28 +14,33 @@ Also counts ATen ops per iteration of the eval solve (torch.profiler), the numbe
 small. Writes small.csv to --out.
 """
 import argparse
-import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+
+def _load_benchmarking():
+    """deqfuse/benchmarking.py of this checkout, loaded by path: the subprocess that measures another
+    checkout (--baseline) imports that checkout's deqfuse, so this module must not import ours."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "deqfuse", "benchmarking.py")
+    spec = importlib.util.spec_from_file_location("_deqfuse_benchmarking", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_bm = _load_benchmarking()
+Results, time_ms = _bm.Results, _bm.time_ms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _median_ms(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return time_ms(fn, "cpu", reps=reps, warmup=warmup)
 
 
 def measure_deqfuse(B, D, N, iters, reps):
@@ -139,6 +144,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     rows = []
+    res = Results(echo=False)
     print(f"threads={torch.get_num_threads()}  iters={a.iters}  per-iteration ms (train: fwd + adjoint iterations)")
     print(f"{'B':>4} {'D':>4} {'N':>2}  {'gemm floor':>10}  {'deqfuse eval':>12} {'x floor':>7}  {'train':>7} "
           f"{'x floor':>7}  {'baseline eval/train':>19}  {'x':>11}  {'torchdeq eval/train':>19}  {'x':>11}")
@@ -162,16 +168,18 @@ def main(argv=None):
                     cols += (f"  {r['eval_it']:9.3f}/{r['train_it']:<9.3f}  "
                              f"{r['eval_it'] / ours['eval_it']:4.1f}x/{r['train_it'] / ours['train_it']:4.1f}x")
                 rows.append(row)
+                shape = dict(B=B, D=D, N=N, dtype=torch.float32, note=f"{a.iters} iterations fixed")
+                res.add("cell_gemms", "gemm floor (2N+2 torch.mm)", "ms", floor, "ms", **shape)
+                for name, r in (("deqfuse", ours), ("baseline " + (a.baseline or ""), base), ("torchdeq 0.1.0", tdq)):
+                    if r is not None:
+                        res.add("solver_iteration", name, "eval_ms_per_iteration", r["eval_it"], "ms", **shape)
+                        res.add("solver_iteration", name, "train_ms_per_iteration", r["train_it"], "ms", **shape)
                 print(f"{B:4d} {D:4d} {N:2d}  {floor:10.3f}  {ours['eval_it']:12.3f} {row['eval_x_floor']:7.1f}  "
                       f"{ours['train_it']:7.3f} {row['train_x_floor']:7.1f}{cols}", flush=True)
     n_ops, ops = aten_ops_per_iter(128, 64, 2)
     print(f"ATen ops per eval-solve iteration (B=128 D=64 N=2): {n_ops:.1f}; deqfuse ops: {ops}")
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "small.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
-                                                 if k in rows[0] else 99))
-        w.writeheader()
-        w.writerows(rows)
+    res.add("solver_iteration", "deqfuse", "aten_ops_per_eval_iteration", n_ops, "", B=128, D=64, N=2)
+    res.write_csv(os.path.join(a.out, "small.csv"))
     return rows
 
 

@@ -11,10 +11,6 @@ for B, L, m, hist in [(3, 37, 3, None), (2, 40000, 6, None), (5, 100, 4, torch.b
     st = AndersonState(x0, m, 8, hist)
     for k in range(8):
         st.step(torch.ops.deqfuse.anderson_step, torch.tanh(st.x + 0.5), k, 1.0, 1e-4, 1e-6, True)
-for N, B, D in [(3, 5, 20), (2, 7, 1024), (1, 3, 4096), (2, 3, 1204)]:  # every kernel instance kind
-    a2, x, z = torch.randn(N, B, D, device="cuda"), torch.randn(B, N, D, device="cuda"), torch.randn(B, N + 1, D, device="cuda")
-    p = [torch.randn(N, D, device="cuda") for _ in range(5)]
-    torch.ops.deqfuse.modality_epilogue(a2, x, z, *p, 4)
 for B, E in [(5, 3), (3000, 7)]:
     choice = torch.randint(0, E, (B,), device="cuda")
     order, counts = torch.ops.deqfuse.group_by_choice(choice, E)

@@ -3,19 +3,18 @@
   python benchmarks/sweep.py [--dtype fp32|bf16|all] [--out DIR] [--iters 30] [--device cuda|cpu]
                              [--N 2,3] [--D ...] [--B ...] [--budget-s 540] [--smoke] [--no-compile] [--no-torchdeq]
 Per point (B, D, N, dtype), with L = (N+1) D and m = 6:
-  cell_fwd     reference | torch.compile(reference) | triton (cuBLAS + row epilogues) | triton-fused
+  cell_fwd     reference | torch.compile(reference) | triton/cublas (cuBLAS + row epilogues) | triton/fused
   step         reference | torch.compile(reference) | triton | cuda
   solve_fwd    eval forward solve, `iters` Anderson iterations: reference | auto | auto+graph | torchdeq
   train_step   forward solve + implicit backward (`iters` adjoint iterations) + parameter grads:
                reference | auto | auto+graph | torchdeq | torchdeq+compile(cell); peak memory too
 Iteration counts are fixed (tolerance 1e-30), so every variant does the same work. Variants whose one
 call would take seconds (reference / torchdeq / compile at B * D^2 > SLOW_LIMIT) are skipped and
-listed as such. Writes sweep.csv (one row per point x measure x variant); plot/table: sweep_report.py.
+listed as such. Writes sweep.csv in the long results format (deqfuse/benchmarking.py: op = the measure,
+metrics ms / peak_MiB / TFLOPs / TBps); plot/table: sweep_report.py.
 --smoke: a tiny grid on any device (CI runs it on the CPU so this script cannot rot between GPU runs).
 """
 import argparse
-import contextlib
-import csv
 import os
 import sys
 import time
@@ -29,7 +28,9 @@ warnings.filterwarnings("ignore")
 
 import deqfuse  # noqa: E402
 from deqfuse import DEQFusion  # noqa: E402
-from deqfuse.bench import step_args, time_ms  # noqa: E402
+from deqfuse.bench import step_args  # noqa: E402
+from deqfuse.benchmarking import Results, time_ms  # noqa: E402
+from deqfuse.cell import FUSED_MAX_GROUP_WIDTH, TRITON_CELLS, cell_apply  # noqa: E402
 from deqfuse.reference import anderson_step_ref, cell_forward, fuse_inputs  # noqa: E402
 
 GRID = dict(B=(32, 256, 2048, 8192), D=(256, 512, 1024), N=(2, 3, 5))
@@ -37,26 +38,12 @@ SMOKE = dict(B=(3,), D=(8,), N=(2,))
 MAX_STATE = 8192 * 3 * 1024      # B * N * D above the issue's largest cell point: skipped
 SLOW_LIMIT = 2048 * 512 * 512    # B * D^2 above this: eager reference / torchdeq solves take seconds per call
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FIELDS = ["measure", "B", "D", "N", "dtype", "variant", "ms", "peak_MiB", "TFLOPs", "TBps", "note"]
-
-
-@contextlib.contextmanager
-def cell_gemm(impl):
-    old = os.environ.get("DEQFUSE_CELL_GEMM")
-    os.environ["DEQFUSE_CELL_GEMM"] = impl
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DEQFUSE_CELL_GEMM", None)
-        else:
-            os.environ["DEQFUSE_CELL_GEMM"] = old
 
 
 class Sweep:
     def __init__(self, device, out, iters, compile_ok, torchdeq_ok, smoke):
         self.dev, self.out, self.iters, self.smoke = torch.device(device), out, iters, smoke
-        self.rows = []
+        self.res = Results(self.dev, echo=False)
         self.triton = deqfuse.triton_status()[0] and (self.dev.type == "cuda" or smoke)
         ext = deqfuse.extension_status()[0]
         self.cuda_ext = ext is not None and (self.dev.type == "cpu" or ext.has_cuda())
@@ -76,28 +63,39 @@ class Sweep:
             return time_ms(fn, self.dev, warmup_ms=2 if slow else 10, rep_ms=10 if slow else 50)
         return time_ms(fn, self.dev, reps=3)
 
+    @property
+    def rows(self):
+        return self.res.rows
+
     def record(self, pt, measure, variant, fn=None, note="", flops=0.0, byts=0.0, mem=False, slow=False):
-        row = dict(measure=measure, variant=variant, note=note, **pt)
+        """Time fn at point pt (B, D, N, dtype) as `measure` / `variant`: rows ms (+ peak_MiB, TFLOPs, TBps);
+        without fn (or if it fails) one row with an empty value and the note."""
+        add = lambda metric, value, unit, n=note: self.res.add(measure, variant, metric, value, unit, note=n, **pt)  # noqa: E731
+        ms = None
         if fn is not None:
             try:
+                peak = None
                 if mem and self.dev.type == "cuda":
                     fn()
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     fn()
                     torch.cuda.synchronize()
-                    row["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+                    peak = torch.cuda.max_memory_allocated() / 2 ** 20
                 ms = self.time(fn, slow)
-                row["ms"] = round(ms, 5)
+                add("ms", ms, "ms")
+                if peak is not None:
+                    add("peak_MiB", round(peak, 1), "MiB")
                 if flops:
-                    row["TFLOPs"] = round(flops / ms / 1e9, 1)
+                    add("TFLOPs", round(flops / ms / 1e9, 1), "TFLOP/s")
                 if byts:
-                    row["TBps"] = round(byts / ms / 1e9, 3)
+                    add("TBps", round(byts / ms / 1e9, 3), "TB/s")
             except Exception as e:  # noqa: BLE001  one failing variant must not end the sweep
-                row["note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-        self.rows.append(row)
+                ms, note = None, f"failed: {type(e).__name__}: {str(e)[:200]}"
+        if ms is None:
+            add("ms", "", "ms", note)
         print(f"  {measure:<10} B={pt['B']:<5} D={pt['D']:<5} N={pt['N']} {pt['dtype']:<5} {variant:<26} "
-              f"{row.get('ms', float('nan')):10.4f} ms {row['note']}", flush=True)
+              f"{ms if ms is not None else float('nan'):10.4f} ms {note}", flush=True)
 
     def compiled_fn(self, name, fn):
         if not self.compile_ok:
@@ -112,7 +110,7 @@ class Sweep:
 
     # ------------------------------------------------------------------ measures
     def cell(self, pt, dtype):
-        from conftest import make_inputs, make_params
+        from deqfuse.testing import make_inputs, make_params
         B, D, N = pt["B"], pt["D"], pt["N"]
         p = make_params(N, D, dtype=dtype, device=self.dev)
         z, x, xf = make_inputs(B, N, D, dtype=dtype, device=self.dev)
@@ -123,11 +121,10 @@ class Sweep:
             if comp is not None:
                 self.record(pt, "cell_fwd", "torch.compile(reference)", lambda: comp(z, x, xf, p), flops=flops)
             if self.triton:
-                from deqfuse.kernels.cell import cell_forward_triton
-                from deqfuse.kernels.cell_fused import cell_forward_fused, fused_supported
-                self.record(pt, "cell_fwd", "triton", lambda: cell_forward_triton(z, x, xf, p), flops=flops)
-                if fused_supported(D, 4):
-                    self.record(pt, "cell_fwd", "triton-fused", lambda: cell_forward_fused(z, x, xf, p), flops=flops)
+                for v in TRITON_CELLS:
+                    if D // 4 <= FUSED_MAX_GROUP_WIDTH or v == "cublas":
+                        self.record(pt, "cell_fwd", f"triton/{v}",
+                                    lambda v=v: cell_apply(z, x, xf, p, 4, "triton", triton_cell=v), flops=flops)
 
     def step(self, pt, dtype):
         B, L, m = pt["B"], (pt["N"] + 1) * pt["D"], 6
@@ -150,14 +147,19 @@ class Sweep:
         torch.manual_seed(0)
         feats = [torch.randn(B, D, device=self.dev, dtype=dtype) for _ in range(N)]
 
-        def layer(backend, graph=False):
+        # the loss of the training step: a fixed random read-out (|out|^2 would give a zero adjoint:
+        # the fused output is a GroupNorm output, whose norm does not depend on its input)
+        proj = torch.randn(B, D, device=self.dev, generator=None) / (B * D) ** 0.5
+
+        def layer(backend, graph=False, triton_cell=None):
             return DEQFusion(D, N, backend=backend, f_max_iter=it, b_max_iter=it, f_tol=1e-30, b_tol=1e-30,
-                             on_nonconvergence="ignore", solver_kw=dict(m=6), cuda_graph=graph).to(self.dev, dtype)
+                             on_nonconvergence="ignore", solver_kw=dict(m=6, check_every=0), cuda_graph=graph,
+                             triton_cell=triton_cell).to(self.dev, dtype)
 
         def train_step(ly):
             def run():
                 ly.zero_grad(set_to_none=True)
-                ly(feats).float().square().mean().backward()
+                (ly(feats).float() * proj).sum().backward()
             return run
 
         graphs = self.dev.type == "cuda"
@@ -169,13 +171,14 @@ class Sweep:
                 for measure in ("solve_fwd", "train_step"):
                     self.record(pt, measure, name, note="skipped: seconds per call at this size")
                 continue
-            with cell_gemm(gemm or os.environ.get("DEQFUSE_CELL_GEMM", "cublas")):
-                ly = layer(backend, graph)
-                self.record(pt, "train_step", name, train_step(ly), mem=True, slow=slow)
-                ly.eval()
-                with torch.no_grad():
-                    self.record(pt, "solve_fwd", name, lambda: ly(feats), slow=slow)
-                del ly
+            if gemm == "fused" and D // 4 > FUSED_MAX_GROUP_WIDTH:
+                continue
+            ly = layer(backend, graph, gemm)
+            self.record(pt, "train_step", name, train_step(ly), mem=True, slow=slow)
+            ly.eval()
+            with torch.no_grad():
+                self.record(pt, "solve_fwd", name, lambda: ly(feats), slow=slow)
+            del ly
         if self.tdq is None:
             return
         for name in ("torchdeq", "torchdeq+compile(cell)"):
@@ -195,7 +198,7 @@ class Sweep:
             def tdq_step(cell=cell, deq=deq, ly=ly, x=x, xf=xf):
                 ly.zero_grad(set_to_none=True)
                 zs, _ = deq(lambda z: cell(z, x, xf), torch.zeros(B, N + 1, D, device=self.dev, dtype=dtype))
-                zs[-1][:, N].float().square().mean().backward(retain_graph=True)
+                (zs[-1][:, N].float() * proj).sum().backward(retain_graph=True)
             self.record(pt, "train_step", name, tdq_step, mem=True, slow=True)
 
     # ------------------------------------------------------------------ driver
@@ -221,10 +224,7 @@ class Sweep:
                         self.write()
 
     def write(self):
-        with open(os.path.join(self.out, "sweep.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(self.rows)
+        self.res.write_csv(os.path.join(self.out, "sweep.csv"))
 
 
 def main(argv=None):

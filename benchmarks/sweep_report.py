@@ -4,7 +4,7 @@
 PNG: one panel per measure, speed-up of our best variant over the baseline (reference eager; torchdeq
 for the training step where it was measured) against B, one line per (D, N), fp32 solid / bf16 dashed.
 """
-import csv
+import os
 import sys
 from collections import defaultdict
 
@@ -13,18 +13,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-OURS = {"cell_fwd": ("triton", "triton-fused"), "step": ("triton", "cuda"),
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from deqfuse.benchmarking import read_results  # noqa: E402
+
+OURS = {"cell_fwd": ("triton/cublas", "triton/fused"), "step": ("triton", "cuda"),
         "solve_fwd": ("auto", "auto+graph", "auto+graph, fused cell"),
         "train_step": ("auto", "auto+graph", "auto+graph, fused cell")}
 BASE = {"cell_fwd": "reference", "step": "reference", "solve_fwd": "reference", "train_step": "torchdeq"}
 
 
 def load(src):
-    """{(measure, B, D, N, dtype): {variant: ms}} of the rows that were timed."""
+    """{(measure, B, D, N, dtype): {variant: ms}} of the rows that were timed (long results format)."""
     pts = defaultdict(dict)
-    for r in csv.DictReader(open(src)):
-        if r["ms"]:
-            pts[(r["measure"], int(r["B"]), int(r["D"]), int(r["N"]), r["dtype"])][r["variant"]] = float(r["ms"])
+    for r in read_results(src):
+        if r["metric"] == "ms" and isinstance(r["value"], float):
+            pts[(r["op"], r["B"], r["D"], r["N"], r["dtype"])][r["variant"]] = r["value"]
     return pts
 
 

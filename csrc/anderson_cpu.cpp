@@ -131,8 +131,6 @@ TORCH_LIBRARY(deqfuse, m) {
   m.def("anderson_step(Tensor(a!) x, Tensor fx, Tensor(b!) X, Tensor(c!) G, Tensor(d!) GG, Tensor(e!) best_x, "
         "Tensor(f!) best_res, Tensor(g!) converged, Tensor(h!) nstep, Tensor(i!) abs_out, Tensor(j!) rel_out, "
         "int k, float beta, float lam, float tol, bool stop_rel) -> ()");
-  m.def("modality_epilogue(Tensor a2, Tensor x, Tensor z, Tensor b2, Tensor gn2_w, Tensor gn2_b, "
-        "Tensor gn3_w, Tensor gn3_b, int groups) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deqfuse, CPU, m) { m.impl("anderson_step", &deqfuse::anderson_step_cpu); }

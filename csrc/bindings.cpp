@@ -1,13 +1,13 @@
 // Python module deqfuse._C: importing it registers the torch.ops.deqfuse.* operators (schemas in the
 // TORCH_LIBRARY blocks of the .cpp files; fake kernels for torch.compile in deqfuse/ops.py):
-//   anderson_step (CPU, CUDA), cell_forward / cell_vjp (CPU), modality_epilogue (CUDA),
+//   anderson_step (CPU, CUDA), cell_forward / cell_vjp / cell_backward (CPU),
 //   group_by_choice / gather_rows_multi / scatter_rows (CPU, CUDA).
 #include <torch/extension.h>
 
 #include "cpu_blas.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, modality_epilogue, "
+  m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, cell_backward, "
             "group_by_choice, gather_rows_multi, scatter_rows}";
   m.def("has_cuda", []() {
 #ifdef WITH_CUDA

@@ -1,5 +1,5 @@
 // Routing ops for dynamic fusion: schemas and the C++ CPU versions (CUDA: cuda/routing_cuda.cu).
-// Contracts: group_by_choice_ref / gather_rows_multi_ref / scatter_rows_ref in deqfuse/dynamic.py.
+// Contracts: deqfuse/reference/routing.py.
 #include <torch/extension.h>
 
 #include <string>

@@ -9,6 +9,8 @@ TRITON_INTERPRET=1 and is chosen there only when asked for by name.
 """
 import functools
 import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -48,38 +50,84 @@ def ext_has(device: torch.device) -> bool:
     return ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.has_cuda()))
 
 
-def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> str:
-    """Concrete backend for `op` on `device`; raises a clear error if a named backend can't run."""
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an op: the backend name that selects it, the device types it runs on for
+    'auto' (Triton also runs on the CPU interpreter when named explicitly), the input dtypes it takes
+    (empty: any), and size limits (name, max, device type or None for every device)."""
+    backend: str
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...] = ()
+    limits: Tuple[Tuple[str, int, Optional[str]], ...] = ()
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+COMPILED_MAX_M = 8        # ring slots of the compiled Anderson steps (csrc/anderson_common.h kMaxM)
+CUDA_MAX_EXPERTS = 64     # groups of the CUDA counting sort (csrc/cuda/routing_kernel.cuh kMaxExperts)
+
+# Per op, the implementations in 'auto' preference order (fastest measured first, benchmarks/RESULTS.md).
+# The compiled extension ('cuda') has: the Anderson step (CPU and CUDA), the cell (C++ CPU only), routing
+# (CPU and CUDA; C++ launches cost less host time than Triton's launcher, so it leads for routing).
+REGISTRY: Dict[str, Tuple[Impl, ...]] = {
+    "anderson_step": (Impl("triton", ("cuda",)),
+                      Impl("cuda", ("cpu", "cuda"), _FLOATS, (("m", COMPILED_MAX_M, None),)),
+                      Impl("reference", ("cpu", "cuda"))),
+    "cell": (Impl("triton", ("cuda",), _FLOATS),
+             Impl("cuda", ("cpu",), (torch.float32, torch.float64)),
+             Impl("reference", ("cpu", "cuda"))),
+    "routing": (Impl("cuda", ("cpu", "cuda"), (), (("experts", CUDA_MAX_EXPERTS, "cuda"),)),
+                Impl("triton", ("cuda",)),
+                Impl("reference", ("cpu", "cuda"))),
+}
+
+
+def _unfit(impl: Impl, device: torch.device, dtype, sizes: dict) -> Optional[str]:
+    """Why impl cannot take these inputs (None if it can)."""
+    if dtype is not None and impl.dtypes and dtype not in impl.dtypes:
+        return f"dtype {dtype} (it takes {', '.join(str(d).replace('torch.', '') for d in impl.dtypes)})"
+    for name, hi, dev in impl.limits:
+        if (dev is None or dev == device.type) and sizes.get(name) is not None and sizes[name] > hi:
+            return f"{name}={sizes[name]} (it supports {name} <= {hi}{' on ' + dev if dev else ''})"
+    return None
+
+
+def select(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None, **sizes) -> str:
+    """The backend that runs `op` for inputs on `device` of `dtype` and these sizes (e.g. m=, experts=).
+    'auto': the first implementation (REGISTRY order) that is available and takes the inputs. A backend
+    named explicitly: that one, or a clear error if it is unavailable here or cannot take the inputs --
+    the same whether or not the extension is built. 'cuda' for an op the extension does not have on this
+    device (the cell on a GPU) means 'auto' for that op."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    # ops the extension provides, per device type (the cell op is C++ CPU only; on GPUs the Triton cell
-    # is the kernel path)
-    cuda_ops = {"anderson_step", "routing"} | ({"cell"} if device.type == "cpu" else {"modality_epilogue"})
-    triton_ops = {"anderson_step", "cell", "routing"}                # ops with a Triton kernel
-    if backend == "cuda" and op not in cuda_ops:
-        backend = "auto"  # ops the extension lacks (the cell) take the best other path
+    impls = REGISTRY[op]
+    if backend == "cuda" and not any(i.backend == "cuda" and device.type in i.devices for i in impls):
+        backend = "auto"
     if backend == "auto":
-        # routing is a chain of tiny launches: the extension's C++ launches cost less host time than
-        # Triton's Python launcher (not yet timed side by side: benchmarks/bench_dynamic.py does)
-        ext_first = op == "routing"
-        if ext_first and ext_has(device):
-            return "cuda"
-        if op in triton_ops and device.type == "cuda" and triton_status()[0]:
-            return "triton"
-        if op in cuda_ops and ext_has(device):
-            return "cuda"
+        for impl in impls:
+            if device.type not in impl.devices or _unfit(impl, device, dtype, sizes) is not None:
+                continue
+            if impl.backend == "cuda" and not ext_has(device):
+                continue
+            if impl.backend == "triton" and not triton_status()[0]:
+                continue
+            return impl.backend
         return "reference"
-    if backend == "cuda":
-        if not ext_has(device):
-            raise RuntimeError(f"backend='cuda' unavailable for {device.type} tensors: {extension_status()[1]}")
+    impl = next(i for i in impls if i.backend == backend)
+    if backend == "cuda" and not ext_has(device):
+        raise RuntimeError(f"backend='cuda' unavailable for {device.type} tensors: {extension_status()[1]}")
     if backend == "triton":
         ok, why = triton_status()
         if not ok:
             raise RuntimeError(f"backend='triton' unavailable: {why}")
+    why = _unfit(impl, device, dtype, sizes)
+    if why is not None:
+        raise ValueError(f"{op}: backend={backend!r} cannot take {why}; use backend='auto' or another backend")
     return backend
 
 
-COMPILED_MAX_M = 8  # ring slots the compiled steps support (csrc/anderson_common.h kMaxM)
+def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> str:
+    """select() without dtype or sizes (the backend an op would take on this device)."""
+    return select(op, backend, device)
 
 
 def anderson_step_fn(backend: str, x: torch.Tensor, m: int = 1):

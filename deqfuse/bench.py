@@ -1,31 +1,15 @@
 """`python -m deqfuse bench`: time each op of every available backend side by side on this machine
 (reference eager, torch.compile of the reference where it works, the compiled extension, Triton on a
 GPU) and write bench.csv. The full GPU suite (torchdeq, graphs, sweeps) is benchmarks/bench_gpu.py."""
-import csv
 import os
-import time
 
 import torch
 
 from .backend import extension_status, triton_status
-from .cell import FusionCell
+from .benchmarking import Results, time_ms
+from .cell import TRITON_CELLS, FusionCell, cell_apply, resolve_triton_cell
 from .reference import CellParams, anderson_step_ref, cell_forward
 from .solvers import AndersonState
-
-
-def time_ms(fn, device, reps=20, warmup_ms=10, rep_ms=50):
-    """Median ms of fn(): triton do_bench on CUDA (warmup/rep in ms), perf_counter loop on the CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * sorted(ts)[len(ts) // 2]
 
 
 def step_args(B, L, m, device="cpu", dtype=torch.float32, hist=None):
@@ -44,38 +28,38 @@ def step_args(B, L, m, device="cpu", dtype=torch.float32, hist=None):
 
 
 def run(out="bench_out", quick=False):
+    """Every available backend of the Anderson step and of the cell forward, side by side (one timer,
+    the long results format: deqfuse/benchmarking.py). Writes bench.csv to `out`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, L, m = (256, 1024, 6) if quick or device.type == "cpu" else (8192, 3072, 6)
     N, D, Bc = (3, 256, 256) if quick or device.type == "cpu" else (3, 1024, 8192)
-    rows = []
-    steps = [("reference", anderson_step_ref)]
+    res = Results(device)
+    steps = [("reference", "reference", anderson_step_ref)]
     if extension_status()[0] is not None and (device.type == "cpu" or extension_status()[0].has_cuda()):
-        steps.append(("cuda-ext" if device.type == "cuda" else "c++-ext", torch.ops.deqfuse.anderson_step))
+        steps.append(("c++" if device.type == "cpu" else "cuda", "cuda", torch.ops.deqfuse.anderson_step))
     if triton_status()[0] and device.type == "cuda":
         from .kernels.anderson import anderson_step_triton
-        steps.append(("triton", lambda *a: anderson_step_triton(*a, check=False)))
-    for name, fn in steps:
+        steps.append(("triton", "triton", lambda *a: anderson_step_triton(*a, check=False)))
+    for name, backend, fn in steps:
         args = step_args(B, L, m, device)
-        rows.append(dict(op=f"anderson_step B={B} L={L} m={m}", backend=name, ms=time_ms(lambda: fn(*args), device)))
+        res.add("anderson_step", name, "ms", time_ms(lambda: fn(*args), device), "ms", backend=backend,
+                dtype=torch.float32, B=B, D=L, note=f"L={L} m={m}")
     p = CellParams(*(t.detach() for t in FusionCell(D, N).to(device).params()))
     z, x, xf = torch.randn(Bc, N + 1, D, device=device), torch.randn(Bc, N, D, device=device), torch.randn(Bc, D, device=device)
-    cells = [("reference", lambda: cell_forward(z, x, xf, p))]
+    cells = [("reference", "reference", lambda: cell_forward(z, x, xf, p))]
+    if extension_status()[0] is not None and device.type == "cpu":
+        cells.append(("c++", "cuda", lambda: torch.ops.deqfuse.cell_forward(z, x, xf, list(p), 4, False)))
     if triton_status()[0] and device.type == "cuda":
-        from .kernels.cell import cell_forward_triton
-        from .kernels.cell_fused import cell_forward_fused, fused_supported
-        cells.append(("triton", lambda: cell_forward_triton(z, x, xf, p)))
-        if fused_supported(D, 4):
-            cells.append(("triton-fused", lambda: cell_forward_fused(z, x, xf, p)))
+        for variant in TRITON_CELLS:
+            if resolve_triton_cell(None if variant == "cublas" else variant, D, 4) == variant:
+                cells.append((f"triton/{variant}", "triton",
+                              lambda v=variant: cell_apply(z, x, xf, p, 4, "triton", triton_cell=v)))
     with torch.no_grad():
-        for name, fn in cells:
-            rows.append(dict(op=f"cell forward B={Bc} D={D} N={N}", backend=name, ms=time_ms(fn, device)))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["op", "backend", "ms"])
-        w.writeheader()
-        w.writerows(rows)
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    for r in rows:
-        base = next(q["ms"] for q in rows if q["op"] == r["op"] and q["backend"] == "reference")
-        print(f"{r['op']:<36} {r['backend']:<12} {r['ms']:9.3f} ms   x{base / r['ms']:.2f} vs reference")
-    return rows
+        for name, backend, fn in cells:
+            res.add("cell_forward", name, "ms", time_ms(fn, device), "ms", backend=backend, dtype=torch.float32,
+                    B=Bc, D=D, N=N)
+    res.write_csv(os.path.join(out, "bench.csv"))
+    for r in res.rows:
+        base = res.value(r["op"], "reference")
+        print(f"{r['op']:<14} {r['variant']:<14} {r['value']:9.3f} ms   x{base / r['value']:.2f} vs reference")
+    return res.rows

@@ -2,26 +2,30 @@
 
 Layout: z: [B, N+1, D] (N modality states then the fused state), x: [B, N, D], x_f: [B, D].
 """
+import functools
 import math
 import os
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
-from ._validate import check_dim_groups
+from ._validate import check_choice, check_dim_groups, check_int
 from .reference.cell import CellParams, cell_forward, cell_vjp
 
 
 class FusionCell(nn.Module):
-    """Parameters of the official DEQ fusion cell for N modalities of width D (GroupNorm(groups, D))."""
+    """Parameters of the official DEQ fusion cell for N modalities of width D (GroupNorm(groups, D)).
+    triton_cell: which Triton cell variant the 'triton' backend runs (TRITON_CELLS; None: the default,
+    DEQFUSE_CELL_GEMM read once at first use, else 'cublas')."""
 
-    def __init__(self, dim: int, num_modalities: int, groups: int = 4):
+    def __init__(self, dim: int, num_modalities: int, groups: int = 4, triton_cell: Optional[str] = None):
         super().__init__()
         check_dim_groups(dim, groups)
-        if num_modalities < 1:
-            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+        check_int("num_modalities", num_modalities, 1)
+        self.triton_cell = resolve_triton_cell(triton_cell, dim, groups)
         self.dim, self.n, self.groups = dim, num_modalities, groups
         N, D = num_modalities, dim
         self.w1, self.w2 = nn.Parameter(torch.empty(N, D, D)), nn.Parameter(torch.empty(N, D, D))
@@ -44,18 +48,18 @@ class FusionCell(nn.Module):
 
     def forward(self, z, x, xf, backend: str = "reference", save: bool = False):
         """f(z). z: [B, N+1, D] -> [B, N+1, D]; save=True also returns what vjp() needs."""
-        return cell_apply(z, x, xf, self.params(), self.groups, backend, save)
+        return cell_apply(z, x, xf, self.params(), self.groups, backend, save, self.triton_cell)
 
     def vjp(self, gbar, saved, backend: str = "reference"):
         """J^T gbar at the point saved by forward(save=True). gbar: [B, N+1, D]."""
-        return cell_vjp_apply(gbar, saved, self.params(), self.groups, backend)
+        return cell_vjp_apply(gbar, saved, self.params(), self.groups, backend, self.triton_cell)
 
     def bind(self, backend: str, like: torch.Tensor):
         """f(z, x, xf) -> f(z) [b, N+1, D] for a solver loop: the kernel path is chosen once (for tensors
         like `like`) and the parameters are gathered once, so an iteration costs one call of the path
         (the parameters are read in place: optimizer steps between solves are seen). With grad enabled
         it runs the reference (autograd) path, like forward()."""
-        p, G = self.params(), self.groups
+        p, G, variant = self.params(), self.groups, self.triton_cell
         path = cell_path(backend, like)
         if path == "reference":
             return lambda z, x, xf: cell_forward(z, x, xf, p, G)
@@ -67,38 +71,42 @@ class FusionCell(nn.Module):
                     return ext_cell_with_grad(z, x, xf, plist, G)[0]
                 return op(z, x, xf, plist, G, False)[0]
             return f
-        return lambda z, x, xf: cell_apply(z, x, xf, p, G, backend)
-
-
-def _kernel_ok(backend, device, op):
-    return _backend.resolve(backend, device, op) == "triton"
-
-
-EXT_CELL_DTYPES = (torch.float32, torch.float64)
+        return lambda z, x, xf: cell_apply(z, x, xf, p, G, backend, triton_cell=variant)
 
 
 def cell_path(backend: str, z: torch.Tensor) -> str:
-    """Which implementation of the no-grad cell forward serves `backend` for tensors like z:
-    'ext' (the compiled C++ op: CPU, float32/float64), 'triton', or 'reference'."""
-    b = _backend.resolve(backend, z.device, "cell")
-    if b == "cuda":
-        return "ext" if z.dtype in EXT_CELL_DTYPES else "reference"
-    return b
+    """Which implementation of the no-grad cell forward serves `backend` for tensors like z: 'ext' (the
+    compiled C++ op: CPU, float32/float64), 'triton' (a Triton variant, TRITON_CELLS), or 'reference'."""
+    b = _backend.select("cell", backend, z.device, z.dtype)
+    return "ext" if b == "cuda" else b
 
 
-CELL_GEMMS = ("cublas", "fused")
+# The two Triton cell variants (one name each, everywhere): 'cublas' = cuBLAS GEMMs + fused row-epilogue
+# kernels (kernels/cell.py); 'fused' = Triton GEMMs with the GroupNorm steps in their epilogues
+# (kernels/cell_fused.py; needs dim / groups <= 256). Both VJPs read either forward's saved tensors.
+TRITON_CELLS = ("cublas", "fused")
+FUSED_MAX_GROUP_WIDTH = 256  # kernels/cell_fused.py: a program holds a whole GroupNorm group in registers
 
 
-def cell_gemm(dim: int, groups: int) -> str:
-    """Which Triton cell forward and VJP run: 'cublas' (cuBLAS GEMMs + fused row-epilogue kernels: 8
-    launches forward, ~12 VJP; the path measured in benchmarks/RESULTS.md) or 'fused' (Triton GEMMs
-    with the GroupNorm steps in their epilogues: 5 forward, 6 VJP; needs dim / groups <= 256).
-    Chosen by DEQFUSE_CELL_GEMM (default cublas)."""
+@functools.lru_cache(None)
+def default_triton_cell() -> str:
+    """The default Triton cell variant: DEQFUSE_CELL_GEMM, read once (unset: 'cublas')."""
     want = os.environ.get("DEQFUSE_CELL_GEMM", "cublas")
-    if want not in CELL_GEMMS:
-        raise ValueError(f"DEQFUSE_CELL_GEMM must be one of {CELL_GEMMS}, got {want!r}")
-    from .kernels.cell_fused import fused_supported
-    return "fused" if want == "fused" and fused_supported(dim, groups) else "cublas"
+    if want not in TRITON_CELLS:
+        raise ValueError(f"DEQFUSE_CELL_GEMM must be one of {TRITON_CELLS}, got {want!r}")
+    return want
+
+
+def resolve_triton_cell(variant: Optional[str], dim: int, groups: int) -> str:
+    """The variant for a cell of width dim: an explicit one that cannot take dim/groups raises; the
+    default falls back to 'cublas' there."""
+    explicit = variant is not None
+    variant = default_triton_cell() if variant is None else check_choice("triton_cell", variant, TRITON_CELLS)
+    if variant == "fused" and dim // groups > FUSED_MAX_GROUP_WIDTH:
+        if explicit:
+            raise ValueError(f"triton_cell='fused' needs dim / groups <= {FUSED_MAX_GROUP_WIDTH}, got {dim // groups}")
+        return "cublas"
+    return variant
 
 
 class _ExtCell(torch.autograd.Function):
@@ -134,30 +142,32 @@ def ext_cell_with_grad(z, x, xf, params, groups: int):
     return out, saved
 
 
-def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference", save: bool = False):
-    """Dispatch the cell forward. The kernel paths (Triton, the compiled C++ op) are forward-only (no
-    autograd graph): they run inside the no-grad solver loops; with grad enabled the reference path runs
-    so parameters get gradients."""
+def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference", save: bool = False,
+               triton_cell: str = "cublas"):
+    """Dispatch the cell forward (the one place that maps a backend to a cell implementation). The
+    kernel paths (Triton, the compiled C++ op) are forward-only (no autograd graph): they run inside the
+    no-grad solver loops; with grad enabled the reference path runs so parameters get gradients."""
     if torch.is_grad_enabled():
         return cell_forward(z, x, xf, p, groups, save)
-    if cell_path(backend, z) == "ext":
+    path = cell_path(backend, z)
+    if path == "ext":
         out, saved = torch.ops.deqfuse.cell_forward(z, x, xf, list(p), groups, save)
         return (out, dict(ext=saved)) if save else out
-    if not _kernel_ok(backend, z.device, "cell"):
+    if path == "reference":
         return cell_forward(z, x, xf, p, groups, save)
-    if cell_gemm(z.shape[-1], groups) == "fused":
+    if triton_cell == "fused":
         from .kernels.cell_fused import cell_forward_fused
         return cell_forward_fused(z, x, xf, p, groups, save)
     from .kernels.cell import cell_forward_triton
     return cell_forward_triton(z, x, xf, p, groups, save)
 
 
-def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "reference"):
+def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "reference", triton_cell: str = "cublas"):
     """J^T gbar from the tensors the forward of the same path saved (the saved dict says which)."""
     if "ext" in saved:
         return torch.ops.deqfuse.cell_vjp(gbar, saved["ext"], list(p), groups)
-    if "triton" in saved and _kernel_ok(backend, gbar.device, "cell"):
-        if cell_gemm(gbar.shape[-1], groups) == "fused":
+    if "triton" in saved and cell_path(backend, gbar) == "triton":
+        if triton_cell == "fused":
             from .kernels.cell_fused import cell_vjp_fused
             return cell_vjp_fused(gbar, saved, p, groups)
         from .kernels.cell import cell_vjp_triton

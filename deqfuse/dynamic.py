@@ -18,37 +18,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import backend as _backend
 from ._validate import check_choice, check_float, check_int
+from .reference.routing import gather_rows_multi_ref, group_by_choice_ref, scatter_rows_ref
 
 
-# ---------------------------------------------------------------- routing primitives (+ references)
-def group_by_choice_ref(choice, num_groups: int):
-    """Stable grouping of the batch by chosen expert. choice: [B] int -> (order [B] int64: sample
-    indices, group 0's first; counts [E] on choice's device)."""
-    valid = (choice >= 0) & (choice < num_groups)
-    order = torch.argsort(torch.where(valid, choice, num_groups), stable=True)
-    return order, torch.bincount(choice[valid], minlength=num_groups)
-
-
-def gather_rows_ref(src, idx):
-    return src.index_select(0, idx)
-
-
-def gather_rows_multi_ref(srcs, idx):
-    return [s.index_select(0, idx) for s in srcs]
-
-
-def scatter_rows_ref(src, idx, out):
-    return out.index_copy_(0, idx, src)
-
-
+# ---------------------------------------------------------------- routing (references: reference/routing.py)
 def _scatter_rows_op(src, idx, out):
     torch.ops.deqfuse.scatter_rows(src, idx, out)
     return out
 
 
-def _router(device, backend):
-    """(group_by_choice, gather_rows_multi, scatter_rows) for this device and backend."""
-    b = _backend.resolve(backend, device, "routing")
+def _router(device, backend, experts: int = None):
+    """(group_by_choice, gather_rows_multi, scatter_rows) for this device, backend and expert count."""
+    b = _backend.select("routing", backend, device, experts=experts)
     if b == "cuda":
         ops = torch.ops.deqfuse
         return ops.group_by_choice, ops.gather_rows_multi, _scatter_rows_op
@@ -61,7 +42,7 @@ def _router(device, backend):
 def group_by_choice(choice, num_groups: int, backend: str = "reference"):
     """(order [B], counts list[int]); the one host sync of routed inference (the counts size the
     sub-batches). Raises if a choice lies outside [0, num_groups)."""
-    order, counts = _router(choice.device, backend)[0](choice, num_groups)
+    order, counts = _router(choice.device, backend, num_groups)[0](choice, num_groups)
     counts = counts.tolist()
     if sum(counts) != choice.numel():
         raise ValueError(f"choice: every entry must lie in [0, {num_groups}); "
@@ -258,7 +239,7 @@ class DynamicFusion(nn.Module):
         """Run expert e only on the samples with choice == e. Returns (outputs in batch order, counts).
         The batch is sorted by expert once (every modality in one gather), so each expert reads a
         contiguous slice; the outputs go back to batch order in one scatter."""
-        _, gather_multi, scatter = _router(features[0].device, self.backend)
+        _, gather_multi, scatter = _router(features[0].device, self.backend, len(self.experts))
         order, counts = group_by_choice(choice, len(self.experts), self.backend)
         grouped = gather_multi(list(features), order)
         ys, start = [], 0

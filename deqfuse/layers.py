@@ -45,6 +45,8 @@ class DEQFusion(nn.Module):
         check_every / compact for adaptive compute: by default a solve stops once every sample has
         converged and shrinks its batch to the unconverged samples, see deqfuse/solvers.py).
       on_nonconvergence: 'warn' (one host sync per forward) | 'ignore' (read info.forward_stats).
+      triton_cell: Triton cell variant of the 'triton' backend: 'cublas' | 'fused' (deqfuse.cell.TRITON_CELLS;
+        None: DEQFUSE_CELL_GEMM or 'cublas').
       cuda_graph: on CUDA, run each solve (forward, and the adjoint in training) as one CUDA-graph
         replay, captured on first use per batch size (see graphs.py; needs grad='implicit' to graph
         the backward). The biggest win at small batches, where the solves are launch-bound.
@@ -56,7 +58,8 @@ class DEQFusion(nn.Module):
                  stop_mode: str = "rel", grad: str = "implicit", phantom_steps: int = 5,
                  phantom_lam: float = 0.8, unrolled_steps: int = 6, jac_reg: int = 0,
                  backend: str = "auto", solver_kw: Optional[dict] = None,
-                 on_nonconvergence: str = "warn", cuda_graph: bool = False, b_stop_mode: str = "rel"):
+                 on_nonconvergence: str = "warn", cuda_graph: bool = False, b_stop_mode: str = "rel",
+                 triton_cell: Optional[str] = None):
         super().__init__()
         # every argument is checked here, with the argument's own name in the message
         check_choice("grad", grad, ("implicit", "phantom", "unrolled"))
@@ -84,7 +87,7 @@ class DEQFusion(nn.Module):
                       max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode)
         check_options(solver, dict(max_iter="b_max_iter", tol="b_tol", stop_mode="b_stop_mode"),
                       max_iter=b_max_iter, tol=b_tol, stop_mode=b_stop_mode)
-        self.cell = FusionCell(dim, num_modalities, groups)
+        self.cell = FusionCell(dim, num_modalities, groups, triton_cell)
         self.dim, self.n = dim, num_modalities
         self.weights = nn.Parameter(torch.ones(num_modalities))  # x_f = sum_i w_i x_i + b
         self.bias = nn.Parameter(torch.zeros(1))
@@ -215,8 +218,8 @@ class SavedVJP:
         if "ext" in self.saved:
             return self._ext(g, None)
         cell = self.layer.cell
-        return cell_vjp_apply(self._shaped(g), self.saved, self.params, cell.groups,
-                              self.layer.backend).reshape(g.shape[0], -1)
+        return cell_vjp_apply(self._shaped(g), self.saved, self.params, cell.groups, self.layer.backend,
+                              cell.triton_cell).reshape(g.shape[0], -1)
 
     def subset(self, idx):
         return SavedVJP(self.layer, self.z.index_select(0, idx), self.x.index_select(0, idx),

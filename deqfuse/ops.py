@@ -49,14 +49,6 @@ def _cell_backward_fake(gout, z, saved, params, groups):
             [torch.empty_like(p) for p in params])
 
 
-@torch.library.register_fake("deqfuse::modality_epilogue")
-def _modality_epilogue_fake(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups):
-    _same_device("modality_epilogue", dict(a2=a2, x=x, z=z, b2=b2, gn2_w=gn2_w, gn2_b=gn2_b, gn3_w=gn3_w,
-                                           gn3_b=gn3_b))
-    N, B, D = a2.shape
-    return a2.new_empty(B, N, D), a2.new_empty(N, B, D)
-
-
 @torch.library.register_fake("deqfuse::group_by_choice")
 def _group_by_choice_fake(choice, num_groups):
     return choice.new_empty(choice.shape[0], dtype=torch.int64), choice.new_empty(num_groups, dtype=torch.int32)
@@ -72,12 +64,3 @@ def _gather_rows_multi_fake(srcs, idx):
 def _scatter_rows_fake(src, idx, out):
     _same_device("scatter_rows", dict(src=src, idx=idx, out=out))
     return None
-
-
-def modality_epilogue(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups: int = 4, backend: str = "auto"):
-    """Fused epilogue (see reference/epilogue.py): the CUDA op when available, else the reference."""
-    from .backend import resolve
-    if resolve(backend, a2.device, "modality_epilogue") == "cuda" and a2.device.type == "cuda":
-        return torch.ops.deqfuse.modality_epilogue(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups)
-    from .reference.epilogue import modality_epilogue_ref
-    return modality_epilogue_ref(a2, x, z, b2, gn2_w, gn2_b, gn3_w, gn3_b, groups)

@@ -32,11 +32,13 @@ import triton
 import triton.testing
 import triton.language as tl
 
+from deqfuse.cell import FUSED_MAX_GROUP_WIDTH
 from deqfuse.reference.groupnorm import EPS
 
 from .cell import _check, _fusion_bwd_kernel, _gn_bwd, _gn_fwd, _meta, _modality_bwd_kernel
 
-MAX_GROUP_WIDTH = 256  # a [BM, 256] fp32 accumulator already fills a warpgroup's registers at BM=128
+# a [BM, 256] fp32 accumulator already fills a warpgroup's registers at BM=128 (constant kept in deqfuse/cell.py)
+MAX_GROUP_WIDTH = FUSED_MAX_GROUP_WIDTH
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Dynamic-routing kernels (contracts: the references in deqfuse/dynamic.py).
+"""Dynamic-routing kernels (contracts: deqfuse/reference/routing.py).
 
 - group_by_choice_triton: stable counting sort of the batch by chosen expert in one launch (replaces
   argsort + bincount, ~6 launches): order [B] and counts [E].
@@ -90,12 +90,6 @@ def _launch(src, idx, dst, gather):
     D = src.shape[1]
     _move_rows_kernel[(rows,)](src, idx, dst, D, GATHER=gather, BLOCK=_block(D))
     return dst
-
-
-def gather_rows_triton(src, idx):
-    """src: [B, D], idx: [R] int -> [R, D] with row r = src[idx[r]]."""
-    src = src.contiguous()
-    return _launch(src, idx.contiguous(), src.new_empty(idx.numel(), src.shape[1]), True)
 
 
 def gather_rows_multi_triton(srcs, idx):

@@ -5,9 +5,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from deqfuse import DEQHead, DepthGatedFusion, DynamicFusion, GumbelSchedule, MLPHead, SubsetExpert
-from deqfuse.dynamic import (count_macs, gather_rows_multi_ref, gather_rows_ref, group_by_choice,
-                             group_by_choice_ref, scatter_rows_ref)
-from conftest import needs_triton
+from deqfuse.dynamic import count_macs
 
 DIMS = [7, 12, 5]
 
@@ -158,72 +156,3 @@ def test_depth_gating_shrinks_batch_and_matches_full_depth_selection():
     assert m.gate.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.triton
-@needs_triton
-def test_triton_gather_scatter_match_reference():
-    from deqfuse.kernels.routing import gather_rows_triton, scatter_rows_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    src = torch.randn(37, 19, device=dev)
-    idx = torch.tensor([5, 0, 36, 7, 7 - 1], device=dev)
-    torch.testing.assert_close(gather_rows_triton(src, idx), gather_rows_ref(src, idx), rtol=0, atol=0)
-    out = torch.full((37, 19), float("nan"), device=dev)
-    ref = out.clone()
-    y = torch.randn(5, 19, device=dev)
-    scatter_rows_triton(y, idx, out)
-    scatter_rows_ref(y, idx, ref)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
-    assert gather_rows_triton(src, idx[:0]).shape == (0, 19)
-
-
-@pytest.mark.parametrize("B,E", [(1, 3), (37, 2), (300, 5), (2500, 3)])
-def test_group_by_choice_is_a_stable_sort(B, E):
-    choice = torch.randint(0, E, (B,), generator=torch.Generator().manual_seed(B))
-    order, counts = group_by_choice(choice, E)
-    assert torch.equal(order, torch.argsort(choice, stable=True)) and counts == torch.bincount(choice, minlength=E).tolist()
-    with pytest.raises(ValueError, match="choice"):
-        group_by_choice(torch.tensor([0, E, 1]), E)
-
-
-@pytest.mark.triton
-@needs_triton
-@pytest.mark.parametrize("B,E", [(1, 3), (37, 2), (300, 5), (2500, 3)])  # 2500: several blocks
-def test_triton_group_by_choice_matches_reference(B, E):
-    from deqfuse.kernels.routing import group_by_choice_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    choice = torch.randint(0, E, (B,), generator=torch.Generator().manual_seed(B)).to(dev)
-    choice[: min(B, 3)] = E - 1                       # an unused group (E=5 at B=300 may still hit all)
-    order, counts = group_by_choice_triton(choice, E)
-    ref_order, ref_counts = group_by_choice_ref(choice, E)
-    assert torch.equal(order, ref_order) and torch.equal(counts.long(), ref_counts)
-    bad = choice.clone()
-    bad[0] = -1
-    assert int(group_by_choice_triton(bad, E)[1].sum()) == B - 1     # dropped, so the caller can raise
-    with pytest.raises(ValueError, match="choice"):
-        group_by_choice(bad, E, backend="triton")
-
-
-@pytest.mark.triton
-@needs_triton
-def test_triton_gather_multi_matches_reference():
-    from deqfuse.kernels.routing import gather_rows_multi_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(0)
-    srcs = [torch.randn(23, d, generator=g).to(dev) for d in (3, 17, 1, 40, 9)]   # 5 sources: 2 launches
-    srcs[1] = srcs[1].double()
-    idx = torch.tensor([22, 0, 5, 5, 11], device=dev)
-    for a, b in zip(gather_rows_multi_triton(srcs, idx), gather_rows_multi_ref(srcs, idx)):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    assert [t.shape for t in gather_rows_multi_triton(srcs, idx[:0])] == [(0, d) for d in (3, 17, 1, 40, 9)]
-
-
-@pytest.mark.triton
-@needs_triton
-def test_triton_routing_equals_reference_routing():
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    m = make_model().double().eval().to(dev)
-    f = [x.double().to(dev) for x in feats(61)]
-    with torch.no_grad():
-        ref = m(f)
-        m.backend = "triton"
-        out = m(f)
-    assert torch.equal(out, ref) and sum(m.info.counts) == 61

@@ -1,10 +1,7 @@
 """Regression tests of issue 11 (no crash, no silent wrong answer, every option validated up front), one
 per reported case, plus a bounded property-based fuzz test of the solvers across backends."""
 import copy
-import os
 import pickle
-import sys
-import warnings
 
 import pytest
 import torch
@@ -12,7 +9,6 @@ import torch
 import deqfuse
 from deqfuse import DEQFusion, DepthGatedFusion, DynamicFusion, GumbelSchedule, MLPHead, SubsetExpert, anderson
 from deqfuse.bench import step_args
-from deqfuse.solvers import AndersonState
 from conftest import contractive_layer, needs_triton, rel_err
 
 EXT = deqfuse.extension_status()[0] is not None

@@ -176,7 +176,7 @@ def representative_calls(dtypes=("float32", "bfloat16", "float64")):
     forwards, both VJPs, save on and off), the Anderson step (fp32, bf16 history), routing."""
     import torch
     sys.path.insert(0, HERE)
-    from conftest import make_inputs, make_params
+    from deqfuse.testing import make_inputs, make_params
     from deqfuse.bench import step_args
     from deqfuse.kernels.anderson import anderson_step_triton
     from deqfuse.kernels.cell import cell_forward_triton, cell_vjp_triton

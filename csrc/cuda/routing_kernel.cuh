@@ -1,5 +1,4 @@
-// Dynamic-routing kernels (contracts: group_by_choice_ref / gather_rows_multi_ref / scatter_rows_ref in
-// deqfuse/dynamic.py). The point of having them in C++ is launch cost: routed inference at small
+// Dynamic-routing kernels (contracts: deqfuse/reference/routing.py). The point of having them in C++ is launch cost: routed inference at small
 // batches is a chain of tiny kernels, and a C++ launch costs a few microseconds of host time.
 // Kernel templates only: also compiled stand-alone by tests/nvcc_compile.py.
 #pragma once

@@ -1,7 +1,6 @@
 // Stand-alone translation unit: instantiates every kernel template of csrc/cuda/*.cuh for each dtype
 // the launchers dispatch to, so nvcc checks them without torch's CUDA headers (see tests/nvcc_compile.py).
 #include "../../csrc/cuda/anderson_kernel.cuh"
-#include "../../csrc/cuda/epilogue_kernel.cuh"
 #include "../../csrc/cuda/routing_kernel.cuh"
 
 namespace deqfuse {
@@ -21,16 +20,6 @@ DF_STEP(c10::BFloat16, c10::BFloat16)
 DF_STEP(c10::Half, c10::Half)
 #undef DF_STEP
 #undef DF_STEP1
-#define DF_EPI1(T, V, CPL)                                                                                  \
-  template __global__ void modality_epilogue_kernel<T, V, CPL>(const T*, const T*, const T*, const float*,         \
-                                                               const float*, const float*, const float*,          \
-                                                               const float*, T*, T*, int, int, int, int, float);
-#define DF_EPI(T) DF_EPI1(T, 4, 1) DF_EPI1(T, 4, 2) DF_EPI1(T, 4, 4) DF_EPI1(T, 4, 8) DF_EPI1(T, 1, 8) DF_EPI1(T, 1, 32)
-DF_EPI(float)
-DF_EPI(c10::BFloat16)
-DF_EPI(c10::Half)
-#undef DF_EPI
-#undef DF_EPI1
 template __global__ void group_by_choice_kernel<int64_t>(const int64_t*, int64_t, int, int64_t*, int32_t*);
 template __global__ void group_by_choice_kernel<int32_t>(const int32_t*, int64_t, int, int64_t*, int32_t*);
 template __global__ void move_rows_kernel<true>(RowMoves, const int64_t*, int64_t);

@@ -1,0 +1,424 @@
+"""The fusion cell (op: cell forward f(z, x) and its VJP J^T g; C++ also the full backward) on every
+implementation against the plain-PyTorch reference (deqfuse/reference/cell.py), which is itself checked
+against a literal transcription of the official per-modality loop and against autograd.
+
+Implementations: 'cpp' (torch.ops.deqfuse.cell_forward / cell_vjp / cell_backward, CPU float32/float64),
+'triton/cublas' (kernels/cell.py) and 'triton/fused' (kernels/cell_fused.py), on a GPU or the CPU
+interpreter. Tolerances: deqfuse.testing.TOL per dtype; GroupNorm groups of two channels make every
+backward ill-conditioned, so those get the looser TOL_NARROW_GROUPS.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deqfuse
+from deqfuse import DEQFusion
+from deqfuse.cell import FusionCell, cell_apply, cell_path, cell_vjp_apply, default_triton_cell, ext_cell_with_grad
+from deqfuse.reference import CellParams, cell_forward, cell_vjp, gn_backward, gn_forward
+from conftest import contractive_layer, make_inputs, make_params, needs_triton, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+EXT = deqfuse.extension_status()[0] is not None
+needs_ext = pytest.mark.skipif(not EXT, reason="compiled extension not built")
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+TOL_NARROW_GROUPS = {torch.float64: 1e-10, torch.float32: 2e-2}
+
+
+# ------------------------------------------------------------------------------------------- reference
+def official_cell(z, x, xf, p, groups=4):
+    """Literal transcription of DEQ_fusion.py's SimpleResidualBlock / DEQFusionBlock loops."""
+    n = x.shape[1]
+    outs = []
+    for i in range(n):
+        out = F.relu(F.group_norm(z[:, i] @ p.w1[i].T + p.b1[i], groups, p.gn1_w[i], p.gn1_b[i]))
+        out = out @ p.w2[i].T + p.b2[i] + x[:, i]
+        out = F.group_norm(out, groups, p.gn2_w[i], p.gn2_b[i]) + z[:, i]
+        outs.append(F.group_norm(F.relu(out), groups, p.gn3_w[i], p.gn3_b[i]))
+    zf = z[:, n]
+    extracted = [zf * ((o + zf) @ p.wg.T + p.bg) for o in outs]  # gate(inj_feat + x), per modality
+    fused = torch.stack(extracted, 0).sum(0) @ p.wf.T + p.bf + xf
+    outs.append(F.group_norm(F.relu(fused), groups, p.gnf_w, p.gnf_b))
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("B,N,D", [(1, 2, 8), (3, 3, 12), (37, 5, 20)])
+def test_cell_matches_official_loop(B, N, D):
+    p = make_params(N, D)
+    z, x, xf = make_inputs(B, N, D)
+    assert rel_err(cell_forward(z, x, xf, p), official_cell(z, x, xf, p)) < 1e-12
+
+
+@pytest.mark.parametrize("B,N,D", [(1, 2, 8), (5, 3, 12), (9, 4, 36)])
+def test_cell_vjp_matches_autograd(B, N, D):
+    p = make_params(N, D)
+    z, x, xf = make_inputs(B, N, D)
+    z.requires_grad_(True)
+    out, saved = cell_forward(z, x, xf, p, save=True)
+    gbar = torch.randn_like(out)
+    ref = torch.autograd.grad(out, z, gbar)[0]
+    saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach()) for k, v in saved.items()}
+    assert rel_err(cell_vjp(gbar, saved, p), ref) < 1e-10
+
+
+def test_groupnorm_matches_torch_and_autograd():
+    y = torch.randn(6, 3, 16, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(3, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    out, saved = gn_forward(y, w, b, 4)
+    ref = torch.stack([F.group_norm(y[:, i], 4, w[i], b[i]) for i in range(3)], 1)
+    assert rel_err(out, ref) < 1e-13
+    d = torch.randn_like(out)
+    (g_ref,) = torch.autograd.grad(ref, y, d)
+    assert rel_err(gn_backward(d, w, tuple(t.detach() for t in saved), 4), g_ref) < 1e-12
+
+
+# ---------------------------------------------------------------------------------- Triton variants
+SIZES = [(1, 2, 8), (3, 3, 20), (37, 5, 12), (5, 4, 36)]  # D = 4k, not powers of two
+
+
+def _poison(t):
+    return t.fill_(float("nan"))
+
+
+def _vjp(impl):
+    """J^T g of a Triton cell variant (TRITON_CELLS: 'cublas' | 'fused'); either reads either's saved dict."""
+    return lambda g, saved, p, groups=4: cell_vjp_apply(g, saved, p, groups, "triton", impl)
+
+
+def _forward(impl):
+    """f(z) of a Triton cell variant: cuBLAS GEMMs + row epilogues, or GEMMs with fused epilogues."""
+    def f(z, x, xf, p, groups=4, save=False):
+        with torch.no_grad():
+            return cell_apply(z, x, xf, p, groups, "triton", save, impl)
+    return f
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
+@pytest.mark.parametrize("B,N,D", SIZES)
+def test_forward_and_vjp_match_reference_fp64(B, N, D, impl):
+    p = make_params(N, D, device=DEV)
+    z, x, xf = make_inputs(B, N, D, device=DEV)
+    ref, saved_ref = cell_forward(z, x, xf, p, save=True)
+    out, saved = _forward(impl)(z, x, xf, p, save=True)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-10
+    assert rel_err(_forward(impl)(z, x, xf, p), ref) < 1e-10          # the save=False kernels too
+    gbar = torch.randn_like(ref)
+    # 1e-7 in fp64: groups of 2 channels (D=8) make GroupNorm's backward amplify rounding (2.5e-8 seen
+    # on an H100); still 1e5x tighter than any fp32 kernel could reach
+    assert rel_err(_vjp(impl)(gbar, saved, p), cell_vjp(gbar, saved_ref, p)) < 1e-7
+    other = _forward("fused" if impl == "cublas" else "cublas")(z, x, xf, p, save=True)[1]
+    assert rel_err(_vjp(impl)(gbar, other, p), cell_vjp(gbar, saved_ref, p)) < 1e-7  # one saved format
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
+@pytest.mark.parametrize("B,N,D", [(3, 3, 20), (6, 2, 64)])
+def test_fp32_against_fp64_reference(B, N, D, impl, no_tf32):
+    p64 = make_params(N, D, device=DEV)
+    z, x, xf = make_inputs(B, N, D, device=DEV)
+    p32 = type(p64)(*(t.float() for t in p64))
+    ref, sref = cell_forward(z, x, xf, p64, save=True)
+    out, saved = _forward(impl)(z.float(), x.float(), xf.float(), p32, save=True)
+    assert rel_err(out.double(), ref) < 1e-5
+    gbar = torch.randn_like(ref)
+    assert rel_err(_vjp(impl)(gbar.float(), saved, p32).double(), cell_vjp(gbar, sref, p64)) < 1e-4
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
+def test_bf16_inputs_fp32_accumulation(impl):
+    """bf16 state and inputs (fp32 parameters, fp32 accumulation) stay within bf16 rounding of fp64."""
+    p64 = make_params(3, 64, device=DEV)
+    z, x, xf = make_inputs(5, 3, 64, device=DEV)
+    ref = cell_forward(z, x, xf, p64)
+    p32 = type(p64)(*(t.float() for t in p64))
+    out, saved = _forward(impl)(z.bfloat16(), x.bfloat16(), xf.bfloat16(), p32, save=True)
+    assert out.dtype == torch.bfloat16 and rel_err(out.double(), ref) < 3e-2
+    gbar = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=z.dtype).to(DEV)
+    vjp_ref = cell_vjp(gbar, cell_forward(z, x, xf, p64, save=True)[1], p64)
+    # bf16 rounding of the saved activations is amplified by three GroupNorm backwards: ~5% here; a
+    # wrong kernel is off by O(1) (the interpreter's broken bf16 dot gave 1.2)
+    assert rel_err(_vjp(impl)(gbar.bfloat16(), saved, p32).double(), vjp_ref) < 0.1
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("impl", ["cublas", "fused"])
+def test_outputs_fully_written(impl):
+    """Every output element is written: NaN-poisoned buffers from the caching allocator never leak."""
+    p = make_params(3, 20, device=DEV)
+    z, x, xf = make_inputs(4, 3, 20, device=DEV)
+    for save in (False, True):
+        _poison(torch.empty(1 << 14, dtype=torch.float64, device=DEV))
+        out = _forward(impl)(z, x, xf, p, save=save)
+        tensors = [out[0], *(t for t in out[1].values() if torch.is_tensor(t))] if save else [out]
+        assert all(torch.isfinite(t).all() for t in tensors)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_variant_is_an_argument_resolved_once_and_limited_by_group_width(monkeypatch):
+    """triton_cell picks the Triton variant at construction (DEQFUSE_CELL_GEMM is only the default, read
+    once); 'fused' takes groups up to 256 wide: explicitly asked beyond that it raises, as a default it
+    falls back to 'cublas'."""
+    from deqfuse.kernels import cell_fused
+    assert FusionCell(1024, 2, 4, triton_cell="fused").triton_cell == "fused"
+    with pytest.raises(ValueError, match="triton_cell='fused' needs dim / groups <= 256"):
+        FusionCell(2048, 2, 4, triton_cell="fused")
+    with pytest.raises(ValueError, match="triton_cell must be one of"):
+        FusionCell(16, 2, 4, triton_cell="cutlass")
+    default_triton_cell.cache_clear()
+    monkeypatch.setenv("DEQFUSE_CELL_GEMM", "fused")
+    try:
+        assert FusionCell(16, 2).triton_cell == "fused" and FusionCell(2048, 2).triton_cell == "cublas"
+        monkeypatch.setenv("DEQFUSE_CELL_GEMM", "cublas")     # read once: no effect any more
+        assert FusionCell(16, 2).triton_cell == "fused"
+        default_triton_cell.cache_clear()
+        monkeypatch.setenv("DEQFUSE_CELL_GEMM", "cutlass")
+        with pytest.raises(ValueError, match="DEQFUSE_CELL_GEMM must be one of"):
+            FusionCell(16, 2)
+    finally:
+        default_triton_cell.cache_clear()
+        monkeypatch.delenv("DEQFUSE_CELL_GEMM")
+    calls = []
+    real = cell_fused.cell_forward_fused
+    monkeypatch.setattr(cell_fused, "cell_forward_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cell = FusionCell(16, 2, triton_cell="fused").double().to(DEV)
+    p = make_params(2, 16, device=DEV)
+    z, x, xf = make_inputs(3, 2, 16, device=DEV)
+    with torch.no_grad():
+        for name, t in zip(p._fields, p):
+            getattr(cell, name).copy_(t)
+        out = cell(z, x, xf, "triton")
+    assert calls and rel_err(out, cell_forward(z, x, xf, p)) < 1e-10
+    with pytest.raises(ValueError, match="exceeds 256"):
+        real(*make_inputs(1, 1, 1028, device=DEV), make_params(1, 1028, device=DEV), groups=2)
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("gemm", ["cublas", "fused"])
+def test_layer_uses_triton_cell_and_matches_reference(gemm):
+    torch.manual_seed(0)
+    # fixed iteration counts (tol 1e-30): the same algorithm on both backends, so the results agree to
+    # rounding whether or not 15 iterations converge (and the interpreter stays fast)
+    layers = [contractive_layer(DEQFusion(12, 3, backend=b, f_tol=1e-30, b_tol=1e-30, stop_mode="abs",
+                                          f_max_iter=15, b_max_iter=15, on_nonconvergence="ignore",
+                                          triton_cell=gemm).double().to(DEV))
+              for b in ("reference", "triton")]
+    feats = [torch.randn(3, 12, dtype=torch.float64, device=DEV) for _ in range(3)]
+    outs, grads = [], []
+    for layer in layers:
+        out = layer(feats)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(torch.cat([q.grad.flatten() for q in layer.parameters()]))
+    assert rel_err(outs[1], outs[0]) < 1e-8
+    assert rel_err(grads[1], grads[0]) < 1e-7
+
+
+@pytest.mark.triton
+@needs_triton
+def test_autotune_wrappers_build_for_every_fused_kernel():
+    """The GPU path wraps each fused kernel in triton.autotune (not exercised by the interpreter): the
+    key names exist in every kernel's signature and each group width keeps some configs."""
+    from deqfuse.kernels import cell_fused as cf
+    kernels = [cf._l1_kernel, cf._l2_kernel, cf._gate_kernel, cf._fusion_kernel,
+               cf._vjp_q_kernel, cf._vjp_s_kernel, cf._vjp_h_kernel, cf._vjp_z_kernel]
+    for k in kernels:
+        tuned = cf._autotuned(k, 256)
+        assert {"B", "D"} <= set(tuned.keys) and {"BM", "BK", "BN"} <= set(k.arg_names)
+    assert all(len(cf._configs(bn)) >= 3 for bn in (16, 64, 128, 256))
+
+
+@pytest.mark.triton
+@needs_triton
+def test_autotuned_launch_path_runs_and_matches_reference(monkeypatch, no_tf32):
+    """The GPU's launch path (triton.autotune over every config, grid from the chosen config), run on
+    the interpreter: fp32 forward with save and the fused VJP against the fp64 reference."""
+    from deqfuse.kernels import cell_fused as cf
+    monkeypatch.setattr(cf, "_AUTOTUNE_IN_INTERPRETER", True)
+    monkeypatch.setenv("DEQFUSE_AUTOTUNE", "1")
+    monkeypatch.setattr(cf, "_TUNED", {})
+    p64 = make_params(2, 16, device=DEV)
+    z, x, xf = make_inputs(5, 2, 16, device=DEV)
+    p32 = type(p64)(*(t.float() for t in p64))
+    ref, sref = cell_forward(z, x, xf, p64, save=True)
+    out, saved = cf.cell_forward_fused(z.float(), x.float(), xf.float(), p32, save=True)
+    gbar = torch.randn_like(ref)
+    assert rel_err(out.double(), ref) < 1e-5
+    assert rel_err(cf.cell_vjp_fused(gbar.float(), saved, p32).double(), cell_vjp(gbar, sref, p64)) < 1e-4
+    assert len(cf._TUNED) == 8  # every kernel went through its autotuner
+
+
+# ------------------------------------------------------------------------------- C++ (CPU) cell op
+SHAPES = [  # (N, B, D, groups): N = 1..5, odd B and D, group widths 2/4/6/8/16/32/64 and a generic one
+    (1, 1, 8, 4), (2, 5, 12, 4), (3, 37, 20, 4), (5, 7, 36, 6), (4, 3, 16, 1), (2, 65, 64, 4),
+    (3, 130, 40, 2), (1, 129, 128, 2), (2, 63, 256, 4), (2, 9, 60, 3)]
+
+
+def reference_grads(z, x, xf, p, groups, gout):
+    leaves = [t.clone().requires_grad_() for t in (z, x, xf, *p)]
+    out = cell_forward(*leaves[:3], CellParams(*leaves[3:]), groups)
+    out.backward(gout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@needs_ext
+@pytest.mark.parametrize("N,B,D,groups", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_vjp_backward_match_reference(N, B, D, groups, dtype):
+    p64 = make_params(N, D)
+    z64, x64, xf64 = make_inputs(B, N, D)
+    g64 = torch.randn(B, N + 1, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out_r, saved_r = cell_forward(z64, x64, xf64, p64, groups, save=True)
+    vjp_r = cell_vjp(g64, saved_r, p64, groups)
+    _, grads_r = reference_grads(z64, x64, xf64, p64, groups, g64)
+    p = [t.to(dtype) for t in p64]
+    z, x, xf, g = (t.to(dtype) for t in (z64, x64, xf64, g64))
+    tol = TOL[dtype]
+    vtol = TOL_NARROW_GROUPS[dtype] if D // groups <= 2 else tol
+    out_n, none = torch.ops.deqfuse.cell_forward(z, x, xf, p, groups, False)
+    out, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, groups, True)
+    assert none == [] and len(saved) == 13
+    assert rel_err(out_n, out_r) < tol and torch.equal(out_n, out)
+    assert rel_err(torch.ops.deqfuse.cell_vjp(g, saved, p, groups), vjp_r) < vtol
+    add = torch.randn_like(g)
+    assert rel_err(torch.ops.deqfuse.cell_vjp(g, saved, p, groups, add), vjp_r + add.double()) < vtol
+    dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward(g, z, saved, p, groups)
+    for name, a, r in zip(["z", "x", "xf"] + list(CellParams._fields), [dz, dx, dxf, *dp], grads_r):
+        assert a.shape == r.shape and a.dtype == dtype, name
+        assert rel_err(a, r) < vtol, name
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_result_does_not_depend_on_threads_or_blocking(threads):
+    """Rows are split into blocks per thread count; every row's result stays the same (float64)."""
+    N, B, D = 2, 203, 32
+    p, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out, saved = torch.ops.deqfuse.cell_forward(z, x, xf, list(p), 4, True)
+        v = torch.ops.deqfuse.cell_vjp(z, saved, list(p), 4)
+    finally:
+        torch.set_num_threads(old)
+    ref, saved_r = cell_forward(z, x, xf, p, 4, save=True)
+    assert rel_err(out, ref) < 1e-13 and rel_err(v, cell_vjp(z, saved_r, p, 4)) < 1e-12
+    # a sub-batch (another blocking) gives the same rows
+    sub = torch.arange(5, 180, 3)
+    out_s = torch.ops.deqfuse.cell_forward(z[sub], x[sub], xf[sub], list(p), 4, False)[0]
+    assert rel_err(out_s, out[sub]) < 1e-13
+
+
+@needs_ext
+def test_rows_are_independent_and_nan_stays_in_its_row():
+    """NaN propagates like the reference (ReLU keeps NaN, as torch.relu does) and only within its row."""
+    N, B, D = 2, 9, 16
+    p, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
+    z[4, 1, 3] = float("nan")
+    out = torch.ops.deqfuse.cell_forward(z, x, xf, list(p), 4, False)[0]
+    ref = cell_forward(z, x, xf, p, 4)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[4]).any()
+    keep = [b for b in range(B) if b != 4]
+    assert torch.isfinite(out[keep]).all()
+
+
+@needs_ext
+def test_non_contiguous_inputs():
+    N, B, D = 3, 6, 12
+    p, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
+    zt = z.transpose(0, 1).contiguous().transpose(0, 1)   # same values, other strides
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w1t = p.w1.transpose(1, 2).contiguous().transpose(1, 2)
+    pt = list(p._replace(w1=w1t))
+    assert not zt.is_contiguous() and not w1t.is_contiguous()
+    assert rel_err(torch.ops.deqfuse.cell_forward(zt, xt, xf, pt, 4, False)[0], cell_forward(z, x, xf, p, 4)) < 1e-13
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda z, x, xf, p: (z[:, :1], x, xf, p, 4), r"z must hold N >= 1"),
+    (lambda z, x, xf, p: (z, x[:, :1], xf, p, 4), r"x must have shape \[5, 2, 12\]"),
+    (lambda z, x, xf, p: (z, x, xf.float(), p, 4), r"xf must have z's dtype"),
+    (lambda z, x, xf, p: (z, x, xf, p[:15], 4), r"params must hold the 16"),
+    (lambda z, x, xf, p: (z, x, xf, p[:3] + [p[3][:, :5]] + p[4:], 4), r"params\[3\] \(b2\) must have shape \[2, 12\]"),
+    (lambda z, x, xf, p: (z, x, xf, p, 5), r"groups \(5\) must divide D \(12\)"),
+    (lambda z, x, xf, p: (z.bfloat16(), x, xf, p, 4), r"z must be float32 or float64"),
+])
+@needs_ext
+def test_forward_errors_name_the_argument(bad, match):
+    p, (z, x, xf) = make_params(2, 12), make_inputs(5, 2, 12)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.deqfuse.cell_forward(*bad(z, x, xf, list(p)), False)
+
+
+@needs_ext
+def test_vjp_and_backward_errors_name_the_argument():
+    p, (z, x, xf) = make_params(2, 12), make_inputs(5, 2, 12)
+    _, saved = torch.ops.deqfuse.cell_forward(z, x, xf, list(p), 4, True)
+    with pytest.raises(RuntimeError, match="saved must hold the 13"):
+        torch.ops.deqfuse.cell_vjp(z, saved[:12], list(p), 4)
+    with pytest.raises(RuntimeError, match=r"saved\[5\] must have shape \[2, 5, 12\]"):
+        torch.ops.deqfuse.cell_vjp(z, saved[:5] + [saved[5][:, :4]] + saved[6:], list(p), 4)
+    with pytest.raises(RuntimeError, match="add must be a CPU tensor of gbar's shape"):
+        torch.ops.deqfuse.cell_vjp(z, saved, list(p), 4, z[:2])
+    with pytest.raises(RuntimeError, match="cell_backward: z .* must be a CPU tensor of gbar's shape"):
+        torch.ops.deqfuse.cell_backward(z, z[:2], saved, list(p), 4)
+
+
+@needs_ext
+def test_ops_are_not_differentiable_through_autograd_but_the_wrapper_is():
+    p = [t.requires_grad_() for t in make_params(2, 8)]
+    z, x, xf = make_inputs(3, 2, 8)
+    out, _ = torch.ops.deqfuse.cell_forward(z, x, xf, p, 4, False)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        out.sum().backward()
+    # the autograd wrapper: gradcheck against finite differences (float64), every input
+    zr, xr, xfr = (t.clone().requires_grad_() for t in (z, x, xf))
+    pr = [t.detach().clone().requires_grad_() for t in p]
+    assert torch.autograd.gradcheck(lambda z, x, xf, *q: ext_cell_with_grad(z, x, xf, list(q), 4)[0],
+                                    (zr, xr, xfr, *pr), atol=1e-7, rtol=1e-6)
+    fz, _ = ext_cell_with_grad(zr, xr, xfr, pr, 4)
+    g = torch.autograd.grad(fz.square().sum(), zr, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        g.sum().backward()
+
+
+@needs_ext
+def test_cell_path_choice():
+    z = torch.zeros(2, 3, 8)
+    assert cell_path("auto", z) == "ext" and cell_path("cuda", z.double()) == "ext"
+    assert cell_path("auto", z.bfloat16()) == "reference"  # the C++ op is float32/float64 only
+    assert cell_path("reference", z) == "reference"
+
+
+@needs_ext
+@pytest.mark.parametrize("grad", ["implicit", "phantom", "unrolled"])
+def test_layer_on_the_cpp_path_matches_the_reference_path(grad):
+    """DEQFusion with backend='auto' (C++ cell forward, VJP and backward on the CPU) gives the outputs
+    and every gradient of backend='reference' (float64, fixed iterations)."""
+    kw = dict(f_max_iter=40, b_max_iter=40, f_tol=1e-12, b_tol=1e-12, stop_mode="abs", grad=grad,
+              on_nonconvergence="ignore")
+    layers = [contractive_layer(DEQFusion(12, 3, backend=b, **kw).double()) for b in ("auto", "reference")]
+    feats = [torch.randn(7, 12, dtype=torch.float64) for _ in range(3)]
+    res = []
+    for ly in layers:
+        xs = [t.clone().requires_grad_() for t in feats]
+        out = ly(xs)
+        (out * torch.linspace(-1, 1, 12, dtype=torch.float64)).sum().backward()
+        res.append([out.detach()] + [q.grad for q in ly.parameters()] + [t.grad for t in xs])
+    for a, b in zip(*res):
+        assert rel_err(a, b) < 1e-10
+
+
+@needs_ext
+def test_jacobian_regulariser_keeps_the_double_differentiable_path():
+    torch.manual_seed(0)
+    ly = DEQFusion(8, 2, jac_reg=1, f_max_iter=8, b_max_iter=8, on_nonconvergence="ignore").double()
+    out, info = ly([torch.randn(3, 8, dtype=torch.float64) for _ in range(2)], return_info=True)
+    (out.sum() + info.jac_loss).backward()
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in ly.parameters())
