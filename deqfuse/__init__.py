@@ -3,12 +3,12 @@ from . import reference, solvers
 from .backend import extension_status, triton_status
 from .cell import FusionCell
 from .dynamic import DEQHead, DepthGatedFusion, DynamicFusion, GumbelSchedule, MLPHead, SubsetExpert
-from .implicit import implicit_grad, jacobian_reg, phantom_grad
+from .implicit import autograd_vjp, implicit_grad, jacobian_reg, phantom_grad
 from .layers import DEQFusion, DEQInfo
 from .solvers import SolverStats, anderson, broyden, fixed_point
 
 __version__ = "0.1.0"
 __all__ = ["DEQFusion", "DynamicFusion", "DepthGatedFusion", "SubsetExpert", "MLPHead", "DEQHead",
            "GumbelSchedule", "DEQInfo", "FusionCell", "SolverStats", "anderson", "broyden", "fixed_point",
-           "implicit_grad", "jacobian_reg", "phantom_grad", "reference", "solvers",
+           "implicit_grad", "autograd_vjp", "jacobian_reg", "phantom_grad", "reference", "solvers",
            "extension_status", "triton_status"]

@@ -28,7 +28,7 @@ import torch
 
 from . import backend as _backend
 from ._validate import check_choice, check_float, check_int
-from .reference.anderson import REL_EPS
+from .reference.anderson import record_residual_ref
 from .rowwise import is_rowwise
 
 # Early-exit interval per device type (steps between host syncs). CPU: a sync costs ~nothing, so every
@@ -119,21 +119,11 @@ class Results:
             getattr(self, n).index_copy_(1, idx, getattr(part, n))
 
     def record(self, k, x, fx, tol, stop_rel):
-        """Residual of x (whose image is fx) at step k, best iterate, freezing: the Python form of the
-        bookkeeping the fused Anderson steps do in-kernel. Returns the mask of samples still moving."""
-        acc = self.best_res.dtype
-        fa = fx.to(acc)
-        absr = (fa - x.to(acc)).norm(dim=1)
-        relr = absr / (fa.norm(dim=1) + REL_EPS)
-        res = relr if stop_rel else absr
-        active = ~self.converged
-        self.abs_trace[k] = torch.where(active, absr, self.abs_trace[k])
-        self.rel_trace[k] = torch.where(active, relr, self.rel_trace[k])
-        better = active & (res < self.best_res)
-        self.best_res.copy_(torch.where(better, res, self.best_res))
-        self.best_x.copy_(torch.where(better[:, None], x, self.best_x))
-        self.nstep.masked_fill_(better, k + 1)
-        self.converged.logical_or_(active & (res < tol))
+        """Residual of x (whose image is fx) at step k, best iterate, freezing (reference.anderson.
+        record_residual_ref: the bookkeeping the fused Anderson steps do in-kernel). Returns the mask of
+        samples still moving."""
+        record_residual_ref(x, fx, self.best_x, self.best_res, self.converged, self.nstep, self.abs_trace[k],
+                            self.rel_trace[k], k, tol, stop_rel)
         return ~self.converged
 
 

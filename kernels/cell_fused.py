@@ -1,12 +1,12 @@
 """Fused-GEMM path of the fusion cell: Triton GEMMs whose epilogues do the bias, GroupNorm, ReLU,
 residual and input injection in registers, so no pre-norm activation makes a round trip through
 memory (kernels/cell.py instead runs cuBLAS GEMMs followed by row kernels). Forward: 5 launches
-(cuBLAS path: 8 + an elementwise product); VJP: 6 (cuBLAS path: ~12).
+(kernels/cell.py: 8); VJP: 6 (kernels/cell.py: ~12).
 
 A GEMM program owns a [BM rows, one GroupNorm group] output tile, so the group statistics are complete
 in its accumulator: BN = next_pow2(D / groups) columns (masked), hence D / groups <= MAX_GROUP_WIDTH.
-One modality per program: a loop over modalities inside a program (carrying s) spilled registers at
-D / groups = 256 when compiled for sm_90 (tests/triton_aot.py reads the cubin's register use).
+One modality per program (keeps the sm_90 register use spill-free at D / groups = 256; tests/triton_aot.py
+reads it from the cubin).
   L1   grid (B/BM, G, N): h_i = ReLU(GN1_i(z_i W1_i^T + b1_i))                       -> h [N, B, D]
   L2   grid (B/BM, G, N): a2 = h_i W2_i^T + b2_i + x_i, u = GN2_i(a2) + z_i,
                           z_i+ = GN3_i(ReLU(u))                                       -> out[:, i]

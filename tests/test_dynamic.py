@@ -77,12 +77,35 @@ def test_gate_gets_gradients_through_relaxation():
 
 
 def test_resource_loss_pushes_to_cheap_expert_and_budget_form():
+    """lambda * E[cost] / max C: its value from the gate probabilities, its gradient lowers the expensive
+    experts' logits, a few steps on it alone move the routing to the cheapest expert; the budget form is
+    zero under the budget and the excess over it otherwise."""
     m = make_model(lambda_cost=1.0).train()
-    m(feats(8))
+    f = feats(64)
+    m(f)
+    costs = m.costs.to(torch.float32)
+    expected = (m.info.probs * costs).sum(1).mean() / costs.max()
     loss = m.resource_loss()
-    assert loss > 0
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5) and loss > 0
+    loss.backward()
+    g = m.gate[-1].bias.grad          # d loss / d logit: positive for the costly experts
+    assert g[2] > 0 and g[2] > g[0]
+    opt = torch.optim.SGD(m.gate.parameters(), lr=5.0)
+    for _ in range(30):
+        opt.zero_grad()
+        m(f)
+        m.resource_loss().backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        m(f)
+    assert m.info.counts[0] == 64       # every sample now takes the cheapest expert
+    m.train()
+    m(f)
     m.budget = 1e12
     assert float(m.resource_loss().detach()) == 0.0
+    m.budget = 0.0
+    assert float(m.resource_loss().detach()) == pytest.approx(float(m.info.expected_cost) / float(costs.max()), rel=1e-5)
 
 
 def test_cost_accounting_matches_counted_macs():

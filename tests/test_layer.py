@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from deqfuse import DEQFusion, FusionCell
+from conftest import contractive_layer, rel_err
 
 
 @pytest.fixture
@@ -52,23 +53,45 @@ def test_nonconvergence_warns():
     assert torch.isfinite(out).all()
 
 
-def test_modality_weights_define_fused_input(layer):
-    """x_f = sum_i w_i x_i + b enters only the fusion slot; scaling all w by 0 and b by c is visible."""
-    f = feats()
+def test_modality_weights_define_fused_input():
+    """x_f = sum_i w_i x_i + b enters the cell (and only as x_f): the layer's output equals the fixed
+    point of the reference cell driven by that x_f, for non-trivial weights and bias."""
+    from deqfuse.reference import cell_forward
+    torch.manual_seed(0)
+    layer = contractive_layer(DEQFusion(16, 3, f_tol=1e-12, stop_mode="abs", f_max_iter=100).double()).eval()
     with torch.no_grad():
-        layer.weights.zero_()
-        layer.bias.fill_(0.5)
-    a = layer(f)
+        layer.weights.copy_(torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64))
+        layer.bias.fill_(0.3)
+    f = [t.double() for t in feats()]
+    out = layer(f)
+    x = torch.stack(f, 1)
+    xf = 0.5 * f[0] - 2.0 * f[1] + 0.3
+    z = torch.zeros(4, 4, 16, dtype=torch.float64)
+    for _ in range(100):  # plain Picard on the contractive cell: the fixed point the layer must return
+        z = cell_forward(z, x, xf, layer.cell.params(), layer.cell.groups)
+    assert rel_err(out, z[:, 3].detach()) < 1e-9
     with torch.no_grad():
-        layer.bias.fill_(-0.5)
-    assert not torch.allclose(a, layer(f))
+        layer.weights[2] = 5.0  # features[2] enters x_f only through its weight
+    assert rel_err(layer(f), out) > 1e-3
 
 
 @pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
 def test_training_step_all_solvers(solver):
+    """Each solver's training step gives the implicit gradient: equal (to the solve tolerance) to
+    back-propagating through 200 unrolled cell applications of the same contractive layer."""
     torch.manual_seed(0)
-    layer = DEQFusion(16, 2, solver=solver, on_nonconvergence="ignore", f_max_iter=10, b_max_iter=10)
-    x = feats(N=2, requires_grad=True)
-    layer(x).square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
-    assert x[0].grad is not None
+    layer = contractive_layer(DEQFusion(16, 2, solver=solver, f_max_iter=200, b_max_iter=200, f_tol=1e-12,
+                                        b_tol=1e-12, stop_mode="abs").double())
+    x = [t.double().requires_grad_() for t in feats(N=2)]
+    r = torch.randn(4, 16, dtype=torch.float64)
+    (layer(x) * r).sum().backward()
+    got = [p.grad.clone() for p in layer.parameters()] + [t.grad.clone() for t in x]
+    assert layer.info.forward_stats.all_converged and layer.info.backward_stats[0].all_converged
+    layer.zero_grad()
+    for t in x:
+        t.grad = None
+    layer.grad, layer.unrolled_steps = "unrolled", 200
+    (layer(x) * r).sum().backward()
+    ref = [p.grad for p in layer.parameters()] + [t.grad for t in x]
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-8

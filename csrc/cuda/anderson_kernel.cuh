@@ -4,11 +4,7 @@
 // the SM's other blocks keep streaming. Pass 2 streams x, f(x), X and G again and mixes.
 // The ring loads are predicated PTX loads (zero when the slot is unused or being replaced) in loops
 // over a compile-time ring size MT >= m: no branch separates them, so each thread has every slot's
-// load in flight at once. (With `if (slot used) load` per slot, the PTX had one branch around each
-// load and the step ran at 54% of the copy rate while the Triton step, whose [m, BLOCK] tile loads
-// issue together, reached 77%: benchmarks/RESULTS.md.)
-// (A variant that kept x, g and the G ring in shared memory between the passes measured slower on an
-// H100 (occupancy fell to 2 blocks/SM): see benchmarks/RESULTS.md.)
+// load in flight at once (the design's measurements: benchmarks/RESULTS.md).
 // Kernel templates only (plain CUDA + c10 scalar types): also compiled stand-alone by
 // tests/nvcc_compile.py on machines whose torch has no CUDA headers.
 #pragma once

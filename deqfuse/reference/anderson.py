@@ -35,14 +35,14 @@ def bordered_solve(GG, n_valid: int, lam: float):
     return torch.linalg.solve_ex(H, rhs)[0][:, :m, 0]  # solve_ex: no host sync (graph-capturable)
 
 
-def anderson_step_ref(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out,
-                      k: int, beta: float = 1.0, lam: float = 1e-4, tol: float = 1e-4,
-                      stop_rel: bool = True):
-    """One step, in place on every buffer (see module docstring)."""
-    if k < 0:
-        raise ValueError(f"anderson_step: the step index k must be >= 0, got {k}")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    m = X.shape[1]
+def record_residual_ref(x, fx, best_x, best_res, converged, nstep, abs_out, rel_out, k: int, tol: float,
+                        stop_rel: bool):
+    """The per-sample bookkeeping of step k shared by every solver (and met by the fused steps): the
+    residuals of x, whose image is fx, into abs_out / rel_out (NaN for samples frozen before this step);
+    best_x / best_res / nstep where the residual improves; converged where it drops below tol (a NaN
+    residual never converges). In place. Returns (active: not converged before this step,
+    now_converged: converged at this step, g = fx - x in the accumulation dtype)."""
+    acc = best_res.dtype
     active = ~converged
     xa, fa = x.to(acc), fx.to(acc)
     g = fa - xa
@@ -53,13 +53,25 @@ def anderson_step_ref(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_o
     abs_out.copy_(torch.where(active, absr, nan).to(abs_out.dtype))
     rel_out.copy_(torch.where(active, relr, nan).to(rel_out.dtype))
     better = active & (res < best_res)
-    best_res.copy_(torch.where(better, res.to(best_res.dtype), best_res))
+    best_res.copy_(torch.where(better, res, best_res))
     best_x.copy_(torch.where(better[:, None], x, best_x))
-    nstep.copy_(torch.where(better, torch.full_like(nstep, k + 1), nstep))
+    nstep.masked_fill_(better, k + 1)
     now_conv = active & (res < tol)
-    mix = active & ~now_conv
-    converged.copy_(converged | now_conv)
+    converged.logical_or_(now_conv)
+    return active, now_conv, g
 
+
+def anderson_step_ref(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out,
+                      k: int, beta: float = 1.0, lam: float = 1e-4, tol: float = 1e-4,
+                      stop_rel: bool = True):
+    """One step, in place on every buffer (see module docstring)."""
+    if k < 0:
+        raise ValueError(f"anderson_step: the step index k must be >= 0, got {k}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    m = X.shape[1]
+    active, now_conv, g = record_residual_ref(x, fx, best_x, best_res, converged, nstep, abs_out, rel_out, k,
+                                              tol, stop_rel)
+    mix = active & ~now_conv
     s = k % m
     X[:, s] = torch.where(mix[:, None], x, X[:, s])
     G[:, s] = torch.where(mix[:, None], g.to(G.dtype), G[:, s])
