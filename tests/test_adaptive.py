@@ -71,7 +71,7 @@ def test_compacted_solve_equals_fixed_shape_solve(name, backend, B, monkeypatch)
         kw["max_iter"] = 40
     z_ref, st_ref = solve(name, f, x0, **kw, **FIXED)
     assert st_ref.all_converged and st_ref.rows == B * kw["max_iter"]
-    schedules = ((1, 0.9), (3, 0.5)) if backend == "triton" else ((1, 0), (1, 0.9), (3, 0.5), (1, 1.0))
+    schedules = ((3, 0.5),) if backend == "triton" else ((1, 0), (1, 0.9), (3, 0.5), (1, 1.0))
     for ce, cp in schedules:
         z, st = solve(name, f, x0, **kw, check_every=ce, compact=cp)
         assert_same_per_sample(z, st, z_ref, st_ref, TOL[torch.float64])
@@ -147,14 +147,15 @@ def test_layer_default_adaptive_equals_fixed_iterations(name, backend):
         kw.update(f_max_iter=60, b_max_iter=60)
     fixed_kw = dict(kw)
     if backend == "triton":  # the CPU interpreter (~0.4 s per iteration): the fixed-shape twin runs the
-        kw.update(f_max_iter=25, b_max_iter=25, f_tol=1e-6, b_tol=1e-6)  # reference cell + C++ step
+        kw.update(f_max_iter=16, b_max_iter=16, f_tol=1e-5, b_tol=1e-5)  # reference cell + C++ step
         fixed_kw = dict(kw, backend="cuda")
     a = contractive_layer(DEQFusion(12, 3, **kw).double(), w_scale=0.3, gn3_scale=0.3)
     b = contractive_layer(DEQFusion(12, 3, **fixed_kw, solver_kw=FIXED).double(), w_scale=0.3, gn3_scale=0.3)
     g = torch.Generator().manual_seed(1)
-    scale = torch.logspace(-3, 1, 11, dtype=torch.float64)[:, None]  # easy and hard samples
-    feats = [torch.randn(11, 12, generator=g, dtype=torch.float64) * scale for _ in range(3)]
-    w = torch.randn(11, 12, generator=g, dtype=torch.float64)
+    B = 6 if backend == "triton" else 11  # the interpreter's cost grows with the batch
+    scale = torch.logspace(-3, 1, B, dtype=torch.float64)[:, None]  # easy and hard samples
+    feats = [torch.randn(B, 12, generator=g, dtype=torch.float64) * scale for _ in range(3)]
+    w = torch.randn(B, 12, generator=g, dtype=torch.float64)
     outs, grads = [], []
     for layer in (a, b):
         xs = [t.clone().requires_grad_() for t in feats]
@@ -165,7 +166,8 @@ def test_layer_default_adaptive_equals_fixed_iterations(name, backend):
     ba, bb = outs[0].backward_stats[0], outs[1].backward_stats[0]
     assert fa.all_converged and ba.all_converged
     assert fa.compactions > 0 and ba.compactions > 0
-    assert fa.rows < fb.rows * 0.6 and ba.rows < bb.rows * 0.6
+    most = 0.8 if backend == "triton" else 0.6  # (16 iterations there: less room to save)
+    assert fa.rows < fb.rows * most and ba.rows < bb.rows * most
     assert torch.equal(fa.nstep, fb.nstep) and torch.equal(ba.nstep, bb.nstep)
     for ga, gb in zip(*grads):  # (Triton's fp64 cell differs from the reference in the last bits)
         assert rel_err(ga, gb) < (1e-9 if backend == "triton" else 1e-10)

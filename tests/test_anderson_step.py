@@ -10,9 +10,10 @@ from deqfuse.solvers import AndersonState, anderson
 from conftest import backend_params, rel_err
 
 KERNELS = [p for p in backend_params() if p.values[0] != "reference"]
-# x after one step vs the reference, per (state dtype, history dtype); the history rounding dominates
-TIGHT = {(torch.float64, None): 1e-10, (torch.float32, None): 1e-5, (torch.float16, None): 2e-2,
-         (torch.bfloat16, None): 2e-2, (torch.float32, torch.bfloat16): 1e-2}
+# x after one step vs the reference, per (state dtype, history dtype): a few roundings of the state's
+# (or the history's) dtype -- measured: fp16 1.3e-4 (C++), bf16 5.5e-4 (C++) and 7.4e-3 (Triton, ~2 ulp)
+TIGHT = {(torch.float64, None): 1e-10, (torch.float32, None): 1e-5, (torch.float16, None): 1e-3,
+         (torch.bfloat16, None): 1e-2, (torch.float32, torch.bfloat16): 1e-2}
 CASES = [  # B, L, m, state dtype, history dtype
     (1, 5, 1, torch.float64, None), (3, 37, 3, torch.float64, None), (37, 20, 5, torch.float32, None),
     (4, 70, 6, torch.float32, torch.bfloat16), (5, 33, 8, torch.float64, None), (3, 300, 4, torch.bfloat16, None),
@@ -42,8 +43,8 @@ def step_fn(backend):
 @pytest.mark.parametrize("B,L,m,dtype,hist", CASES)
 @pytest.mark.parametrize("beta", [1.0, 0.6])
 def test_step_sequence_matches_reference(backend, dev, B, L, m, dtype, hist, beta):
-    if backend == "triton" and dev == "cpu" and (B * L > 3000 or beta != 1.0 and L > 100):
-        pytest.skip("Triton interpreter: keep it small")
+    if backend == "triton" and dev == "cpu" and (B > 8 or B * L > 3000 or beta != 1.0 and L > 40):
+        pytest.skip("Triton interpreter (~0.1 s per program and step): keep it small")
     f = tanh_map(B, L, dtype, dev)
     x0 = torch.randn(B, L, dtype=torch.float64).to(dev, dtype)
     s_ref, s_k = AndersonState(x0, m, 9, hist), AndersonState(x0, m, 9, hist)
@@ -68,8 +69,8 @@ def test_step_sequence_matches_reference(backend, dev, B, L, m, dtype, hist, bet
 
 @pytest.mark.parametrize("backend,dev", KERNELS)
 def test_solver_on_each_backend_converges_and_freezes_like_the_reference(backend, dev):
-    f = tanh_map(6, 24, torch.float64, dev, rho=0.95)
-    x0 = torch.zeros(6, 24, dtype=torch.float64, device=dev)
+    f = tanh_map(4, 24, torch.float64, dev, rho=0.8)
+    x0 = torch.zeros(4, 24, dtype=torch.float64, device=dev)
     z_ref, st_ref = anderson(f, x0, max_iter=60, tol=1e-10, backend="reference")
     z, st = anderson(f, x0, max_iter=60, tol=1e-10, backend=backend)
     assert st.all_converged and torch.equal(st.nstep, st_ref.nstep)
