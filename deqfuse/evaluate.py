@@ -195,8 +195,9 @@ def infer_ms(model: nn.Module, x, reps: int = 5) -> float:
 
 
 # ---------------------------------------------------------------------------------------- training
-def fit(method: str, data: dict, hp: HParams, seed: int, cheap: int = 0, progress=None) -> dict:
-    """Train one method on data's train part, select the epoch on val, report test at that epoch."""
+def fit(method: str, data: dict, hp: HParams, seed: int, cheap: int = 0, progress=None, return_model: bool = False):
+    """Train one method on data's train part, select the epoch on val, report test at that epoch
+    (and return the model at that epoch too if return_model)."""
     torch.manual_seed(seed)
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     classes, dims = data["classes"], data["dims"]
@@ -245,7 +246,7 @@ def fit(method: str, data: dict, hp: HParams, seed: int, cheap: int = 0, progres
         st = deq.info.forward_stats
         res.update(solver_converged=int(st.converged.sum()), solver_batch=int(st.converged.numel()),
                    solver_steps=st.nstep.tolist(), solver_rel_trace=st.rel_trace.tolist())
-    return res
+    return (res, model) if return_model else res
 
 
 # ------------------------------------------------------------------------------------ memory study
@@ -278,6 +279,7 @@ def summarize(results: List[dict]) -> List[dict]:
         for k in ("accuracy", "weighted_f1", "macro_f1"):
             vals = np.array([r["test"][k] for r in rs])
             row[k], row[k + "_std"] = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        row["val_score"] = float(np.mean([sum(r["val"].values()) for r in rs]))  # what selection saw
         for k in ("macs_per_sample", "infer_ms", "train_seconds", "params"):
             row[k] = float(np.mean([r[k] for r in rs]))
         if "solver_steps" in rs[0]:
@@ -291,8 +293,8 @@ def summarize(results: List[dict]) -> List[dict]:
 
 
 def markdown(rows: List[dict]) -> str:
-    out = ["| method | accuracy | weighted F1 | macro F1 | MACs / sample | inference (ms, test set) | notes |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| method | accuracy | weighted F1 | macro F1 | val (acc+wF1+mF1) | MACs / sample | inference (ms, test set) | notes |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = []
         if "solver_mean_steps" in r:
@@ -300,7 +302,7 @@ def markdown(rows: List[dict]) -> str:
         if "mac_saving_vs_all_experts" in r:
             note.append(f"saves {100 * r['mac_saving_vs_all_experts']:.0f}% of running both experts")
         out.append(f"| {r['method']} | {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {r['weighted_f1']:.4f} ± "
-                   f"{r['weighted_f1_std']:.4f} | {r['macro_f1']:.4f} ± {r['macro_f1_std']:.4f} | "
+                   f"{r['weighted_f1_std']:.4f} | {r['macro_f1']:.4f} ± {r['macro_f1_std']:.4f} | {r['val_score']:.3f} | "
                    f"{r['macs_per_sample'] / 1e3:.1f} k | {r['infer_ms']:.2f} | {'; '.join(note)} |")
     return "\n".join(out)
 

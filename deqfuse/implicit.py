@@ -46,14 +46,19 @@ class ImplicitAdjoint(torch.autograd.Function):
             return ctx.adjoint(grad.contiguous()), None
 
 
-def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, **solver_kw):
+def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, init: str = "grad",
+                   **solver_kw):
     """grad -> g solving g = vjp(g) + grad per sample with a batched solver (vjp: [B, L] -> [B, L],
     e.g. a fused kernel on saved tensors; if vjp is row-wise (deqfuse.rowwise) the adjoint solve can
     shrink its batch to the unconverged rows). The solver's stats land in stats_box[0] if a list is
-    given; warn: a RuntimeWarning when samples do not converge (one host sync)."""
+    given; warn: a RuntimeWarning when samples do not converge (one host sync); init: the initial guess,
+    'grad' (the solution of the Jacobian-free approximation) or 'zeros' (the official code's)."""
+    if init not in ("grad", "zeros"):
+        raise ValueError(f"init must be 'grad' or 'zeros', got {init!r}")
+
     def adjoint(grad):
         f = PlusRows(vjp, grad) if is_rowwise(vjp) else (lambda y: vjp(y) + grad)
-        g, stats = solve(solver, f, grad.clone(), **solver_kw)
+        g, stats = solve(solver, f, grad.clone() if init == "grad" else torch.zeros_like(grad), **solver_kw)
         if stats_box is not None:
             stats_box[:] = [stats]
         if warn:
@@ -62,9 +67,10 @@ def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, warn
     return adjoint
 
 
-def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, **solver_kw):
+def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, init: str = "grad",
+                  **solver_kw):
     """Attach the implicit gradient to fz = f(z*) ([B, L], computed with grad enabled)."""
-    return ImplicitAdjoint.apply(fz, adjoint_solver(vjp, solver, stats_box, warn, **solver_kw))
+    return ImplicitAdjoint.apply(fz, adjoint_solver(vjp, solver, stats_box, warn, init, **solver_kw))
 
 
 def autograd_vjp(fz, z):

@@ -99,7 +99,10 @@ class DEQFusion(nn.Module):
         self.phantom_steps, self.phantom_lam = phantom_steps, phantom_lam
         self.unrolled_steps, self.jac_reg = unrolled_steps, jac_reg
         self.on_nonconvergence = on_nonconvergence
+        if cuda_graph and solver == "anderson_official":
+            raise ValueError("cuda_graph=True needs a graph-capturable solver; 'anderson_official' syncs every step")
         self.cuda_graph = cuda_graph
+        self.adjoint_init = "zeros" if solver == "anderson_official" else "grad"
         self._graphs = GraphedSolves(self)
         self.info: Optional[DEQInfo] = None
 
@@ -184,7 +187,53 @@ class DEQFusion(nn.Module):
         else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
             vjp = self.saved_vjp(z_star, x, xf)
         return implicit_grad(fz, vjp, self.solver, stats_box=bstats, warn=self.on_nonconvergence == "warn",
-                             **self.b_kw), jac
+                             init=self.adjoint_init, **self.b_kw), jac
+
+    # ---------------------------------------------------------------- the official code's semantics
+    @classmethod
+    def official(cls, dim: int, num_modalities: int, **kw) -> "DEQFusion":
+        """The settings of the official DEQ-fusion code (jinhong-ni/DEQFusion, BRCA script): its Anderson
+        solver with whole-batch stopping and an absolute Tikhonov term (solvers.anderson_official, m=6),
+        forward 'abs' 1e-3 over the batch in 55 steps, adjoint 'rel' 1e-3 in 56 steps from zeros. kw
+        overrides any of them (e.g. jac_reg). For faithful reproduction beside deqfuse's defaults."""
+        cfg = dict(solver="anderson_official", f_max_iter=55, b_max_iter=56, f_tol=1e-3, b_tol=1e-3, stop_mode="abs",
+                   b_stop_mode="rel", solver_kw=dict(m=6, lam=1e-4))
+        cfg.update(kw)
+        return cls(dim, num_modalities, **cfg)
+
+    def load_official_state_dict(self, state_dict: dict, prefix: Optional[str] = None):
+        """Load the weights of an official `DEQ_fusion.DEQFusion` module (keys func_.branches.<i>.conv1 /
+        conv2 / gn1 / gn2 / gn3 of the N modality blocks, func_.branches.<N>.gate / fuse / gn3 of the fusion
+        block, weights.<i>, bias), e.g. from a checkpoint of the official BRCA model (prefix 'deq_fusion.'
+        -- found automatically when None)."""
+        if prefix is None:
+            hits = [k[: -len("func_.branches.0.conv1.weight")] for k in state_dict if k.endswith("func_.branches.0.conv1.weight")]
+            if len(hits) != 1:
+                raise ValueError(f"state_dict: expected one official DEQFusion (a '...func_.branches.0.conv1.weight' "
+                                 f"key), found {len(hits)}")
+            prefix = hits[0]
+        N = self.n
+        get = lambda k: state_dict[prefix + k]  # noqa: E731
+        c = self.cell
+        names = dict(w1="conv1.weight", b1="conv1.bias", w2="conv2.weight", b2="conv2.bias", gn1_w="gn1.weight",
+                     gn1_b="gn1.bias", gn2_w="gn2.weight", gn2_b="gn2.bias", gn3_w="gn3.weight", gn3_b="gn3.bias")
+        with torch.no_grad():
+            for ours, theirs in names.items():
+                stacked = torch.stack([get(f"func_.branches.{i}.{theirs}") for i in range(N)])
+                if stacked.shape != getattr(c, ours).shape:
+                    raise ValueError(f"state_dict: func_.branches.*.{theirs} has shape {list(stacked.shape[1:])}, "
+                                     f"this layer needs {list(getattr(c, ours).shape[1:])} (dim={self.dim})")
+                getattr(c, ours).copy_(stacked)
+            for ours, theirs in dict(wg="gate.weight", bg="gate.bias", wf="fuse.weight", bf="fuse.bias",
+                                     gnf_w="gn3.weight", gnf_b="gn3.bias").items():
+                getattr(c, ours).copy_(get(f"func_.branches.{N}.{theirs}"))
+            if prefix + "weights.0" in state_dict:
+                self.weights.copy_(torch.cat([get(f"weights.{i}").reshape(1) for i in range(N)]))
+                self.bias.copy_(get("bias").reshape(1))
+            else:  # the BRCA model sums the features: x_f = sum_i x_i
+                self.weights.fill_(1.0)
+                self.bias.zero_()
+        return self
 
     def saved_vjp(self, z_star, x, xf):
         """g [B, L] -> J^T g at z* [B, L], from one no-grad forward of this layer's backend that saves
