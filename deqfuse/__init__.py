@@ -1,4 +1,5 @@
 """deqfuse: fast deep-equilibrium and dynamic multimodal fusion layers for PyTorch."""
+from ._version import __version__  # noqa: F401
 from . import reference, solvers
 from .backend import extension_status, triton_status
 from .cell import FusionCell
@@ -7,7 +8,6 @@ from .implicit import autograd_vjp, implicit_grad, jacobian_reg, phantom_grad
 from .layers import DEQFusion, DEQInfo
 from .solvers import SolverStats, anderson, broyden, fixed_point
 
-__version__ = "0.1.0"
 __all__ = ["DEQFusion", "DynamicFusion", "DepthGatedFusion", "SubsetExpert", "MLPHead", "DEQHead",
            "GumbelSchedule", "DEQInfo", "FusionCell", "SolverStats", "anderson", "broyden", "fixed_point",
            "implicit_grad", "autograd_vjp", "jacobian_reg", "phantom_grad", "reference", "solvers",

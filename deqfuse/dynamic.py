@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import backend as _backend
+from . import profiling
 from ._validate import check_choice, check_float, check_int
 from .reference.routing import gather_rows_multi_ref, group_by_choice_ref, scatter_rows_ref
 
@@ -240,17 +241,20 @@ class DynamicFusion(nn.Module):
         The batch is sorted by expert once (every modality in one gather), so each expert reads a
         contiguous slice; the outputs go back to batch order in one scatter."""
         _, gather_multi, scatter = _router(features[0].device, self.backend, len(self.experts))
-        order, counts = group_by_choice(choice, len(self.experts), self.backend)
-        grouped = gather_multi(list(features), order)
+        with profiling.range("route"):
+            order, counts = group_by_choice(choice, len(self.experts), self.backend)
+            grouped = gather_multi(list(features), order)
         ys, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                ys.append(self.experts[e]([f[start:start + n] for f in grouped]))
+                with profiling.range(f"expert[{e}]"):
+                    ys.append(self.experts[e]([f[start:start + n] for f in grouped]))
             start += n
         if not ys:  # empty batch: an expert on 0 rows gives the output width
             ys = [self.experts[0]([f[:0] for f in grouped])]
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        return scatter(y, order, y.new_empty(choice.shape[0], y.shape[1])), counts
+        with profiling.range("unroute"):
+            return scatter(y, order, y.new_empty(choice.shape[0], y.shape[1])), counts
 
     def resource_loss(self):
         """lambda * E[cost] / max_e C_e (or the hinge max(0, E[cost] - budget) form)."""

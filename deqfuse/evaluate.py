@@ -30,7 +30,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -198,30 +197,22 @@ def infer_ms(model: nn.Module, x, reps: int = 5) -> float:
 def fit(method: str, data: dict, hp: HParams, seed: int, cheap: int = 0, progress=None, return_model: bool = False):
     """Train one method on data's train part, select the epoch on val, report test at that epoch
     (and return the model at that epoch too if return_model)."""
+    from . import distributed as ddp
+    from .train import train_epoch
     torch.manual_seed(seed)
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     classes, dims = data["classes"], data["dims"]
     model = build(method, dims, classes, hp, cheap)
     opt = torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     sched = GumbelSchedule(1.0, 0.9, 0.1)
-    n = ytr.shape[0]
+    net = ddp.wrap(model)  # DDP under torchrun (every rank then sees identical models and scores)
+    extra = model.resource_loss if isinstance(model, DynamicFusion) else model.extra_loss
     best, best_state, best_epoch = -1.0, None, -1
     t0 = time.perf_counter()
     for ep in range(hp.epochs):
-        model.train()
         if isinstance(model, DynamicFusion):
             model.tau = sched(ep)
-        perm = torch.randperm(n)
-        for i in range(0, n, hp.batch):
-            idx = perm[i:i + hp.batch]
-            if idx.numel() < 2:
-                continue
-            logits = model([v[idx] for v in xtr])
-            loss = F.cross_entropy(logits, ytr[idx])
-            loss = loss + (model.resource_loss() if isinstance(model, DynamicFusion) else model.extra_loss())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_epoch(net, opt, xtr, ytr, hp.batch, extra, min_rows=2)
         val = scores(model, xva, yva, classes)
         key = val["accuracy"] + val["weighted_f1"] + val["macro_f1"]
         if key > best:
@@ -418,11 +409,16 @@ def expand_methods(spec: str, n_views: int) -> List[str]:
 def run(data_name: str = "brca", seeds: int = 5, methods: str = "all", hp: Optional[HParams] = None,
         out: str = "runs_eval", lambdas: Optional[List[float]] = None, memory: bool = False,
         progress: bool = True, tune: bool = False) -> dict:
+    from . import distributed as ddp
     from .data import split_indices, standardize
     hp = hp or HParams()
+    ddp.init_from_env()  # under torchrun: every rank trains each job data-parallel; rank 0 reports
+    main = ddp.is_main()
+    progress = progress and main
     views, labels = load(data_name)
     names = expand_methods(methods, len(views))
-    os.makedirs(out, exist_ok=True)
+    if main:
+        os.makedirs(out, exist_ok=True)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -460,6 +456,8 @@ def run(data_name: str = "brca", seeds: int = 5, methods: str = "all", hp: Optio
                           macro_f1=float(np.mean([r["test"]["macro_f1"] for r in rs])),
                           macs_per_sample=float(np.mean([r["macs_per_sample"] for r in rs])),
                           mac_saving_vs_all_experts=float(np.mean([r["mac_saving_vs_all_experts"] for r in rs]))))
+    if not main:
+        return dict(summary=rows, sweep=sweep, memory={}, runs=results)
     table = markdown(rows)
     print(table)
     mem = {}

@@ -1,20 +1,15 @@
 """Gradients through a fixed point z* = f(z*): implicit differentiation, phantom gradient, and the
 Hutchinson Jacobian regulariser. Independent of the cell: everything works on flat [B, L] states.
 """
-import contextlib
 import warnings
 from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import profiling
 from .rowwise import PlusRows, is_rowwise
 from .solvers import solve
-
-
-def nvtx_range(name: str):
-    """An NVTX range (visible in Nsight Systems) when CUDA is available, else a no-op."""
-    return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
 def warn_if_not_converged(stats, what: str, tol_name: str):
@@ -42,7 +37,7 @@ class ImplicitAdjoint(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        with torch.no_grad(), nvtx_range("deqfuse/adjoint_solve"):
+        with torch.no_grad(), profiling.range("adjoint_solve"):
             return ctx.adjoint(grad.contiguous()), None
 
 

@@ -5,10 +5,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import profiling
 from ._validate import check_features
 from .cell import FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad
 from .graphs import GraphedSolves
-from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, nvtx_range, phantom_grad, warn_if_not_converged
+from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad, warn_if_not_converged
 from .reference.cell import fuse_inputs
 from .rowwise import RowwiseFn
 from ._validate import check_choice, check_float, check_int
@@ -51,6 +52,17 @@ class DEQFusion(nn.Module):
         replay, captured on first use per batch size (see graphs.py; needs grad='implicit' to graph
         the backward). The biggest win at small batches, where the solves are launch-bound.
     forward(features) -> [B, D]; with return_info=True -> ([B, D], DEQInfo).
+
+    Mixed precision (torch.autocast): only the cell's GEMMs run in the autocast dtype, and only where the
+    cell goes through ATen (backend='reference', the Triton cell); the C++ CPU cell op computes in the
+    parameters' dtype regardless. Everything a solve accumulates stays in the parameters' dtype (keep
+    them float32): features that an autocast layer produced in bf16/fp16 are cast up, the fused input,
+    the iterate, the Anderson histories (unless solver_kw=dict(history_dtype=...)), the Gram matrices
+    and mixing solves, norms, residuals and tolerances; the adjoint solve runs in backward(), outside
+    autocast. Low-precision GEMMs put a floor under the residual (about 2e-4 relative at B=32, D=64),
+    so use f_tol >= 5e-4 under bf16/fp16 autocast. Measured against float64 (tests/test_training_stack.py):
+    outputs within 1.2x and gradients within 0.8x of PyTorch's own error in the same precision.
+    A module cast to bf16/fp16 keeps its solver state in that dtype too (f_tol >= 3e-3 for bf16).
     """
 
     def __init__(self, dim: int, num_modalities: int, groups: int = 4, solver: str = "anderson",
@@ -123,12 +135,14 @@ class DEQFusion(nn.Module):
         fn, shape = self.cell.bind(self.backend, x), (self.n + 1, self.dim)
 
         def rows(z, x, xf):
-            return fn(z.view(z.shape[0], *shape), x, xf).view(z.shape[0], -1)
+            # under torch.autocast the cell's GEMMs may return a lower precision: the solver state keeps
+            # the features' dtype (see "Mixed precision" in the class docstring)
+            return fn(z.view(z.shape[0], *shape), x, xf).view(z.shape[0], -1).to(z.dtype)
         return RowwiseFn(rows, x, xf)
 
     def forward(self, features, return_info: bool = False):
         B = check_features(features, self.n, self.dim, self.weights)
-        x = torch.stack(list(features), 1)                   # [B, N, D]
+        x = torch.stack(list(features), 1).to(self.weights.dtype)  # [B, N, D] (autocast outputs cast up)
         xf = fuse_inputs(x, self.weights, self.bias)         # [B, D]
         f = self._flat_cell(x, xf)
         z0 = x.new_zeros(B, (self.n + 1) * self.dim)
@@ -140,7 +154,7 @@ class DEQFusion(nn.Module):
                 z = f(z)
         else:
             graphed = self.cuda_graph and x.is_cuda
-            with nvtx_range("deqfuse/forward_solve"):
+            with profiling.range("forward_solve"):
                 if graphed:
                     z_star, fstats = self._graphs.forward(x, xf)
                 else:
@@ -153,10 +167,10 @@ class DEQFusion(nn.Module):
                 warn_if_not_converged(fstats, "DEQFusion forward solve", "f_tol")
             z = z_star
             if self.training and torch.is_grad_enabled():
-                with nvtx_range("deqfuse/attach_grad"):
+                with profiling.range("attach_grad"):
                     z, jac = self._attach_grad(z_star, x, xf, B, bstats, graphed)
         self.info = DEQInfo(fstats, jac, bstats)
-        out = z.view(B, self.n + 1, self.dim)[:, self.n]
+        out = z.view(B, self.n + 1, self.dim)[:, self.n].contiguous()  # not a view: FSDP2 hooks, in-place safe
         return (out, self.info) if return_info else out
 
     def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False):
@@ -256,9 +270,12 @@ class SavedVJP:
         self.saved, self.params = saved, cell.params()
         if "ext" in saved:  # the C++ op: call it directly, and let it add the adjoint's right-hand side
             op, plist, G = torch.ops.deqfuse.cell_vjp.default, list(self.params), cell.groups
-            self._ext = lambda g, c: op(self._shaped(g), saved["ext"], plist, G,
-                                        None if c is None else self._shaped(c)).view(g.shape[0], -1)
+            self._ext = profiling.wrap(lambda g, c: op(self._shaped(g), saved["ext"], plist, G,
+                                                       None if c is None else self._shaped(c)).view(g.shape[0], -1),
+                                       "cell_vjp[ext]")
             self.call_plus = self._ext
+        elif profiling.enabled():
+            self._apply = profiling.wrap(self._apply, "cell_vjp")
 
     def _shaped(self, t):
         return t.view(t.shape[0], self.layer.n + 1, self.layer.dim)
@@ -266,6 +283,9 @@ class SavedVJP:
     def __call__(self, g):
         if "ext" in self.saved:
             return self._ext(g, None)
+        return self._apply(g)
+
+    def _apply(self, g):
         cell = self.layer.cell
         return cell_vjp_apply(self._shaped(g), self.saved, self.params, cell.groups, self.layer.backend,
                               cell.triton_cell).reshape(g.shape[0], -1)

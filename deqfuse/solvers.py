@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from . import backend as _backend
+from . import profiling
 from ._validate import check_choice, check_float, check_int
+from .precision import full_precision
 from .reference.anderson import record_residual_ref
 from .rowwise import is_rowwise
 
@@ -218,6 +220,16 @@ class FixedPointState(_State):
         x.copy_(torch.where(active[:, None], (1 - self.tau) * x + self.tau * fx, x))
 
 
+@full_precision
+def _jinv_matvec(v, Us, VTs):
+    return -v + torch.einsum("blm,bm->bl", Us, torch.einsum("bml,bl->bm", VTs, v))
+
+
+@full_precision
+def _jinv_rmatvec(v, Us, VTs):
+    return -v + torch.einsum("bm,bml->bl", torch.einsum("bl,blm->bm", v, Us), VTs)
+
+
 class BroydenState(_State):
     """Limited-memory ("good") Broyden on g(x) = f(x) - x, inverse Jacobian started at -I; its low-rank
     factors live in rings of m columns per sample: Us [B, L, m], VTs [B, m, L]."""
@@ -232,10 +244,10 @@ class BroydenState(_State):
         self.m, self.tol, self.stop_rel = m, tol, stop_rel
 
     def _matvec(self, v):  # J^-1 v with J^-1 = -I + Us VTs ; v: [B, L]
-        return -v + torch.einsum("blm,bm->bl", self.Us, torch.einsum("bml,bl->bm", self.VTs, v))
+        return _jinv_matvec(v, self.Us, self.VTs)
 
     def _rmatvec(self, v):  # v^T J^-1
-        return -v + torch.einsum("bm,bml->bl", torch.einsum("bl,blm->bm", v, self.Us), self.VTs)
+        return _jinv_rmatvec(v, self.Us, self.VTs)
 
     def iterate(self, f, k):
         x = self.x
@@ -306,29 +318,55 @@ def _count(flags: torch.Tensor) -> int:
     return int(flags.sum())
 
 
+class _ChunkRange:
+    """The NVTX range of the iterations between two convergence checks (deqfuse.profiling)."""
+
+    def __init__(self):
+        self.cm = None
+
+    def open(self):
+        if self.cm is None:
+            self.cm = profiling.range("solve_iters")
+            self.cm.__enter__()
+
+    def close(self):
+        if self.cm is not None:
+            cm, self.cm = self.cm, None
+            cm.__exit__(None, None, None)
+
+
 def run(state: _State, f: Callable, max_iter: int, check_every: int, compact: float, tol: float,
         stop_mode: str):
     """Drive state.iterate for up to max_iter steps with early exit and compaction (see module doc).
     Returns (best iterate [B, L], SolverStats) of the full batch."""
     full, idx = state.res, None       # idx: rows of the full batch that `state` holds (None = all)
     steps = rows = compactions = 0
-    for k in range(max_iter):
-        state.iterate(f, k)
-        rows += state.batch
-        steps = k + 1
-        if not check_every or steps % check_every or steps == max_iter:
-            continue
-        n_keep = state.batch - _count(state.res.converged)  # the one host sync of this check
-        if n_keep == 0:
-            break
-        n_drop = state.batch - n_keep
-        if compact and n_keep <= compact * state.batch and n_drop * (max_iter - steps) >= COMPACT_COST * n_keep:
-            keep = (~state.res.converged).nonzero()[:, 0]
-            if idx is not None:
-                full.write_back(idx, state.res)
-            idx = keep if idx is None else idx.index_select(0, keep)
-            state, f = state.gather(keep), f.subset(keep)
-            compactions += 1
+    chunk = _ChunkRange() if profiling.enabled() else None  # NVTX: one range per chunk of iterations
+    try:
+        for k in range(max_iter):
+            if chunk is not None:
+                chunk.open()
+            state.iterate(f, k)
+            rows += state.batch
+            steps = k + 1
+            if not check_every or steps % check_every or steps == max_iter:
+                continue
+            if chunk is not None:
+                chunk.close()
+            n_keep = state.batch - _count(state.res.converged)  # the one host sync of this check
+            if n_keep == 0:
+                break
+            n_drop = state.batch - n_keep
+            if compact and n_keep <= compact * state.batch and n_drop * (max_iter - steps) >= COMPACT_COST * n_keep:
+                keep = (~state.res.converged).nonzero()[:, 0]
+                if idx is not None:
+                    full.write_back(idx, state.res)
+                idx = keep if idx is None else idx.index_select(0, keep)
+                state, f = state.gather(keep), f.subset(keep)
+                compactions += 1
+    finally:
+        if chunk is not None:
+            chunk.close()
     if idx is not None:
         full.write_back(idx, state.res)
     stats = SolverStats(full.abs_trace[:steps], full.rel_trace[:steps], full.best_res, full.nstep,
@@ -403,7 +441,7 @@ def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_
     _check(x0, max_iter, tol, stop_mode)
     for key, v in (("m", m), ("lam", lam), ("beta", beta), ("history_dtype", history_dtype), ("backend", backend)):
         _check_option(key, v, key, "anderson")
-    step_fn = _backend.anderson_step_fn(backend, x0, m)
+    step_fn = profiling.wrap(_backend.anderson_step_fn(backend, x0, m), "anderson_step")
     return AndersonState(x0, m, max_iter, history_dtype, step_fn=step_fn, beta=beta, lam=lam, tol=tol,
                          stop_rel=stop_mode == "rel")
 
@@ -455,6 +493,20 @@ def broyden(f: Callable, x0: torch.Tensor, *, m: int = 30, max_iter: int = 50, t
     return run(st, f, max_iter, ce, resolve_compact(compact, f, ce), tol, stop_mode)
 
 
+@full_precision
+def _official_mix(X, F, n: int, lam: float, beta: float, acc):
+    """The official Anderson mixing of the last n iterates (whole batch, absolute Tikhonov lam)."""
+    B = X.shape[0]
+    G = F[:, :n] - X[:, :n]
+    H = torch.zeros(B, n + 1, n + 1, dtype=acc, device=X.device)
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    H[:, 1:, 1:] = (torch.bmm(G, G.transpose(1, 2)) + lam * torch.eye(n, dtype=X.dtype, device=X.device)).to(acc)
+    y = torch.zeros(B, n + 1, 1, dtype=acc, device=X.device)
+    y[:, 0] = 1
+    alpha = torch.linalg.solve(H, y)[:, 1:n + 1, 0].to(X.dtype)
+    return beta * (alpha[:, None] @ F[:, :n])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
+
+
 def anderson_official(f: Callable, x0: torch.Tensor, *, m: int = 6, lam: float = 1e-4, beta: float = 1.0,
                       max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "rel"):
     """The official DEQ-fusion code's Anderson solver (locuslab/deq's `anderson`, as DEQFusion's solver.py
@@ -487,15 +539,7 @@ def anderson_official(f: Callable, x0: torch.Tensor, *, m: int = 6, lam: float =
         if k < 2:  # X0 = x0, F0 = f(x0); X1 = F0, F1 = f(F0)
             x = x0 if k == 0 else F[:, 0]
         else:
-            n = min(k, m)
-            G = F[:, :n] - X[:, :n]
-            H = torch.zeros(B, n + 1, n + 1, dtype=acc, device=x0.device)
-            H[:, 0, 1:] = H[:, 1:, 0] = 1
-            H[:, 1:, 1:] = (torch.bmm(G, G.transpose(1, 2)) + lam * torch.eye(n, dtype=x0.dtype, device=x0.device)).to(acc)
-            y = torch.zeros(B, n + 1, 1, dtype=acc, device=x0.device)
-            y[:, 0] = 1
-            alpha = torch.linalg.solve(H, y)[:, 1:n + 1, 0].to(x0.dtype)
-            x = beta * (alpha[:, None] @ F[:, :n])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
+            x = _official_mix(X, F, min(k, m), lam, beta, acc)
         s = k % m
         X[:, s] = x
         F[:, s] = f(x)

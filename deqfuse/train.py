@@ -8,7 +8,7 @@ and convergence.png (DEQ solver residual vs iteration on the test set) into --ou
 import json
 import os
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +86,46 @@ def macro_f1(pred, y, classes):
     return sum(f1s) / classes
 
 
+def train_epoch(net: nn.Module, opt, xs: List[torch.Tensor], y: torch.Tensor, batch: int,
+                extra_loss: Optional[Callable[[], torch.Tensor]] = None, min_rows: int = 1) -> float:
+    """One epoch of minibatch training (net in train mode; the permutation draws from torch's global
+    RNG); returns the mean cross-entropy over the epoch's samples, summed across ranks.
+
+    Data parallel (deqfuse.distributed): each global minibatch of `batch` rows is split across the
+    ranks; the local loss is the sum over the local rows times world / (global rows), so DDP's gradient
+    average equals the gradient of the global batch's mean loss whatever the split (unequal shards
+    included). extra_loss() (e.g. DynMM's resource loss, the Jacobian regulariser) is each rank's
+    value on its shard, averaged by DDP. Global minibatches with fewer than min_rows rows per rank are
+    skipped (the same decision on every rank)."""
+    from . import distributed as ddp
+    world = ddp.world_size()
+    net.train()
+    perm = torch.randperm(y.shape[0])
+    total = 0.0
+    for i in range(0, y.shape[0], batch):
+        glob = perm[i:i + batch]
+        if glob.numel() < min_rows * world:
+            continue
+        idx = ddp.shard(glob)
+        ce = F.cross_entropy(net([v[idx] for v in xs]), y[idx], reduction="sum")
+        loss = ce * (world / glob.numel()) + (extra_loss() if extra_loss is not None else 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(ce.detach())
+    return ddp.sum_across_ranks(total) / y.shape[0]
+
+
 def train_one(method, data, D=64, epochs=25, batch=128, lr=2e-3, seed=0, progress=True, deq_kw=None,
-              dynmm_lambda=0.3, return_model=False):
-    """Train one method; returns its result dict (and the trained model if return_model)."""
+              dynmm_lambda=0.3, return_model=False, checkpoint=None, stop_after=None):
+    """Train one method; returns its result dict (and the trained model if return_model).
+
+    checkpoint: a file path: the model, optimiser, epoch and RNG state are saved there after every
+    epoch, and a training run finds them there and resumes (giving the result an uninterrupted run
+    gives). stop_after: end after that many epochs in total (an interruption, for tests); returns None.
+    Under torchrun (deqfuse.distributed) each global batch is split across the ranks and the gradients
+    averaged (DDP); the evaluation and the checkpoint are rank 0's."""
+    from . import distributed as ddp
     torch.manual_seed(seed)
     (xtr, ytr), (xte, yte), dims = data["train"], data["test"], data["dims"]
     classes = int(ytr.max()) + 1
@@ -96,32 +133,36 @@ def train_one(method, data, D=64, epochs=25, batch=128, lr=2e-3, seed=0, progres
     model = build_dynmm(dims, D, classes, dynmm_lambda) if method == "dynmm" else FusionClassifier(method, dims, D, classes, **deq_kw)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = GumbelSchedule(1.0, 0.85, 0.1)
-    n = ytr.shape[0]
+    start, train_s = 0, 0.0
+    if checkpoint and os.path.exists(checkpoint):
+        ck = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        start, train_s = ck["epoch"] + 1, ck["train_seconds"]
+    net = ddp.wrap(model)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(range(epochs), desc=f"{method:>8}", disable=not progress or tqdm is None, leave=True) if tqdm else range(epochs)
-    t0 = time.perf_counter()
+    show = progress and tqdm is not None and ddp.is_main()
+    bar = tqdm(range(start, epochs), desc=f"{method:>8}", leave=True) if show else range(start, epochs)
     for ep in bar:
-        model.train()
+        t0 = time.perf_counter()
         if method == "dynmm":
             model.tau = sched(ep)
-        perm = torch.randperm(n)
-        total = 0.0
-        for i in range(0, n, batch):
-            idx = perm[i:i + batch]
-            logits = model([v[idx] for v in xtr])
-            loss = F.cross_entropy(logits, ytr[idx])
-            if method == "dynmm":
-                loss = loss + model.resource_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        if tqdm is not None and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{total / n:.3f}")
-    train_s = time.perf_counter() - t0
+        extra = model.resource_loss if method == "dynmm" else None
+        loss = train_epoch(net, opt, xtr, ytr, batch, extra)
+        train_s += time.perf_counter() - t0
+        if show:
+            bar.set_postfix(loss=f"{loss:.3f}")
+        if checkpoint and ddp.is_main():
+            tmp = checkpoint + ".tmp"
+            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=ep, rng=torch.get_rng_state(),
+                            train_seconds=train_s), tmp)
+            os.replace(tmp, checkpoint)  # atomic: an interruption never leaves half a checkpoint
+        if stop_after is not None and ep + 1 >= stop_after:
+            return None
     model.eval()
     with torch.no_grad():
         pred = model(xte).argmax(1)
@@ -158,12 +199,25 @@ def plot_convergence(rel_trace, path):
 
 
 def run(methods=METHODS, epochs=25, D=64, out="runs", seed=0, progress=True, deq_kw=None,
-        dynmm_lambda=0.3) -> List[Dict]:
+        dynmm_lambda=0.3, resume=False) -> List[Dict]:
+    """Train and compare the methods; rank 0 writes results.md / results.json / convergence.png.
+    resume: continue from out/checkpoints/<method>.pt where a run stopped (each method checkpoints
+    after every epoch)."""
+    from . import distributed as ddp
+    ddp.init_from_env()
     views, labels = load_uci_multifeature()
     data = split_standardize(views, labels, seed=seed)
-    os.makedirs(out, exist_ok=True)
-    results = [train_one(m, data, D=D, epochs=epochs, seed=seed, progress=progress, deq_kw=deq_kw,
-                         dynmm_lambda=dynmm_lambda) for m in methods]
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    results = []
+    for m in methods:
+        ck = os.path.join(out, "checkpoints", f"{m}.pt")
+        if not resume and os.path.exists(ck) and ddp.is_main():
+            os.remove(ck)  # a fresh run
+        ddp.barrier()  # no rank looks for a checkpoint before rank 0 has removed a stale one
+        results.append(train_one(m, data, D=D, epochs=epochs, seed=seed, progress=progress, deq_kw=deq_kw,
+                                 dynmm_lambda=dynmm_lambda, checkpoint=ck))
+    if not ddp.is_main():
+        return results
     lines = ["| method | accuracy | macro-F1 | notes |", "|---|---|---|---|"]
     for r in results:
         note = ""

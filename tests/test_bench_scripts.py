@@ -27,3 +27,16 @@ def test_sweep_smoke_writes_every_measure_and_a_report(tmp_path):
     sweep_report.main(str(tmp_path / "sweep.csv"), str(tmp_path / "sweep.png"), str(tmp_path / "sweep.md"))
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     assert "| fp32 | 2 | 8 | 3 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_bench_compile_smoke_reports_no_recompilation(tmp_path):
+    sys.path.insert(0, BENCH)
+    import bench_compile
+    res = bench_compile.main(["--backend", "aot_eager", "--B", "5,7", "--D", "16", "--iters", "3", "--reps", "2",
+                              "--threads", "1", "--out", str(tmp_path)])
+    rows = read_results(str(tmp_path / "compile.csv"))
+    assert rows and set(rows[0]) == set(RESULTS_FIELDS)
+    for mode in ("eval", "train"):
+        graphs = [res.value(f"compile_{mode}", "compiled/aot_eager", "unique_graphs", B=b) for b in (5, 7)]
+        assert graphs[0] == graphs[1] >= 1
+        assert res.value(f"compile_{mode}", "eager", "ms", B=7) > 0

@@ -14,6 +14,8 @@ converged: [B] bool; nstep: [B] int32. Ring buffers may be bf16/fp16; all math i
 """
 import torch
 
+from ..precision import full_precision
+
 REL_EPS = 1e-8
 TINY = 1e-30
 
@@ -61,6 +63,7 @@ def record_residual_ref(x, fx, best_x, best_res, converged, nstep, abs_out, rel_
     return active, now_conv, g
 
 
+@full_precision
 def anderson_step_ref(x, fx, X, G, GG, best_x, best_res, converged, nstep, abs_out, rel_out,
                       k: int, beta: float = 1.0, lam: float = 1e-4, tol: float = 1e-4,
                       stop_rel: bool = True):
