@@ -113,7 +113,7 @@ def main(argv=None):
     e.add_argument("--lr", type=float, default=1e-3)
     e.add_argument("--batch", type=int, default=64)
     e.add_argument("--dropout", type=float, default=0.3)
-    e.add_argument("--jac-weight", type=float, default=1.0)
+    e.add_argument("--jac-weight", type=float, default=20.0, help="deq+jac's Jacobian-loss weight (evaluate.HParams)")
     e.add_argument("--f-max-iter", type=int, default=30)
     e.add_argument("--dynmm-lambda", type=float, default=0.3)
     e.add_argument("--dynmm-cheap", default="auto", help="view index of DynMM's cheap expert, or auto")

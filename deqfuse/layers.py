@@ -28,13 +28,21 @@ class DEQInfo:
     backward_stats: list  # filled by the backward pass (implicit mode): [SolverStats]
 
 
+DEFAULT_TOL = 1e-4        # f_tol / b_tol left as None, float32/float64 solves
+LOW_PRECISION_TOL = 1e-3  # ... under torch.autocast or with bf16/fp16 parameters
+
+
 class DEQFusion(nn.Module):
     """Fuse N modality features [B, D] into one [B, D] at the joint fixed point z* = f(z*, x).
 
     Args:
       dim, num_modalities, groups: width D, N, GroupNorm groups (D % groups == 0).
       solver: 'anderson' | 'broyden' | 'fixed_point' for both the forward and the adjoint solve.
-      f_max_iter/b_max_iter, f_tol/b_tol: limits of the forward / adjoint solve.
+      f_max_iter/b_max_iter, f_tol/b_tol: limits of the forward / adjoint solve. Tolerances default
+        (None) to DEFAULT_TOL = 1e-4 for float32/64 solves and LOW_PRECISION_TOL = 1e-3 for a forward
+        under torch.autocast or a module cast to bf16/fp16 (chosen from the training-gradient error
+        against cost on BRCA, benchmarks/grad_accuracy.py and RESULTS.md: 1e-3 -> 1e-4 takes the
+        gradient error from 0.4-1.3% to 0.03-0.07% for +17-22% time; a float solve cannot reach 1e-4).
       stop_mode, b_stop_mode: residual of the forward / adjoint stopping rule ('rel' or 'abs'). The
         adjoint's is relative by default: its right-hand side is the incoming gradient, whose scale is
         the loss's, so an absolute rule would make the gradient depend on how the loss is scaled.
@@ -60,13 +68,14 @@ class DEQFusion(nn.Module):
     the iterate, the Anderson histories (unless solver_kw=dict(history_dtype=...)), the Gram matrices
     and mixing solves, norms, residuals and tolerances; the adjoint solve runs in backward(), outside
     autocast. Low-precision GEMMs put a floor under the residual (about 2e-4 relative at B=32, D=64),
-    so use f_tol >= 5e-4 under bf16/fp16 autocast. Measured against float64 (tests/test_training_stack.py):
+    so the default tolerance there is LOW_PRECISION_TOL = 1e-3 (an explicit f_tol should be >= 5e-4). Measured against float64 (tests/test_training_stack.py):
     outputs within 1.2x and gradients within 0.8x of PyTorch's own error in the same precision.
     A module cast to bf16/fp16 keeps its solver state in that dtype too (f_tol >= 3e-3 for bf16).
     """
 
     def __init__(self, dim: int, num_modalities: int, groups: int = 4, solver: str = "anderson",
-                 f_max_iter: int = 55, b_max_iter: int = 56, f_tol: float = 1e-3, b_tol: float = 1e-3,
+                 f_max_iter: int = 55, b_max_iter: int = 56, f_tol: Optional[float] = None,
+                 b_tol: Optional[float] = None,
                  stop_mode: str = "rel", grad: str = "implicit", phantom_steps: int = 5,
                  phantom_lam: float = 0.8, unrolled_steps: int = 6, jac_reg: int = 0,
                  backend: str = "auto", solver_kw: Optional[dict] = None,
@@ -95,6 +104,9 @@ class DEQFusion(nn.Module):
                 raise ValueError(f"solver_kw[{k!r}]: not an option of solver {solver!r} "
                                  f"(options: {sorted(solver_options(solver) - set(_LAYER_SET))})")
         check_options(solver, {k: f"solver_kw[{k!r}]" for k in kw}, **kw)
+        self._tol_defaulted = (f_tol is None, b_tol is None)  # resolved per forward by precision
+        f_tol = DEFAULT_TOL if f_tol is None else f_tol
+        b_tol = DEFAULT_TOL if b_tol is None else b_tol
         check_options(solver, dict(max_iter="f_max_iter", tol="f_tol", stop_mode="stop_mode"),
                       max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode)
         check_options(solver, dict(max_iter="b_max_iter", tol="b_tol", stop_mode="b_stop_mode"),
@@ -126,6 +138,7 @@ class DEQFusion(nn.Module):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_tol_defaulted", (False, False))  # pickled before 0.2.0: tolerances as given
         super().__setstate__(state)
         self._graphs = GraphedSolves(self)
 
@@ -159,7 +172,7 @@ class DEQFusion(nn.Module):
                     z_star, fstats = self._graphs.forward(x, xf)
                 else:
                     with torch.no_grad():
-                        z_star, fstats = solve(self.solver, f, z0, **self.f_kw)
+                        z_star, fstats = solve(self.solver, f, z0, **self._solve_kw(0, x))
             # a host sync: skipped while a CUDA graph is captured and under torch.compile (read
             # info.forward_stats there)
             quiet = torch.compiler.is_compiling() or (z0.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -172,6 +185,15 @@ class DEQFusion(nn.Module):
         self.info = DEQInfo(fstats, jac, bstats)
         out = z.view(B, self.n + 1, self.dim)[:, self.n].contiguous()  # not a view: FSDP2 hooks, in-place safe
         return (out, self.info) if return_info else out
+
+    def _solve_kw(self, which: int, x: torch.Tensor) -> dict:
+        """The forward (0) / adjoint (1) solve's options; a defaulted tolerance becomes LOW_PRECISION_TOL
+        when this forward's GEMMs run in bf16/fp16 (autocast on x's device, or bf16/fp16 parameters)."""
+        kw = (self.f_kw, self.b_kw)[which]
+        if self._tol_defaulted[which] and (x.dtype in (torch.float16, torch.bfloat16)
+                                           or torch.is_autocast_enabled(x.device.type)):
+            kw = dict(kw, tol=max(kw["tol"], LOW_PRECISION_TOL))
+        return kw
 
     def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False):
         jac = x.new_zeros(())
@@ -201,7 +223,7 @@ class DEQFusion(nn.Module):
         else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
             vjp = self.saved_vjp(z_star, x, xf)
         return implicit_grad(fz, vjp, self.solver, stats_box=bstats, warn=self.on_nonconvergence == "warn",
-                             init=self.adjoint_init, **self.b_kw), jac
+                             init=self.adjoint_init, **self._solve_kw(1, x)), jac
 
     # ---------------------------------------------------------------- the official code's semantics
     @classmethod

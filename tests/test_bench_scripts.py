@@ -40,3 +40,30 @@ def test_bench_compile_smoke_reports_no_recompilation(tmp_path):
         graphs = [res.value(f"compile_{mode}", "compiled/aot_eager", "unique_graphs", B=b) for b in (5, 7)]
         assert graphs[0] == graphs[1] >= 1
         assert res.value(f"compile_{mode}", "eager", "ms", B=7) > 0
+
+
+def test_recipe_ablation_reports_validation_scores_only(tmp_path):
+    sys.path.insert(0, BENCH)
+    import recipe_ablation
+    recipe_ablation.main(["--data", "brca", "--seeds", "2", "--epochs", "1", "--out", str(tmp_path)])
+    rows = read_results(str(tmp_path / "recipe_ablation.csv"))
+    assert {r["variant"] for r in rows} == {v[0] for v in recipe_ablation.VARIANTS}
+    assert {r["metric"] for r in rows} == {"val_accuracy", "val_accuracy_std", "val_macro_f1", "val_sum", "solver_steps"}
+    acc = [r["value"] for r in rows if r["metric"] == "val_accuracy"]
+    assert all(0 < a <= 1 for a in acc)
+
+
+def test_grad_accuracy_reports_every_setting(tmp_path):
+    """Plumbing only (a 2-epoch model need not be contractive): every setting has its four numbers and a
+    tighter tolerance never evaluates fewer rows."""
+    sys.path.insert(0, BENCH)
+    import grad_accuracy
+    grad_accuracy.main(["--data", "brca", "--method", "deq", "--epochs", "2", "--out", str(tmp_path)])
+    rows = read_results(str(tmp_path / "grad_accuracy.csv"))
+    by = {(r["variant"], r["metric"]): r["value"] for r in rows}
+    tols = ["0.01", "0.001", "0.0001", "1e-05", "1e-06"]
+    names = [f"deqfuse rel {t}" for t in tols] + ["official (batch abs 1e-3 / rel 1e-3)"]
+    assert all((n, m) in by for n in names for m in ("grad_rel_err", "out_rel_err", "rows", "ms"))
+    assert all(0 <= by[(n, "grad_rel_err")] < float("inf") for n in names)
+    rows_evaluated = [by[(f"deqfuse rel {t}", "rows")] for t in tols]
+    assert rows_evaluated == sorted(rows_evaluated)

@@ -15,6 +15,7 @@ Before the solvers' own arithmetic was kept out of autocast, the reference Ander
 GEMMs in bf16 and the solve stalled at a 1.7e-3 residual (8x PyTorch's error): that is what these catch.
 """
 import contextlib
+import copy
 import json
 import os
 import warnings
@@ -149,6 +150,37 @@ def test_module_cast_to_low_precision_converges_on_a_contractive_cell(dtype):
         out, info = layer([t.to(dtype) for t in x64], return_info=True)
     assert out.dtype == dtype and info.forward_stats.all_converged
     assert rel_err(out.double(), out64) < MODULE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_default_tolerance_follows_the_precision_of_the_solve(dtype):
+    """f_tol / b_tol left unset: 1e-4 for a float32 solve (forward and adjoint), 1e-3 for a forward
+    under autocast (and its adjoint) and in a bf16/fp16 module, where 1e-4 is below the residual floor;
+    the defaulted low-precision solves converge, so the default layer does not warn. An explicit
+    tolerance is always kept."""
+    from deqfuse.layers import DEFAULT_TOL, LOW_PRECISION_TOL
+    x64, w64 = _problem()
+    feats = [t.float().requires_grad_() for t in x64]
+    layer = contractive_layer(DEQFusion(D, N, on_nonconvergence="warn"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        layer(feats).sum().backward()
+        assert layer.info.forward_stats.tol == DEFAULT_TOL and layer.info.backward_stats[0].tol == DEFAULT_TOL
+        with torch.autocast("cpu", dtype=dtype):
+            out = layer(feats)
+        out.float().sum().backward()
+        st = layer.info
+        assert st.forward_stats.tol == LOW_PRECISION_TOL and st.backward_stats[0].tol == LOW_PRECISION_TOL
+        assert st.forward_stats.all_converged
+    low = copy.deepcopy(layer).to(dtype).eval()
+    low.on_nonconvergence = "ignore"  # a bf16 module's floor is near 1e-3 (MODULE_F_TOL)
+    with torch.no_grad():
+        _, info = low([t.detach().to(dtype) for t in feats], return_info=True)
+    assert info.forward_stats.tol == LOW_PRECISION_TOL
+    explicit = contractive_layer(DEQFusion(D, N, f_tol=2e-4, b_tol=3e-4))
+    with torch.autocast("cpu", dtype=dtype):
+        explicit(feats).float().sum().backward()
+    assert explicit.info.forward_stats.tol == 2e-4 and explicit.info.backward_stats[0].tol == 3e-4
 
 
 def test_grad_scaler_with_fp16_autocast_trains():
