@@ -100,8 +100,12 @@ class GraphedSolves:
         self.cache.clear()
 
     def _key(self, kind, x):
+        """One capture per (solve, batch size, dtype, device, parameter storage, autocast state): a graph
+        bakes in the GEMM precision autocast chose and the tolerance that follows from it."""
         ptrs = tuple(p.data_ptr() for p in self.layer.parameters())
-        return (kind, x.shape[0], x.dtype, x.device, ptrs)
+        dev = x.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return (kind, x.shape[0], x.dtype, x.device, ptrs, amp)
 
     def _chunked(self, kw, x0, prologue):
         state, chunk = _solve_parts(self.layer.solver, kw, x0)
@@ -118,12 +122,12 @@ class GraphedSolves:
             def prologue(state):
                 state.reset(z0)
                 return layer._flat_cell(xs, xfs)
-            self.cache[key] = (xs, xfs, self._chunked(layer.f_kw, z0, prologue))
+            self.cache[key] = (xs, xfs, self._chunked(layer._solve_kw(0, x), z0, prologue))
         xs, xfs, cs = self.cache[key]
         xs.copy_(x)
         xfs.copy_(xf)
         steps = cs.run()
-        kw = layer.f_kw
+        kw = layer._solve_kw(0, x)
         return cs.state.res.best_x.clone(), cs.stats(steps, kw["tol"], kw["stop_mode"])
 
     def adjoint(self, z_star, x, xf, stats_box=None, warn: bool = False):
@@ -139,10 +143,10 @@ class GraphedSolves:
                 vjp = layer.saved_vjp(zs, xs, xfs)
                 state.reset(grad_s)
                 return PlusRows(vjp, grad_s)
-            self.cache[key] = (zs, xs, xfs, grad_s, self._chunked(layer.b_kw, grad_s, prologue))
+            self.cache[key] = (zs, xs, xfs, grad_s, self._chunked(layer._solve_kw(1, x), grad_s, prologue))
         zs, xs, xfs, grad_s, cs = self.cache[key]
         z_star, x, xf = z_star.detach(), x.detach(), xf.detach()
-        kw = layer.b_kw
+        kw = layer._solve_kw(1, x)
 
         def run(grad):
             zs.copy_(z_star)

@@ -42,7 +42,7 @@ class DEQFusion(nn.Module):
         (None) to DEFAULT_TOL = 1e-4 for float32/64 solves and LOW_PRECISION_TOL = 1e-3 for a forward
         under torch.autocast or a module cast to bf16/fp16 (chosen from the training-gradient error
         against cost on BRCA, benchmarks/grad_accuracy.py and RESULTS.md: 1e-3 -> 1e-4 takes the
-        gradient error from 0.4-1.3% to 0.03-0.07% for +17-22% time; a float solve cannot reach 1e-4).
+        gradient error from 0.4-1.3% to 0.03-0.07% for +17-22% time; a bf16/fp16 solve cannot reach 1e-4).
       stop_mode, b_stop_mode: residual of the forward / adjoint stopping rule ('rel' or 'abs'). The
         adjoint's is relative by default: its right-hand side is the incoming gradient, whose scale is
         the loss's, so an absolute rule would make the gradient depend on how the loss is scaled.
@@ -68,8 +68,9 @@ class DEQFusion(nn.Module):
     the iterate, the Anderson histories (unless solver_kw=dict(history_dtype=...)), the Gram matrices
     and mixing solves, norms, residuals and tolerances; the adjoint solve runs in backward(), outside
     autocast. Low-precision GEMMs put a floor under the residual (about 2e-4 relative at B=32, D=64),
-    so the default tolerance there is LOW_PRECISION_TOL = 1e-3 (an explicit f_tol should be >= 5e-4). Measured against float64 (tests/test_training_stack.py):
-    outputs within 1.2x and gradients within 0.8x of PyTorch's own error in the same precision.
+    so the default tolerance there is LOW_PRECISION_TOL = 1e-3 (an explicit f_tol should be >= 5e-4).
+    Measured against float64 (tests/test_training_stack.py): outputs within 1.2x and gradients within
+    0.8x of PyTorch's own error in the same precision.
     A module cast to bf16/fp16 keeps its solver state in that dtype too (f_tol >= 3e-3 for bf16).
     """
 
@@ -138,7 +139,7 @@ class DEQFusion(nn.Module):
         return state
 
     def __setstate__(self, state):
-        state.setdefault("_tol_defaulted", (False, False))  # pickled before 0.2.0: tolerances as given
+        state.setdefault("_tol_defaulted", (False, False))  # pickled by an older version: tolerances as given
         super().__setstate__(state)
         self._graphs = GraphedSolves(self)
 

@@ -234,3 +234,22 @@ def test_adaptive_options_are_checked():
         DEQFusion(8, 2, solver_kw=dict(tau=0.5))
     with pytest.raises(ValueError, match="solver must be one of"):
         DEQFusion(8, 2, solver="newton")
+
+
+def test_graphed_solves_follow_autocast_and_the_precision_default_tolerance():
+    """A graphed solve captured under autocast is not replayed outside it (nor the reverse), and a
+    defaulted tolerance follows the precision as in eager mode (CPU stand-in for the CUDA replays)."""
+    from deqfuse.layers import DEFAULT_TOL, LOW_PRECISION_TOL
+    torch.manual_seed(0)
+    layer = contractive_layer(DEQFusion(12, 2, backend="reference", on_nonconvergence="ignore"))
+    layer._graphs = GraphedSolves(layer, capture=eager_capture)
+    x = torch.randn(5, 2, 12)
+    xf = fuse_inputs(x, layer.weights, layer.bias).detach()
+    _, st = layer._graphs.forward(x, xf)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, st_amp = layer._graphs.forward(x, xf)
+        layer._graphs.adjoint(x.new_zeros(5, 36), x, xf)
+    assert (st.tol, st_amp.tol) == (DEFAULT_TOL, LOW_PRECISION_TOL)
+    assert len(layer._graphs.cache) == 3
+    assert {(k[0], k[-1]) for k in layer._graphs.cache} == {("fwd", None), ("fwd", torch.bfloat16),
+                                                             ("bwd", torch.bfloat16)}
