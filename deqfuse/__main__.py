@@ -33,14 +33,19 @@ def _check_train_args(ap, a):
     bad = [m for m in models if m not in METHODS]
     if not models or bad:
         ap.error(f"--models: unknown {bad} (choose from {', '.join(METHODS)})")
-    for flag, v, lo in (("--epochs", a.epochs, 1), ("--dim", a.dim, 4), ("--f-max-iter", a.f_max_iter, 1)):
-        if v < lo:
-            ap.error(f"{flag} must be >= {lo}, got {v}")
-    if a.dim % 4:
-        ap.error(f"--dim must be a multiple of 4 (the fusion cell's GroupNorm groups), got {a.dim}")
+    _check_sizes(ap, a.dim, ("--epochs", a.epochs, 1), ("--f-max-iter", a.f_max_iter, 1))
     if not a.dynmm_lambda >= 0:
         ap.error(f"--dynmm-lambda must be >= 0, got {a.dynmm_lambda}")
     _check_out(ap, a.out)
+
+
+def _check_sizes(ap, dim, *bounds):
+    """Each (flag, value, lowest) in bounds, and --dim (>= 4, a multiple of the cell's 4 GroupNorm groups)."""
+    for flag, v, lo in (*bounds, ("--dim", dim, 4)):
+        if v < lo:
+            ap.error(f"{flag} must be >= {lo}, got {v}")
+    if dim % 4:
+        ap.error(f"--dim must be a multiple of 4 (the fusion cell's GroupNorm groups), got {dim}")
 
 
 def _check_out(ap, out):
@@ -58,12 +63,8 @@ def _check_eval_args(ap, a):
     from .evaluate import DATASETS, HParams, expand_methods, load
     if a.data not in DATASETS:
         ap.error(f"--data must be one of {DATASETS}, got {a.data!r}")
-    for flag, v, lo in (("--seeds", a.seeds, 1), ("--epochs", a.epochs, 1), ("--dim", a.dim, 4),
-                        ("--batch", a.batch, 2), ("--f-max-iter", a.f_max_iter, 1)):
-        if v < lo:
-            ap.error(f"{flag} must be >= {lo}, got {v}")
-    if a.dim % 4:
-        ap.error(f"--dim must be a multiple of 4 (the fusion cell's GroupNorm groups), got {a.dim}")
+    _check_sizes(ap, a.dim, ("--seeds", a.seeds, 1), ("--epochs", a.epochs, 1), ("--batch", a.batch, 2),
+                 ("--f-max-iter", a.f_max_iter, 1))
     if not (a.lr > 0 and 0 <= a.dropout < 1 and a.jac_weight >= 0 and a.dynmm_lambda >= 0):
         ap.error("--lr must be > 0, --dropout in [0, 1), --jac-weight and --dynmm-lambda >= 0")
     try:
@@ -90,6 +91,8 @@ def _check_eval_args(ap, a):
 
 
 def main(argv=None):
+    from .evaluate import HParams
+    hp0 = HParams()  # eval's defaults are the evaluation recipe's
     ap = argparse.ArgumentParser(prog="python -m deqfuse", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train and compare fusion methods on the UCI multiple-features digits")
@@ -107,16 +110,16 @@ def main(argv=None):
     e.add_argument("--seeds", type=int, default=5)
     e.add_argument("--methods", default="all", help="all, or a comma list of: single, single:<i>, concat, late, "
                    "deq, deq+jac, unrolled:<k>, dynmm, dynmm+deq")
-    e.add_argument("--epochs", type=int, default=100)
+    e.add_argument("--epochs", type=int, default=hp0.epochs)
     e.add_argument("--tune", action="store_true", help="also select width / learning rate (/ Jacobian weight) on val")
-    e.add_argument("--dim", type=int, default=64)
-    e.add_argument("--lr", type=float, default=1e-3)
-    e.add_argument("--batch", type=int, default=64)
-    e.add_argument("--dropout", type=float, default=0.3)
-    e.add_argument("--jac-weight", type=float, default=20.0, help="deq+jac's Jacobian-loss weight (evaluate.HParams)")
-    e.add_argument("--f-max-iter", type=int, default=30)
-    e.add_argument("--dynmm-lambda", type=float, default=0.3)
-    e.add_argument("--dynmm-cheap", default="auto", help="view index of DynMM's cheap expert, or auto")
+    e.add_argument("--dim", type=int, default=hp0.dim)
+    e.add_argument("--lr", type=float, default=hp0.lr)
+    e.add_argument("--batch", type=int, default=hp0.batch)
+    e.add_argument("--dropout", type=float, default=hp0.dropout)
+    e.add_argument("--jac-weight", type=float, default=hp0.jac_weight, help="deq+jac's Jacobian-loss weight")
+    e.add_argument("--f-max-iter", type=int, default=hp0.f_max_iter)
+    e.add_argument("--dynmm-lambda", type=float, default=hp0.dynmm_lambda)
+    e.add_argument("--dynmm-cheap", default=hp0.dynmm_cheap, help="view index of DynMM's cheap expert, or auto")
     e.add_argument("--lambdas", default="", help="comma list: also sweep DynMM's resource weight")
     e.add_argument("--memory", action="store_true", help="training memory of DEQ vs unrolled depth (plot)")
     e.add_argument("--out", default="runs_eval")

@@ -5,6 +5,14 @@ import numbers
 import torch
 
 
+def host_sync_allowed(t: torch.Tensor) -> bool:
+    """False under torch.compile tracing (a sync is a graph break) and while a CUDA graph is being
+    captured on t's device (a sync is illegal there)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_int(name: str, v, lo: int = None, hi: int = None) -> int:
     """v must be an int (not a bool) in [lo, hi]."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -32,6 +40,12 @@ def check_float(name: str, v, lo: float = None, hi: float = None, lo_open: bool 
     return v
 
 
+def check_bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be a bool, got {v!r}")
+    return v
+
+
 def check_choice(name: str, v, choices):
     if v not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}")
@@ -56,7 +70,7 @@ def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, c
     under torch.autocast also the autocast dtype),
     B >= 1, finite and within magnitude_limit. The value check syncs with the host, so it is skipped
     under torch.compile and while a CUDA graph is being captured. Returns B."""
-    if check_finite and (torch.compiler.is_compiling() or (ref.is_cuda and torch.cuda.is_current_stream_capturing())):
+    if check_finite and not host_sync_allowed(ref):
         check_finite = False  # a host sync: a graph break under torch.compile, illegal in a CUDA graph
     if not isinstance(features, (list, tuple)):
         raise TypeError(f"features must be a list of {num_modalities} tensors [B, {dim}], got {type(features).__name__}")

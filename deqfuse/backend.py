@@ -14,6 +14,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._validate import check_choice
+
 BACKENDS = ("auto", "triton", "cuda", "reference")
 
 
@@ -97,8 +99,7 @@ def select(op: str, backend: str, device: torch.device, dtype: Optional[torch.dt
     named explicitly: that one, or a clear error if it is unavailable here or cannot take the inputs --
     the same whether or not the extension is built. 'cuda' for an op the extension does not have on this
     device (the cell on a GPU) means 'auto' for that op."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     impls = REGISTRY[op]
     if backend == "cuda" and not any(i.backend == "cuda" and device.type in i.devices for i in impls):
         backend = "auto"

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import backend as _backend
 from . import profiling
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_bool, check_choice, check_float, check_int
 from .reference.routing import gather_rows_multi_ref, group_by_choice_ref, scatter_rows_ref
 
 
@@ -172,8 +172,7 @@ class DynamicFusion(nn.Module):
             check_float("budget", budget, 0)
         check_int("gate_hidden", gate_hidden, 1)
         check_choice("backend", backend, _backend.BACKENDS)
-        if not isinstance(hard, bool):
-            raise ValueError(f"hard must be a bool, got {hard!r}")
+        check_bool("hard", hard)
         self.experts = nn.ModuleList(experts)
         self.in_dims = in_dims
         self.gate = gate or nn.Sequential(nn.Linear(sum(in_dims), gate_hidden), nn.ReLU(),
@@ -278,19 +277,14 @@ class DepthGatedFusion(nn.Module):
         super().__init__()
         if len(stages) < 1:
             raise ValueError("stages must hold at least one module")
-        if not isinstance(hard, bool):
-            raise ValueError(f"hard must be a bool, got {hard!r}")
+        check_bool("hard", hard)
         self.stem, self.stages, self.gate = stem, nn.ModuleList(stages), gate
         self.tau, self.hard = tau, hard
         self.stage_costs: Optional[List[float]] = None
         self.info: Optional[RoutingInfo] = None
 
     tau = DynamicFusion.tau
-
-    def __getstate__(self):  # copies/pickles leave out the last forward's graph-attached info
-        state = self.__dict__.copy()
-        state["info"] = None
-        return state
+    __getstate__ = DynamicFusion.__getstate__  # copies/pickles leave out the last forward's info
 
     def forward(self, features):
         h = self.stem(features)

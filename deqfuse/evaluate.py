@@ -33,8 +33,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._validate import check_choice
 from .dynamic import DynamicFusion, GumbelSchedule, SubsetExpert
 from .layers import DEQFusion
+from .train import f1_scores, plot_residual_band, train_epoch
 
 DATASETS = ("brca", "digits")
 
@@ -61,12 +63,8 @@ class HParams:
 def load(name: str):
     """(views [n, d_v] float32 arrays, labels [n] int64)."""
     from .data import load_brca, load_uci_multifeature
-    if name == "brca":
-        return load_brca()
-    if name == "digits":
-        views, y = load_uci_multifeature()
-        return views, y
-    raise ValueError(f"data must be one of {DATASETS}, got {name!r}")
+    check_choice("data", name, DATASETS)
+    return load_brca() if name == "brca" else load_uci_multifeature()
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -146,20 +144,6 @@ def build(method: str, dims: List[int], classes: int, hp: HParams, cheap: int = 
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def f1_scores(pred: torch.Tensor, y: torch.Tensor, classes: int):
-    """(macro F1, support-weighted F1)."""
-    f1s, support = [], []
-    for c in range(classes):
-        tp = int(((pred == c) & (y == c)).sum())
-        fp = int(((pred == c) & (y != c)).sum())
-        fn = int(((pred != c) & (y == c)).sum())
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-        support.append(int((y == c).sum()))
-    macro = sum(f1s) / classes
-    weighted = sum(f * s for f, s in zip(f1s, support)) / max(1, sum(support))
-    return macro, weighted
-
-
 def scores(model: nn.Module, x, y, classes: int) -> Dict[str, float]:
     model.eval()
     with torch.no_grad():
@@ -200,7 +184,6 @@ def fit(method: str, data: dict, hp: HParams, seed: int, cheap: int = 0, progres
     """Train one method on data's train part, select the epoch on val, report test at that epoch
     (and return the model at that epoch too if return_model)."""
     from . import distributed as ddp
-    from .train import train_epoch
     torch.manual_seed(seed)
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     classes, dims = data["classes"], data["dims"]
@@ -352,12 +335,8 @@ def plot_solver(results: List[dict], path: str):
     steps = np.concatenate([r["solver_steps"] for r in deq])
     a1.hist(steps, bins=range(1, int(steps.max()) + 2), color="C0")
     a1.set(xlabel="solver steps to the returned iterate (test samples, all seeds)", ylabel="samples")
-    t = torch.tensor(deq[0]["solver_rel_trace"], dtype=torch.float64)
-    q = torch.nanquantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
-    it = range(1, t.shape[0] + 1)
-    a2.fill_between(it, q[0], q[2], alpha=0.3)
-    a2.plot(it, q[1])
-    a2.set(yscale="log", xlabel="iteration", ylabel="relative residual (median, 10-90%)")
+    plot_residual_band(a2, deq[0]["solver_rel_trace"])  # seed 0
+    a2.set(ylabel="relative residual (samples still iterating)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

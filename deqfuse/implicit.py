@@ -8,6 +8,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import profiling
+from ._validate import check_choice
 from .rowwise import PlusRows, is_rowwise
 from .solvers import solve
 
@@ -48,8 +49,7 @@ def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, warn
     shrink its batch to the unconverged rows). The solver's stats land in stats_box[0] if a list is
     given; warn: a RuntimeWarning when samples do not converge (one host sync); init: the initial guess,
     'grad' (the solution of the Jacobian-free approximation) or 'zeros' (the official code's)."""
-    if init not in ("grad", "zeros"):
-        raise ValueError(f"init must be 'grad' or 'zeros', got {init!r}")
+    check_choice("init", init, ("grad", "zeros"))
 
     def adjoint(grad):
         f = PlusRows(vjp, grad) if is_rowwise(vjp) else (lambda y: vjp(y) + grad)

@@ -6,13 +6,12 @@ import torch
 from torch import nn
 
 from . import profiling
-from ._validate import check_features
 from .cell import FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad
 from .graphs import GraphedSolves
 from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad, warn_if_not_converged
 from .reference.cell import fuse_inputs
 from .rowwise import RowwiseFn
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_bool, check_choice, check_features, check_float, check_int, host_sync_allowed
 from .backend import BACKENDS, resolve
 from .solvers import SOLVERS, SolverStats, check_options, solve, solver_options
 
@@ -93,8 +92,7 @@ class DEQFusion(nn.Module):
         check_float("phantom_lam", phantom_lam, 0, 1, lo_open=True)
         check_int("unrolled_steps", unrolled_steps, 1)
         check_int("jac_reg", jac_reg, 0)
-        if not isinstance(cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        check_bool("cuda_graph", cuda_graph)
         if solver_kw is not None and not isinstance(solver_kw, dict):
             raise ValueError(f"solver_kw must be a dict of solver options, got {type(solver_kw).__name__}")
         kw = dict(solver_kw or {})
@@ -176,8 +174,7 @@ class DEQFusion(nn.Module):
                         z_star, fstats = solve(self.solver, f, z0, **self._solve_kw(0, x))
             # a host sync: skipped while a CUDA graph is captured and under torch.compile (read
             # info.forward_stats there)
-            quiet = torch.compiler.is_compiling() or (z0.is_cuda and torch.cuda.is_current_stream_capturing())
-            if self.on_nonconvergence == "warn" and not quiet:
+            if self.on_nonconvergence == "warn" and host_sync_allowed(z0):
                 warn_if_not_converged(fstats, "DEQFusion forward solve", "f_tol")
             z = z_star
             if self.training and torch.is_grad_enabled():

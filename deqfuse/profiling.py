@@ -4,7 +4,7 @@ Ranges (all named "deqfuse/<what>"; in the `deqfuse` NVTX domain when the `nvtx`
 `pip install deqfuse[profile]`, else through torch.cuda.nvtx in the default domain):
     forward_solve, attach_grad, adjoint_solve     DEQFusion forward / backward phases
     solve_iters                                   each chunk of solver iterations between convergence checks
-    cell_forward[<path>], cell_vjp, anderson_step[<backend>]   each kernel launch (or ATen sequence) of a step
+    cell_forward[<path>], cell_vjp[ext] / cell_vjp, anderson_step   each kernel launch (or ATen sequence) of a step
     route, expert[<e>], unroute                   DynamicFusion's routed inference (group + gather,
                                                   each expert on its rows, scatter back)
 

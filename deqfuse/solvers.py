@@ -28,7 +28,7 @@ import torch
 
 from . import backend as _backend
 from . import profiling
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_choice, check_float, check_int, host_sync_allowed
 from .precision import full_precision
 from .reference.anderson import record_residual_ref
 from .rowwise import is_rowwise
@@ -275,17 +275,10 @@ class BroydenState(_State):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _host_sync_allowed(x) -> bool:
-    """False under torch.compile tracing and while a CUDA graph is being captured."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def resolve_check_every(check_every, x) -> int:
     """The early-exit interval for a solve on x's device (0 = fixed iterations, no host sync)."""
     if check_every is None:
-        if not _host_sync_allowed(x):
+        if not host_sync_allowed(x):
             return 0
         return DEFAULT_CHECK_EVERY.get(x.device.type, DEFAULT_CHECK_EVERY["cuda"])
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
@@ -566,8 +559,7 @@ STATES = {"anderson": anderson_state, "broyden": broyden_state, "fixed_point": f
 
 
 def check_solver(name: str):
-    if name not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
+    check_choice("solver", name, sorted(SOLVERS))
 
 
 def solver_options(name: str) -> set:

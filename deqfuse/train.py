@@ -76,14 +76,22 @@ def build_dynmm(dims, D, classes, lambda_cost=0.3):
     return DynamicFusion(experts, dims, gate_hidden=32, tau=1.0, lambda_cost=lambda_cost)
 
 
-def macro_f1(pred, y, classes):
-    f1s = []
+def f1_scores(pred: torch.Tensor, y: torch.Tensor, classes: int):
+    """(macro F1, support-weighted F1) of predicted labels pred against y (both [n] int)."""
+    f1s, support = [], []
     for c in range(classes):
-        tp = ((pred == c) & (y == c)).sum().item()
-        fp = ((pred == c) & (y != c)).sum().item()
-        fn = ((pred != c) & (y == c)).sum().item()
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(f1s) / classes
+        support.append(int((y == c).sum()))
+    macro = sum(f1s) / classes
+    weighted = sum(f * s for f, s in zip(f1s, support)) / max(1, sum(support))
+    return macro, weighted
+
+
+def macro_f1(pred, y, classes):
+    return f1_scores(pred, y, classes)[0]
 
 
 def train_epoch(net: nn.Module, opt, xs: List[torch.Tensor], y: torch.Tensor, batch: int,
@@ -179,19 +187,25 @@ def train_one(method, data, D=64, epochs=25, batch=128, lr=2e-3, seed=0, progres
     return (res, model) if return_model else res
 
 
+def plot_residual_band(ax, rel_trace):
+    """Median and 10-90% band over samples of the relative residual per iteration on ax (rel_trace:
+    [T, B] nested lists, NaN once a sample froze, so the band covers the samples still iterating)."""
+    t = torch.tensor(rel_trace, dtype=torch.float64)
+    q = torch.nanquantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
+    it = range(1, t.shape[0] + 1)
+    ax.fill_between(it, q[0], q[2], alpha=0.3, label="10-90% of samples still iterating")
+    ax.plot(it, q[1], label="median (converged samples freeze and drop out)")
+    ax.set(yscale="log", xlabel="Anderson iteration")
+
+
 def plot_convergence(rel_trace, path):
     """Median and 10-90% band of the per-sample relative residual vs iteration."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    t = torch.tensor(rel_trace, dtype=torch.float64)            # [T, B], NaN after a sample froze
-    q = torch.nanquantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
-    it = range(1, t.shape[0] + 1)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.fill_between(it, q[0], q[2], alpha=0.3, label="10-90% of samples still iterating")
-    ax.plot(it, q[1], label="median (converged samples freeze and drop out)")
-    ax.set(yscale="log", xlabel="Anderson iteration", ylabel="relative residual |f(z)-z|/|f(z)|",
-           title="DEQ fusion solve, UCI multiple features (test set)")
+    plot_residual_band(ax, rel_trace)
+    ax.set(ylabel="relative residual |f(z)-z|/|f(z)|", title="DEQ fusion solve, UCI multiple features (test set)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
