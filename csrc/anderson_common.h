@@ -18,15 +18,12 @@ constexpr int kMaxM = 8;         // ring slots supported by the compiled steps
 constexpr double kRelEps = 1e-8;  // rel residual = |f - x| / (|f| + kRelEps)
 constexpr double kTiny = 1e-30;
 
-// GG: m x m (row-major). A: (m+1)^2 and rhs: (m+1) are workspaces. alpha: m outputs.
-// Gauss-Jordan without pivoting: the border sits last, so the SPD block is eliminated first and the
-// final pivot -1^T (GG + lam' I)^-1 1 is strictly negative.
+// The bordered system by elimination: Gauss-Jordan without pivoting (the border sits last, so the SPD
+// block is eliminated first and the final pivot -1^T (GG + lam' I)^-1 1 is strictly negative). The
+// fallback of bordered_solve. A: (m+1)^2 and rhs: (m+1) workspaces.
 template <typename acc_t>
-DF_HD void bordered_solve(const acc_t* GG, int m, int n, acc_t lam, acc_t* A, acc_t* rhs, acc_t* alpha) {
+DF_HD void bordered_solve_gj(const acc_t* GG, int m, int n, acc_t lam_eff, acc_t* A, acc_t* rhs, acc_t* alpha) {
   const int M1 = m + 1;
-  acc_t dmax = 0;
-  for (int i = 0; i < n; ++i) dmax = GG[i * m + i] > dmax ? GG[i * m + i] : dmax;
-  const acc_t lam_eff = lam * dmax + (acc_t)kTiny;
   for (int i = 0; i < M1; ++i) {
     for (int j = 0; j < M1; ++j) {
       acc_t v;
@@ -48,6 +45,45 @@ DF_HD void bordered_solve(const acc_t* GG, int m, int n, acc_t lam, acc_t* A, ac
     }
   }
   for (int i = 0; i < m; ++i) alpha[i] = i < n ? rhs[i] / A[i * M1 + i] : 0;
+}
+
+// GG: m x m (row-major), its first n slots filled. A: (m+1)^2 and rhs: (m+1) are workspaces. alpha: m
+// outputs. The bordered system's solution is a = y / (1^T y) with H y = 1, H = GG + lam' I (SPD): one
+// Cholesky factorisation of the n x n block and two triangular solves (~n^3/6 + n^2 multiply-adds, about
+// a fifth of the elimination of the whole (m+1)^2 system, which it replaced as the CPU step's largest
+// cost after the ring passes: benchmarks/RESULTS.md). A pivot that is not positive (H numerically
+// indefinite, or NaN) falls back to the elimination, which then gives what it always gave.
+template <typename acc_t>
+DF_HD void bordered_solve(const acc_t* GG, int m, int n, acc_t lam, acc_t* A, acc_t* rhs, acc_t* alpha) {
+  acc_t dmax = 0;
+  for (int i = 0; i < n; ++i) dmax = GG[i * m + i] > dmax ? GG[i * m + i] : dmax;
+  const acc_t lam_eff = lam * dmax + (acc_t)kTiny;
+  // A[i * n + j], j <= i: the Cholesky factor L of H (row-major, lower); rhs: y
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= i; ++j) {
+      acc_t v = GG[i * m + j] + (i == j ? lam_eff : (acc_t)0);
+      for (int q = 0; q < j; ++q) v -= A[i * n + q] * A[j * n + q];
+      if (i == j) {
+        if (!(v > 0)) return bordered_solve_gj<acc_t>(GG, m, n, lam_eff, A, rhs, alpha);
+        A[i * n + i] = std::sqrt(v);
+      } else {
+        A[i * n + j] = v / A[j * n + j];
+      }
+    }
+  }
+  for (int i = 0; i < n; ++i) {  // L u = 1
+    acc_t v = 1;
+    for (int q = 0; q < i; ++q) v -= A[i * n + q] * rhs[q];
+    rhs[i] = v / A[i * n + i];
+  }
+  acc_t sum = 0;
+  for (int i = n - 1; i >= 0; --i) {  // L^T y = u
+    acc_t v = rhs[i];
+    for (int q = i + 1; q < n; ++q) v -= A[q * n + i] * rhs[q];
+    rhs[i] = v / A[i * n + i];
+    sum += rhs[i];
+  }
+  for (int i = 0; i < m; ++i) alpha[i] = i < n ? rhs[i] / sum : 0;
 }
 
 // Per-sample bookkeeping of a step, shared by the CPU and CUDA steps: residuals from the sums

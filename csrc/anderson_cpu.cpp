@@ -6,71 +6,9 @@
 #include <vector>
 
 #include "anderson_check.h"
-#include "cpu_simd.h"
+#include "anderson_cpu_kernels.h"
 
 namespace deqfuse {
-
-// One sample's step (the contract of reference/anderson.py). g, mixed: [L] scratch rows. Pass 1 forms
-// g = f(x) - x once (norms, then the history-rounded copy the Gram row is taken from); the Gram row is
-// one contiguous dot product per ring slot; pass 2 writes the new slot and mixes slot by slot into an
-// accumulator row (in slot order: the sum order of the reference). Every inner loop is over a
-// contiguous row (SIMD).
-template <typename scalar_t, typename hist_t, typename acc_t>
-DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* Xb, hist_t* Gb, acc_t* GGb,
-                                      scalar_t* bxb, acc_t* brb, bool* cb, int32_t* nb, acc_t* ab, acc_t* rb,
-                                      acc_t* gp, acc_t* mp, int64_t L, int m, int slot, int n, int64_t k,
-                                      acc_t beta, acc_t lam, double tol, bool stop_rel) {
-  acc_t dots[kMaxM], alpha[kMaxM], A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
-  acc_t g2 = 0, f2 = 0, gr2 = 0;
-#pragma omp simd reduction(+ : g2, f2)
-  for (int64_t l = 0; l < L; ++l) {
-    const acc_t fv = (acc_t)fb[l], gv = fv - (acc_t)xb[l];
-    gp[l] = gv;
-    g2 += gv * gv;
-    f2 += fv * fv;
-  }
-  if constexpr (!std::is_same_v<hist_t, acc_t>) {
-    for (int64_t l = 0; l < L; ++l) gp[l] = (acc_t)(hist_t)gp[l];  // what the ring will hold
-#pragma omp simd reduction(+ : gr2)
-    for (int64_t l = 0; l < L; ++l) gr2 += gp[l] * gp[l];
-  } else {
-    gr2 = g2;
-  }
-  for (int j = 0; j < m; ++j) {
-    acc_t d = 0;
-    if (j < n && j != slot) {
-      const hist_t* Gj = Gb + j * L;
-#pragma omp simd reduction(+ : d)
-      for (int64_t l = 0; l < L; ++l) d += (acc_t)Gj[l] * gp[l];
-    }
-    dots[j] = d;
-  }
-  const int fl = record_residual<acc_t>(g2, f2, stop_rel, tol, k, ab, rb, brb, nb, cb);
-  if (fl & 1) std::copy(xb, xb + L, bxb);
-  if (fl & 2) return;
-  dots[slot] = gr2;
-  for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = dots[j];
-  bordered_solve<acc_t>(GGb, m, n, lam, A, rhs, alpha);
-  hist_t* Xs = Xb + slot * L;
-  hist_t* Gs = Gb + slot * L;
-  for (int64_t l = 0; l < L; ++l) {
-    Xs[l] = (hist_t)xb[l];
-    Gs[l] = (hist_t)gp[l];
-  }
-  for (int j = 0; j < n; ++j) {
-    const acc_t a = alpha[j];
-    const hist_t* Xj = Xb + j * L;
-    const hist_t* Gj = Gb + j * L;
-    if (j == 0) {
-#pragma omp simd
-      for (int64_t l = 0; l < L; ++l) mp[l] = a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]);
-    } else {
-#pragma omp simd
-      for (int64_t l = 0; l < L; ++l) mp[l] += a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]);
-    }
-  }
-  for (int64_t l = 0; l < L; ++l) xb[l] = (scalar_t)mp[l];
-}
 
 template <typename scalar_t, typename hist_t>
 void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, at::Tensor& G, at::Tensor& GG,
@@ -92,12 +30,11 @@ void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, 
   acc_t* ap = abs_out.data_ptr<acc_t>();
   acc_t* rp = rel_out.data_ptr<acc_t>();
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> g(L), mixed(L);
+    std::vector<acc_t> g(L);
     for (int64_t b = b0; b < b1; ++b) {
       if (cp[b]) continue;  // frozen
       anderson_row<scalar_t, hist_t, acc_t>(xp + b * L, fp + b * L, Xp + b * m * L, Gp + b * m * L, GGp + b * m * m,
-                                            bxp + b * L, brp + b, cp + b, np + b, ap + b, rp + b, g.data(),
-                                            mixed.data(), L, (int)m, slot, n, k, (acc_t)beta, (acc_t)lam, tol,
+                                            bxp + b * L, brp + b, cp + b, np + b, ap + b, rp + b, g.data(), L, (int)m, slot, n, k, (acc_t)beta, (acc_t)lam, tol,
                                             stop_rel);
     }
   });

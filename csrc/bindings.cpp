@@ -1,6 +1,7 @@
 // Python module deqfuse._C: importing it registers the torch.ops.deqfuse.* operators (schemas in the
 // TORCH_LIBRARY blocks of the .cpp files; fake kernels for torch.compile in deqfuse/ops.py):
 //   anderson_step (CPU, CUDA), cell_forward / cell_vjp / cell_backward (CPU),
+//   anderson_cell_solve / anderson_vjp_solve (CPU: a whole Anderson solve of the cell or its adjoint),
 //   group_by_choice / gather_rows_multi / scatter_rows (CPU, CUDA).
 #include <torch/extension.h>
 
@@ -8,7 +9,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, cell_backward, "
-            "group_by_choice, gather_rows_multi, scatter_rows}";
+            "anderson_cell_solve, anderson_vjp_solve, group_by_choice, gather_rows_multi, scatter_rows}";
   m.def("has_cuda", []() {
 #ifdef WITH_CUDA
     return true;

@@ -131,6 +131,11 @@ def resolve(backend: str, device: torch.device, op: str = "anderson_step") -> st
     return select(op, backend, device)
 
 
+def compiled_anderson_step():
+    """The compiled Anderson step op (None without the extension)."""
+    return torch.ops.deqfuse.anderson_step if extension_status()[0] is not None else None
+
+
 def anderson_step_fn(backend: str, x: torch.Tensor, m: int = 1):
     """The step function (reference.anderson contract) for this backend, x's device and ring size m.
     'auto' falls back past a backend whose limits m exceeds; a backend named explicitly raises."""

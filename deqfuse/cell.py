@@ -16,6 +16,7 @@ from . import profiling
 from .precision import no_autocast
 from ._validate import check_choice, check_dim_groups, check_int
 from .reference.cell import CellParams, cell_forward, cell_vjp
+from .rowwise import RowwiseFn
 
 
 class FusionCell(nn.Module):
@@ -75,6 +76,37 @@ class FusionCell(nn.Module):
         else:
             f = lambda z, x, xf: cell_apply(z, x, xf, p, G, backend, triton_cell=variant)  # noqa: E731
         return profiling.wrap(f, f"cell_forward[{path}]")
+
+
+class ExtCellRows(RowwiseFn):
+    """f(z) = fn(z, x, xf) on flat states [b, (N+1) D] served by the C++ cell op (a RowwiseFn), plus its
+    compiled whole Anderson solve (torch.ops.deqfuse.anderson_cell_solve, csrc/solve_cpu.cpp), which the
+    solver runs instead of its per-iteration loop when it can (solvers.whole_solve).
+    params: the 16 cell parameter tensors (read in place), groups: GroupNorm groups."""
+
+    def __init__(self, fn, x, xf, params, groups: int):
+        super().__init__(fn, x, xf)
+        self.params, self.groups = params, groups
+
+    def subset(self, idx: torch.Tensor) -> "ExtCellRows":
+        x, xf = (t.index_select(0, idx) for t in self.inputs)
+        return ExtCellRows(self.fn, x, xf, self.params, self.groups)
+
+    def anderson_solve(self, z0, results, *, m, beta, lam, tol, stop_rel, max_iter):
+        x, xf = self.inputs
+        r = results
+        return torch.ops.deqfuse.anderson_cell_solve(z0, x, xf, self.params, self.groups, r.best_x, r.best_res,
+                                                     r.converged, r.nstep, r.abs_trace, r.rel_trace, m, beta, lam,
+                                                     tol, stop_rel, max_iter)
+
+
+def ext_vjp_anderson_solve(saved, params, groups: int, add, g0, results, *, m, beta, lam, tol, stop_rel, max_iter):
+    """The adjoint fixed point g = J^T g + add solved by one compiled call (torch.ops.deqfuse.
+    anderson_vjp_solve) from the C++ cell's saved tensors; results: a solvers.Results, updated in place."""
+    r = results
+    return torch.ops.deqfuse.anderson_vjp_solve(g0, add, saved, params, groups, r.best_x, r.best_res, r.converged,
+                                                r.nstep, r.abs_trace, r.rel_trace, m, beta, lam, tol, stop_rel,
+                                                max_iter)
 
 
 def cell_path(backend: str, z: torch.Tensor) -> str:

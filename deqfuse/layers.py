@@ -1,4 +1,5 @@
 """DEQFusion: the deep-equilibrium multimodal fusion layer (Ni et al.), and its unrolled ablation."""
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from . import profiling
-from .cell import FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad
+from .cell import ExtCellRows, FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad, ext_vjp_anderson_solve
 from .graphs import GraphedSolves
 from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad, warn_if_not_converged
 from .reference.cell import fuse_inputs
@@ -150,6 +151,8 @@ class DEQFusion(nn.Module):
             # under torch.autocast the cell's GEMMs may return a lower precision: the solver state keeps
             # the features' dtype (see "Mixed precision" in the class docstring)
             return fn(z.view(z.shape[0], *shape), x, xf).view(z.shape[0], -1).to(z.dtype)
+        if cell_path(self.backend, x) == "ext":  # the C++ cell: its whole Anderson solve is one call
+            return ExtCellRows(rows, x, xf, list(self.cell.params()), self.cell.groups)
         return RowwiseFn(rows, x, xf)
 
     def forward(self, features, return_info: bool = False):
@@ -294,6 +297,7 @@ class SavedVJP:
                                                        None if c is None else self._shaped(c)).view(g.shape[0], -1),
                                        "cell_vjp[ext]")
             self.call_plus = self._ext
+            self.anderson_solve_plus = functools.partial(ext_vjp_anderson_solve, saved["ext"], plist, G)
         elif profiling.enabled():
             self._apply = profiling.wrap(self._apply, "cell_vjp")
 

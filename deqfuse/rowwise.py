@@ -39,6 +39,9 @@ class PlusRows:
     def __init__(self, g: Callable, c: torch.Tensor):
         self.g, self.c = g, c
         self._fused = getattr(g, "call_plus", None)
+        solve_plus = getattr(g, "anderson_solve_plus", None)
+        if solve_plus is not None:  # g's compiled whole solve of y = g(y) + c (solvers.whole_solve)
+            self.anderson_solve = lambda y0, results, **kw: solve_plus(self.c, y0, results, **kw)
 
     def __call__(self, y):
         if self._fused is not None:

@@ -18,6 +18,11 @@ Adaptive compute (the defaults):
     ``compact=None`` is DEFAULT_COMPACT for row-wise f and off otherwise; ``compact=0`` turns it off.
 A compacted solve gives, per sample, the iterate, residual, step count, flag and trace of the
 fixed-shape solve (tests/test_adaptive.py); SolverStats.rows counts the rows f was evaluated on.
+
+Whole solves: a map that offers ``anderson_solve`` (the C++ cell and its adjoint on the CPU:
+csrc/solve_cpu.cpp) runs the whole Anderson solve in one compiled call instead of this module's loop
+(``whole_solve`` says when): the same per-sample answer, no per-iteration Python or allocation, and each
+step evaluates f only on the samples still moving (tests/test_fused_solve.py).
 """
 import inspect
 from dataclasses import dataclass
@@ -427,16 +432,44 @@ def _check(x0, max_iter, tol, stop_mode):
     _check_option("stop_mode", stop_mode, "stop_mode", "")
 
 
+def _check_anderson(x0, m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend):
+    """Checks every Anderson option; returns the step function (reference.anderson contract)."""
+    _check(x0, max_iter, tol, stop_mode)
+    for key, v in (("m", m), ("lam", lam), ("beta", beta), ("history_dtype", history_dtype), ("backend", backend)):
+        _check_option(key, v, key, "anderson")
+    return _backend.anderson_step_fn(backend, x0, m)
+
+
 def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_iter: int = 50,
                    tol: float = 1e-4, stop_mode: str = "rel", history_dtype: Optional[torch.dtype] = None,
                    backend: str = "auto") -> AndersonState:
     """A checked AndersonState ready to iterate (the solver minus its driver; graphs.py replays it)."""
-    _check(x0, max_iter, tol, stop_mode)
-    for key, v in (("m", m), ("lam", lam), ("beta", beta), ("history_dtype", history_dtype), ("backend", backend)):
-        _check_option(key, v, key, "anderson")
-    step_fn = profiling.wrap(_backend.anderson_step_fn(backend, x0, m), "anderson_step")
-    return AndersonState(x0, m, max_iter, history_dtype, step_fn=step_fn, beta=beta, lam=lam, tol=tol,
-                         stop_rel=stop_mode == "rel")
+    step_fn = _check_anderson(x0, m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend)
+    return AndersonState(x0, m, max_iter, history_dtype, step_fn=profiling.wrap(step_fn, "anderson_step"),
+                         beta=beta, lam=lam, tol=tol, stop_rel=stop_mode == "rel")
+
+
+def whole_solve(f, x0, step_fn, history_dtype, check_every: int):
+    """f's compiled whole Anderson solve (``f.anderson_solve(x0, results, m=, beta=, lam=, tol=, stop_rel=,
+    max_iter=) -> (steps run, rows evaluated)``, e.g. the C++ cell's: csrc/solve_cpu.cpp) when it can run
+    this solve, else None. It runs the compiled step's math (anderson_row) sample by sample, evaluating
+    f only on the samples still moving, so it stands in where the per-iteration loop would run the
+    compiled CPU step with the state's dtype as history and with early exit on (check_every > 0;
+    check_every=0 asks for the fixed-shape loop), outside autograd, torch.compile and NVTX profiling
+    (whose per-iteration ranges it would not have)."""
+    fn = getattr(f, "anderson_solve", None)
+    if (fn is None or not check_every or step_fn is not _backend.compiled_anderson_step()
+            or x0.device.type != "cpu" or x0.dtype not in (torch.float32, torch.float64)
+            or history_dtype not in (None, x0.dtype) or x0.shape[0] == 0 or torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or profiling.enabled()):
+        return None
+    return fn
+
+
+def reported_steps(run: int, check_every: int, max_iter: int) -> int:
+    """SolverStats.steps of a whole solve that ran `run` steps: what the per-iteration driver reports (it
+    stops at the first convergence check after every sample converged)."""
+    return min(max_iter, -(-run // check_every) * check_every)
 
 
 def fixed_point_state(x0, *, tau: float = 1.0, max_iter: int = 50, tol: float = 1e-4,
@@ -463,10 +496,20 @@ def anderson(f: Callable, x0: torch.Tensor, *, m: int = 5, lam: float = 1e-4, be
     history_dtype: dtype of the [B, m, L] ring buffers (e.g. bf16 to halve their traffic);
     check_every/compact: early exit and active-set compaction (module doc).
     """
-    st = anderson_state(x0, m=m, lam=lam, beta=beta, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                        history_dtype=history_dtype, backend=backend)
+    step_fn = _check_anderson(x0, m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend)
     ce = resolve_check_every(check_every, x0)
-    return run(st, f, max_iter, ce, resolve_compact(compact, f, ce), tol, stop_mode)
+    cp = resolve_compact(compact, f, ce)
+    whole = whole_solve(f, x0, step_fn, history_dtype, ce)
+    if whole is not None:  # one compiled call; it skips converged samples itself (no compaction needed)
+        res = Results(x0, max_iter)
+        run_steps, rows = whole(x0, res, m=m, beta=beta, lam=lam, tol=tol, stop_rel=stop_mode == "rel",
+                                max_iter=max_iter)
+        steps = reported_steps(run_steps, ce, max_iter)
+        return res.best_x, SolverStats(res.abs_trace[:steps], res.rel_trace[:steps], res.best_res, res.nstep,
+                                       res.converged, steps, tol, stop_mode, rows=rows)
+    st = AndersonState(x0, m, max_iter, history_dtype, step_fn=profiling.wrap(step_fn, "anderson_step"), beta=beta,
+                       lam=lam, tol=tol, stop_rel=stop_mode == "rel")
+    return run(st, f, max_iter, ce, cp, tol, stop_mode)
 
 
 def fixed_point(f: Callable, x0: torch.Tensor, *, tau: float = 1.0, max_iter: int = 50,

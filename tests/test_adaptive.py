@@ -165,7 +165,9 @@ def test_layer_default_adaptive_equals_fixed_iterations(name, backend):
     fa, fb = outs[0].forward_stats, outs[1].forward_stats
     ba, bb = outs[0].backward_stats[0], outs[1].backward_stats[0]
     assert fa.all_converged and ba.all_converged
-    assert fa.compactions > 0 and ba.compactions > 0
+    # the C++ cell and step on the CPU: each solve is one whole-solve call (solvers.whole_solve) that skips
+    # converged samples itself, no compaction needed; every other path compacts
+    assert (fa.compactions > 0 and ba.compactions > 0) or (backend == "cuda" and name == "anderson")
     most = 0.8 if backend == "triton" else 0.6  # (16 iterations there: less room to save)
     assert fa.rows < fb.rows * most and ba.rows < bb.rows * most
     assert torch.equal(fa.nstep, fb.nstep) and torch.equal(ba.nstep, bb.nstep)

@@ -1,0 +1,206 @@
+"""The whole Anderson solve as one C++ call (csrc/solve_cpu.cpp: anderson_cell_solve / anderson_vjp_solve),
+which the solver runs instead of its per-iteration loop for the C++ cell (solvers.whole_solve): per sample
+the loop's answer (iterate, best residual, its step, flag, traces), on 1 and 2 threads, contiguous and
+gathered blocks of active rows, forward and adjoint; the layer's outputs and gradients; rows = the work
+each sample needed; no ATen op per iteration; checked arguments."""
+import pytest
+import torch
+
+from deqfuse import DEQFusion, solvers
+from deqfuse.cell import ExtCellRows
+from deqfuse.reference.cell import fuse_inputs
+from deqfuse.solvers import Results, anderson
+from deqfuse.testing import extension_runs
+from conftest import contractive_layer, make_inputs, make_params
+
+pytestmark = pytest.mark.skipif(not extension_runs("cpu"), reason="compiled extension not built")
+
+# "same answer": the GEMMs over different row subsets (and thread splits) round differently in the last
+# bits, which a solve to tol 1e-9 amplifies a little
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture
+def per_iteration(monkeypatch):
+    """A context in which the solvers run their per-iteration loop (the reference of these tests)."""
+    class Ctx:
+        def __enter__(self):
+            monkeypatch.setattr(solvers, "whole_solve", lambda *a: None)
+
+        def __exit__(self, *exc):
+            monkeypatch.undo()
+    return Ctx()
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def cell_map(B, N, D, dtype, w_scale=0.5, seed=0):
+    """The layer's forward map (ExtCellRows) on random features, and its parameters."""
+    layer = contractive_layer(DEQFusion(D, N, groups=2).to(dtype), w_scale=w_scale, gn3_scale=w_scale, seed=seed)
+    _, x, _ = make_inputs(B, N, D, dtype, seed=seed + 1)
+    x = x * torch.linspace(0.05, 3, B, dtype=dtype)[:, None, None]  # samples that need different step counts
+    xf = fuse_inputs(x, layer.weights, layer.bias)
+    with torch.no_grad():
+        return layer._flat_cell(x, xf), layer
+
+
+def assert_same(z, st, z_ref, st_ref, dtype):
+    tol = TOL[dtype]
+    assert torch.equal(st.converged, st_ref.converged)
+    assert torch.equal(st.nstep, st_ref.nstep)
+    assert st.steps == st_ref.steps
+    assert (z - z_ref).abs().max() <= tol * (1 + z_ref.abs().max())
+    assert torch.allclose(st.best_res, st_ref.best_res, rtol=tol * 100, atol=tol)
+    for name in ("abs_trace", "rel_trace"):
+        a, r = getattr(st, name), getattr(st_ref, name)
+        assert torch.equal(torch.isnan(a), torch.isnan(r)), name
+        assert torch.allclose(a, r, rtol=tol * 100, atol=tol * 10, equal_nan=True), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,N,D", [(1, 1, 8), (7, 2, 8), (37, 3, 12), (150, 2, 16)])
+def test_cell_solve_equals_per_iteration_loop(B, N, D, dtype, threads, per_iteration):
+    # float32: a more contractive cell (a sample that needs ~40 steps amplifies the last-bit differences of
+    # GEMMs over different row subsets into its trace; float64 keeps them at ~1e-12)
+    f, _ = cell_map(B, N, D, dtype, w_scale=0.5 if dtype == torch.float64 else 0.3)
+    assert isinstance(f, ExtCellRows)
+    x0 = torch.zeros(B, (N + 1) * D, dtype=dtype)
+    kw = dict(max_iter=40, tol=1e-9 if dtype == torch.float64 else 1e-5, m=5)
+    with torch.no_grad():
+        z, st = anderson(f, x0, **kw)
+        with per_iteration:
+            z_ref, st_ref = anderson(f, x0, compact=0, **kw)
+    assert st_ref.rows == B * st_ref.steps  # the loop evaluated every row at every step
+    assert_same(z, st, z_ref, st_ref, dtype)
+    # the whole solve evaluated each sample until it froze: rows = the trace entries written
+    assert st.rows == int((~torch.isnan(st.abs_trace)).sum())
+    assert B == 1 or 1 < len(set(st.nstep.tolist())), "the problem must spread the samples' step counts"
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_reported_steps_follow_the_check_interval(check_every, per_iteration):
+    f, _ = cell_map(9, 2, 8, torch.float64)
+    x0 = torch.zeros(9, 24, dtype=torch.float64)
+    kw = dict(max_iter=40, tol=1e-8, check_every=check_every)
+    with torch.no_grad():
+        z, st = anderson(f, x0, **kw)
+        with per_iteration:
+            z_ref, st_ref = anderson(f, x0, compact=0, **kw)
+    assert st.steps == st_ref.steps and (z - z_ref).abs().max() < 1e-12
+    assert st.all_converged and st.steps < 40 and st.steps % check_every == 0
+
+
+def test_none_and_all_converged(per_iteration):
+    f, _ = cell_map(5, 2, 8, torch.float64)
+    x0 = torch.zeros(5, 24, dtype=torch.float64)
+    with torch.no_grad():
+        _, st = anderson(f, x0, max_iter=6, tol=1e-30)
+        assert st.steps == 6 and not st.converged.any() and st.rows == 30
+        _, st = anderson(f, x0, max_iter=6, tol=1e30)
+        assert st.steps == 1 and st.all_converged and st.rows == 5 and (st.nstep == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_layer_outputs_and_gradients_equal_per_iteration_loop(dtype, threads, per_iteration):
+    """Training step: forward solve and adjoint solve (anderson_vjp_solve) against the loop's."""
+    torch.manual_seed(0)
+    B, N, D = 23, 2, 8
+    layer = contractive_layer(DEQFusion(D, N, groups=2, f_max_iter=40, b_max_iter=40).to(dtype), w_scale=0.5,
+                              gn3_scale=0.5)
+    feats = [torch.randn(B, D, dtype=dtype) * s for s in (0.5, 1.5)]
+    P = torch.randn(D, 3, dtype=dtype)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        out, info = layer(feats, return_info=True)
+        (out @ P).square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}, info
+
+    out, grads, info = step()
+    with per_iteration:
+        out_ref, grads_ref, info_ref = step()
+    tol = TOL[dtype] * (1 if dtype == torch.float64 else 10)
+    assert (out - out_ref).abs().max() <= tol * (1 + out_ref.abs().max())
+    for n in grads:
+        assert (grads[n] - grads_ref[n]).abs().max() <= tol * (1 + grads_ref[n].abs().max()), n
+    fb, fb_ref = info.backward_stats[0], info_ref.backward_stats[0]
+    assert torch.equal(fb.nstep, fb_ref.nstep) and torch.equal(fb.converged, fb_ref.converged)
+    assert fb.rows <= fb_ref.rows and info.forward_stats.rows <= info_ref.forward_stats.rows
+
+
+def test_no_aten_op_per_iteration():
+    """The eval solve is one op call: the ATen ops of a forward do not grow with the iteration count."""
+    from torch.profiler import ProfilerActivity, profile
+    feats = [torch.randn(64, 16) for _ in range(2)]
+
+    def count(iters):
+        layer = DEQFusion(16, 2, f_max_iter=iters, f_tol=1e-30, on_nonconvergence="ignore").eval()
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(feats)
+        ev = prof.key_averages()
+        assert sum(e.count for e in ev if e.key == "deqfuse::anderson_cell_solve") == 1
+        return sum(e.count for e in ev if e.key.startswith("aten::"))
+    assert count(5) == count(40)
+
+
+def test_whole_solve_steps_aside():
+    """Where the per-iteration loop must run: fixed iterations, another history dtype, the reference
+    backend, a plain callable, grad enabled."""
+    f, _ = cell_map(4, 2, 8, torch.float32)
+    x0 = torch.zeros(4, 24)
+    step = torch.ops.deqfuse.anderson_step
+    with torch.no_grad():
+        assert solvers.whole_solve(f, x0, step, None, 1) is not None
+        assert solvers.whole_solve(f, x0, step, None, 0) is None  # fixed iterations: the fixed-shape loop
+        assert solvers.whole_solve(f, x0, step, torch.bfloat16, 1) is None
+        assert solvers.whole_solve(f, x0, solvers._backend.anderson_step_fn("reference", x0), None, 1) is None
+        assert solvers.whole_solve(lambda z: z, x0, step, None, 1) is None
+    assert solvers.whole_solve(f, x0, step, None, 1) is None  # grad enabled
+
+
+def _op_args(B=4, N=2, D=8, dtype=torch.float32, max_iter=5):
+    p = list(make_params(N, D, dtype))
+    _, x, xf = make_inputs(B, N, D, dtype)
+    z0 = torch.zeros(B, (N + 1) * D, dtype=dtype)
+    r = Results(z0, max_iter)
+    return [z0, x, xf, p, 2, r.best_x, r.best_res, r.converged, r.nstep, r.abs_trace, r.rel_trace, 5, 1.0, 1e-4,
+            1e-4, True, max_iter]
+
+
+@pytest.mark.parametrize("i,bad,msg", [
+    (0, torch.zeros(4, 25), "z0 must be"),
+    (1, torch.zeros(4, 2, 8, dtype=torch.float64), "x must have z0's dtype"),
+    (4, 3, "groups"),
+    (6, torch.zeros(4, dtype=torch.float64), "best_res must be"),
+    (7, torch.zeros(4, dtype=torch.int32), "converged must be"),
+    (9, torch.zeros(3, 4), "abs_trace must have >= max_iter"),
+    (11, 9, "m must be in"),
+    (13, 0.0, "lam, beta and tol must be > 0"),
+    (16, 0, "max_iter must be >= 1"),
+])
+def test_cell_solve_checks_its_arguments(i, bad, msg):
+    args = _op_args()
+    args[i] = bad
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.deqfuse.anderson_cell_solve(*args)
+
+
+def test_vjp_solve_checks_its_arguments():
+    B, N, D = 4, 2, 8
+    p = list(make_params(N, D, torch.float32))
+    z, x, xf = make_inputs(B, N, D, torch.float32)
+    _, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, 2, True)
+    g0 = torch.zeros(B, (N + 1) * D)
+    r = Results(g0, 5)
+    tail = [r.best_x, r.best_res, r.converged, r.nstep, r.abs_trace, r.rel_trace, 5, 1.0, 1e-4, 1e-4, True, 5]
+    torch.ops.deqfuse.anderson_vjp_solve(g0, g0.clone(), saved, p, 2, *tail)  # well-formed: runs
+    with pytest.raises(RuntimeError, match="add must be"):
+        torch.ops.deqfuse.anderson_vjp_solve(g0, torch.zeros(B, 3), saved, p, 2, *tail)
+    with pytest.raises(RuntimeError, match=r"saved\[0\] must have shape"):
+        torch.ops.deqfuse.anderson_vjp_solve(g0, g0, [s[:, :2] if s.dim() == 3 else s for s in saved], p, 2, *tail)
