@@ -2,14 +2,14 @@
 step, side by side in one run, at the same fixed iteration counts (tol 1e-30: no sample stops early):
 
   deqfuse      this checkout, default backend (on the CPU: the C++ cell op + the C++ Anderson step)
-  baseline     another checkout of deqfuse (--baseline DIR, its extension built in place), e.g. the
-               revision before a change: "today's path" of the issue that asked for it
+  baseline     other checkouts of deqfuse (--baseline DIR, repeatable; each with its extension built in
+               place), e.g. the revision before a change and the one the issue called "today's path"
   torchdeq     torchdeq 0.1.0's Anderson solver + IFT backward on the same cell (plain PyTorch)
   gemm floor   the 2N+2 GEMMs of one cell evaluation alone ([B, D] x [D, D] each, torch.mm with out=):
                the floor of one iteration's cell work
 
   python benchmarks/bench_small.py [--threads 2] [--B 32,128,512] [--D 32,64,256] [--N 2,3] [--iters 30]
-                                   [--baseline /path/to/old/checkout] [--out DIR]
+                                   [--baseline /path/to/old/checkout ...] [--out DIR]
 Also counts ATen ops per iteration of the eval solve (torch.profiler), the number issue 17 asks to keep
 small. Writes small.csv to --out.
 """
@@ -66,19 +66,24 @@ def measure_deqfuse(B, D, N, iters, reps):
     return dict(eval_it=ev, train_it=tr)
 
 
-def aten_ops_per_iter(B, D, N, iters=20):
+def aten_ops(B, D, N, iters=(10, 30)):
+    """ATen ops of one eval forward at two iteration counts: (ops per forward at iters[0], ops per extra
+    iteration = the difference / the extra iterations, deqfuse ops called)."""
     from torch.profiler import ProfilerActivity, profile
 
     from deqfuse import DEQFusion
-    layer = DEQFusion(D, N, f_max_iter=iters, f_tol=1e-30, on_nonconvergence="ignore").eval()
     feats = [torch.randn(B, D) for _ in range(N)]
-    with torch.no_grad():
-        layer(feats)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+    counts, top = [], set()
+    for it in iters:
+        layer = DEQFusion(D, N, f_max_iter=it, f_tol=1e-30, on_nonconvergence="ignore").eval()
+        with torch.no_grad():
             layer(feats)
-    ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "deqfuse::"))]
-    top = [e.key for e in ops if not e.key.startswith("aten::")]
-    return sum(e.count for e in ops if e.key.startswith("aten::")) / iters, top
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                layer(feats)
+        ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "deqfuse::"))]
+        top |= {e.key for e in ops if not e.key.startswith("aten::")}
+        counts.append(sum(e.count for e in ops if e.key.startswith("aten::")))
+    return counts[0], (counts[1] - counts[0]) / (iters[1] - iters[0]), sorted(top)
 
 
 def measure_torchdeq(B, D, N, iters, reps):
@@ -137,7 +142,8 @@ def main(argv=None):
     ap.add_argument("--N", default="2,3")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--baseline", default=None, help="checkout of an older deqfuse, extension built in place")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="checkout of an older deqfuse, extension built in place (repeatable)")
     ap.add_argument("--no-torchdeq", action="store_true")
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args(argv)
@@ -146,39 +152,43 @@ def main(argv=None):
     rows = []
     res = Results(echo=False)
     print(f"threads={torch.get_num_threads()}  iters={a.iters}  per-iteration ms (train: fwd + adjoint iterations)")
+    others = [(f"baseline {os.path.basename(os.path.normpath(d))}", d) for d in a.baseline]
+    if not a.no_torchdeq:
+        others.append(("torchdeq", None))
     print(f"{'B':>4} {'D':>4} {'N':>2}  {'gemm floor':>10}  {'deqfuse eval':>12} {'x floor':>7}  {'train':>7} "
-          f"{'x floor':>7}  {'baseline eval/train':>19}  {'x':>11}  {'torchdeq eval/train':>19}  {'x':>11}")
+          f"{'x floor':>7}" + "".join(f"  {name + ' eval/train':>28}  {'speed-up':>11}" for name, _ in others))
     for N in ints(a.N):
         for D in ints(a.D):
             for B in ints(a.B):
                 floor = gemm_floor_ms(B, D, N)
                 ours = measure_deqfuse(B, D, N, a.iters, a.reps)
-                base = _in_checkout(a.baseline, B, D, N, a.iters, a.reps, a.threads) if a.baseline else None
-                tdq = None if a.no_torchdeq else measure_torchdeq(B, D, N, a.iters, a.reps)
                 row = dict(B=B, D=D, N=N, gemm_floor_ms=floor, eval_it_ms=ours["eval_it"], train_it_ms=ours["train_it"],
                            eval_x_floor=ours["eval_it"] / floor, train_x_floor=ours["train_it"] / floor)
-                cols = ""
-                for name, r in (("baseline", base), ("torchdeq", tdq)):
-                    if r is None:
-                        cols += f"  {'-':>19}  {'-':>11}"
-                        continue
-                    row.update({f"{name}_eval_it_ms": r["eval_it"], f"{name}_train_it_ms": r["train_it"],
-                                f"speedup_eval_vs_{name}": r["eval_it"] / ours["eval_it"],
-                                f"speedup_train_vs_{name}": r["train_it"] / ours["train_it"]})
-                    cols += (f"  {r['eval_it']:9.3f}/{r['train_it']:<9.3f}  "
-                             f"{r['eval_it'] / ours['eval_it']:4.1f}x/{r['train_it'] / ours['train_it']:4.1f}x")
-                rows.append(row)
                 shape = dict(B=B, D=D, N=N, dtype=torch.float32, note=f"{a.iters} iterations fixed")
                 res.add("cell_gemms", "gemm floor (2N+2 torch.mm)", "ms", floor, "ms", **shape)
-                for name, r in (("deqfuse", ours), ("baseline " + (a.baseline or ""), base), ("torchdeq 0.1.0", tdq)):
-                    if r is not None:
-                        res.add("solver_iteration", name, "eval_ms_per_iteration", r["eval_it"], "ms", **shape)
-                        res.add("solver_iteration", name, "train_ms_per_iteration", r["train_it"], "ms", **shape)
+                res.add("solver_iteration", "deqfuse", "eval_ms_per_iteration", ours["eval_it"], "ms", **shape)
+                res.add("solver_iteration", "deqfuse", "train_ms_per_iteration", ours["train_it"], "ms", **shape)
+                cols = ""
+                for name, src in others:
+                    r = (measure_torchdeq(B, D, N, a.iters, a.reps) if src is None
+                         else _in_checkout(src, B, D, N, a.iters, a.reps, a.threads))
+                    key = name.replace(" ", "_")
+                    row.update({f"{key}_eval_it_ms": r["eval_it"], f"{key}_train_it_ms": r["train_it"],
+                                f"speedup_eval_vs_{key}": r["eval_it"] / ours["eval_it"],
+                                f"speedup_train_vs_{key}": r["train_it"] / ours["train_it"]})
+                    cols += (f"  {r['eval_it']:13.3f}/{r['train_it']:<14.3f}  "
+                             f"{r['eval_it'] / ours['eval_it']:4.1f}x/{r['train_it'] / ours['train_it']:4.1f}x")
+                    label = "torchdeq 0.1.0" if src is None else f"{name} ({src})"
+                    res.add("solver_iteration", label, "eval_ms_per_iteration", r["eval_it"], "ms", **shape)
+                    res.add("solver_iteration", label, "train_ms_per_iteration", r["train_it"], "ms", **shape)
+                rows.append(row)
                 print(f"{B:4d} {D:4d} {N:2d}  {floor:10.3f}  {ours['eval_it']:12.3f} {row['eval_x_floor']:7.1f}  "
                       f"{ours['train_it']:7.3f} {row['train_x_floor']:7.1f}{cols}", flush=True)
-    n_ops, ops = aten_ops_per_iter(128, 64, 2)
-    print(f"ATen ops per eval-solve iteration (B=128 D=64 N=2): {n_ops:.1f}; deqfuse ops: {ops}")
-    res.add("solver_iteration", "deqfuse", "aten_ops_per_eval_iteration", n_ops, "", B=128, D=64, N=2)
+    per_fwd, per_it, ops = aten_ops(128, 64, 2)
+    print(f"ATen ops of an eval forward (B=128 D=64 N=2): {per_fwd} at 10 iterations, {per_it:.1f} per further "
+          f"iteration; deqfuse ops: {ops}")
+    res.add("solver_iteration", "deqfuse", "aten_ops_per_eval_forward", per_fwd, "", B=128, D=64, N=2)
+    res.add("solver_iteration", "deqfuse", "aten_ops_per_eval_iteration", per_it, "", B=128, D=64, N=2)
     res.write_csv(os.path.join(a.out, "small.csv"))
     return rows
 

@@ -61,8 +61,7 @@ DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* 
     Gs[l] = (hist_t)gp[l];
   }
   // x = sum_j alpha_j (X_j + beta G_j), summed in slot order (the reference's order), tile by tile: a
-  // tile's partial sums stay in L1 and the last slot's pass writes x (no separate copy: a short copy
-  // loop becomes a `rep movs`, whose start-up cost was a fifth of the step)
+  // tile's partial sums stay in L1 and the last slot's pass writes x
   constexpr int64_t kTile = 64;
   for (int64_t l0 = 0; l0 < L; l0 += kTile) {
     const int64_t len = std::min<int64_t>(kTile, L - l0);

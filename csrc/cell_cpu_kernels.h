@@ -332,12 +332,15 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
   }
 }
 
+// Scratch values forward_block / vjp_block need for M rows of width D.
+inline int64_t cell_scratch_size(int64_t M, int64_t D) { return 5 * M * D; }
+
 // Runs fn(b0, M, scratch) over row blocks in one parallel region (scratch: 5 * block * D, uninitialised).
 template <typename T, typename F>
 void for_blocks(int64_t B, int64_t D, const F& fn) {
   const int64_t MB = block_rows(B);
   at::parallel_for(0, (B + MB - 1) / MB, 1, [&](int64_t k0, int64_t k1) {
-    std::unique_ptr<T[]> scratch(new T[5 * MB * D]);
+    std::unique_ptr<T[]> scratch(new T[cell_scratch_size(MB, D)]);
     for (int64_t kb = k0; kb < k1; ++kb) fn(kb * MB, std::min(MB, B - kb * MB), scratch.get());
   });
 }

@@ -82,7 +82,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, T* bx, T* br, bool*
 #ifdef _OPENMP
   if (sgemm_ && dgemm_) nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
 #endif
-  const int64_t per_thread = kBlock * L * 2 + 5 * kBlock * D + L;  // zg, fx | cell scratch | g
+  const int64_t per_thread = kBlock * L * 2 + cell_scratch_size(kBlock, D) + L;  // zg, fx | cell scratch | g
   std::unique_ptr<T[]> scratch(new T[per_thread * nt]);
   std::vector<int64_t> act(B);
   int64_t na = 0, steps = 0, rows = 0;
@@ -91,7 +91,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, T* bx, T* br, bool*
     T* zg = scratch.get() + per_thread * tid;
     T* fx = zg + kBlock * L;
     T* cs = fx + kBlock * L;
-    T* gp = cs + 5 * kBlock * D;
+    T* gp = cs + cell_scratch_size(kBlock, D);
     for (int64_t k = 0; k < a.max_iter; ++k) {
 #ifdef _OPENMP
 #pragma omp single

@@ -57,13 +57,15 @@ class FusionCell(nn.Module):
         """J^T gbar at the point saved by forward(save=True). gbar: [B, N+1, D]."""
         return cell_vjp_apply(gbar, saved, self.params(), self.groups, backend, self.triton_cell)
 
-    def bind(self, backend: str, like: torch.Tensor):
+    def bind(self, backend: str, like: torch.Tensor, params: Optional[CellParams] = None, path: Optional[str] = None):
         """f(z, x, xf) -> f(z) [b, N+1, D] for a solver loop: the kernel path is chosen once (for tensors
         like `like`) and the parameters are gathered once, so an iteration costs one call of the path
         (the parameters are read in place: optimizer steps between solves are seen). With grad enabled
-        it runs the reference (autograd) path, like forward()."""
-        p, G, variant = self.params(), self.groups, self.triton_cell
-        path = cell_path(backend, like)
+        it runs the reference (autograd) path, like forward(). params / path: self.params() and
+        cell_path(backend, like) when the caller has them already."""
+        p = self.params() if params is None else params
+        G, variant = self.groups, self.triton_cell
+        path = cell_path(backend, like) if path is None else path
         if path == "reference":
             f = lambda z, x, xf: cell_forward(z, x, xf, p, G)  # noqa: E731
         elif path == "ext":

@@ -145,14 +145,15 @@ class DEQFusion(nn.Module):
     def _flat_cell(self, x, xf):
         """f as a row-wise map of flat states [b, (N+1) D] (the solvers may evaluate it on a subset of
         rows); the kernel path and the parameters are bound once per solve."""
-        fn, shape = self.cell.bind(self.backend, x), (self.n + 1, self.dim)
+        p, path = self.cell.params(), cell_path(self.backend, x)
+        fn, shape = self.cell.bind(self.backend, x, p, path), (self.n + 1, self.dim)
 
         def rows(z, x, xf):
             # under torch.autocast the cell's GEMMs may return a lower precision: the solver state keeps
             # the features' dtype (see "Mixed precision" in the class docstring)
             return fn(z.view(z.shape[0], *shape), x, xf).view(z.shape[0], -1).to(z.dtype)
-        if cell_path(self.backend, x) == "ext":  # the C++ cell: its whole Anderson solve is one call
-            return ExtCellRows(rows, x, xf, list(self.cell.params()), self.cell.groups)
+        if path == "ext":  # the C++ cell: its whole Anderson solve is one call
+            return ExtCellRows(rows, x, xf, list(p), self.cell.groups)
         return RowwiseFn(rows, x, xf)
 
     def forward(self, features, return_info: bool = False):

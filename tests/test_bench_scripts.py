@@ -67,3 +67,15 @@ def test_grad_accuracy_reports_every_setting(tmp_path):
     assert all(0 <= by[(n, "grad_rel_err")] < float("inf") for n in names)
     rows_evaluated = [by[(f"deqfuse rel {t}", "rows")] for t in tols]
     assert rows_evaluated == sorted(rows_evaluated)
+
+
+def test_bench_small_smoke_reports_per_iteration_times_and_no_op_per_iteration(tmp_path):
+    """benchmarks/bench_small.py end to end on tiny shapes: every row has the per-iteration times and
+    their ratios to the GEMM floor, and the eval solve adds no ATen op per iteration (the C++ whole solve)."""
+    sys.path.insert(0, BENCH)
+    import bench_small
+    rows = bench_small.main(["--B", "5", "--D", "8", "--N", "2", "--iters", "3", "--reps", "1", "--no-torchdeq",
+                             "--out", str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["eval_it_ms"] > 0 and rows[0]["train_x_floor"] > 0
+    got = {(r["metric"], r["op"]): float(r["value"]) for r in read_results(os.path.join(tmp_path, "small.csv"))}
+    assert got[("aten_ops_per_eval_iteration", "solver_iteration")] == 0
