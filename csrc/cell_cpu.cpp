@@ -97,13 +97,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward
   return {dz, da2.transpose(0, 1).contiguous(), da3, dp};
 }
 
-std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> cell_forward_cpu(const at::Tensor& z, const at::Tensor& x,

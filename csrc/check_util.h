@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
 namespace deqfuse {
 
@@ -13,6 +14,14 @@ inline std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + "]";
+}
+
+// Contiguous versions of a list of tensors (the ops read raw pointers).
+inline std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
 }
 
 }  // namespace deqfuse

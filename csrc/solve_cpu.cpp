@@ -180,12 +180,6 @@ at::Tensor as_cell_state(const at::Tensor& s, int64_t N, int64_t D, const char* 
   return s.view({s.size(0), N + 1, D});
 }
 
-std::vector<at::Tensor> contiguous_list(const std::vector<at::Tensor>& ts) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 }  // namespace
 
 std::tuple<int64_t, int64_t> anderson_cell_solve_cpu(const at::Tensor& z0, const at::Tensor& x, const at::Tensor& xf,
@@ -202,7 +196,7 @@ std::tuple<int64_t, int64_t> anderson_cell_solve_cpu(const at::Tensor& z0, const
   const SolveArgs a = check_solve_args(m, max_iter, beta, lam, tol, stop_rel, op);
   check_results(best_x, best_res, converged, nstep, abs_trace, rel_trace, B, L, max_iter, z0.scalar_type(), op);
   const auto xc = x.contiguous(), xfc = xf.contiguous();
-  const auto p = contiguous_list(params);
+  const auto p = contiguous_all(params);
   std::pair<int64_t, int64_t> out;
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "anderson_cell_solve", [&] {
     using T = scalar_t;
@@ -235,7 +229,7 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
   const SolveArgs a = check_solve_args(m, max_iter, beta, lam, tol, stop_rel, op);
   check_results(best_x, best_res, converged, nstep, abs_trace, rel_trace, B, L, max_iter, g0.scalar_type(), op);
   const auto ac = add.contiguous();
-  const auto sv = contiguous_list(saved), p = contiguous_list(params);
+  const auto sv = contiguous_all(saved), p = contiguous_all(params);
   std::pair<int64_t, int64_t> out;
   AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "anderson_vjp_solve", [&] {
     using T = scalar_t;
