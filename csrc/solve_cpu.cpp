@@ -173,11 +173,11 @@ SolveArgs check_solve_args(int64_t m, int64_t max_iter, double beta, double lam,
   return SolveArgs{m, max_iter, beta, lam, tol, stop_rel};
 }
 
-// [B, L] state -> [B, N+1, D] view for the cell checks (L must be (N+1) D).
+// [B, L] state -> contiguous [B, N+1, D] for the cell checks and the loop (L must be (N+1) D; any strides).
 at::Tensor as_cell_state(const at::Tensor& s, int64_t N, int64_t D, const char* op, const char* name) {
   TORCH_CHECK(s.dim() == 2 && s.size(1) == (N + 1) * D, op, ": ", name, " must be [B, (N+1) D] = [B, ",
               std::to_string((N + 1) * D), "], got ", shape_str(s.sizes()));
-  return s.view({s.size(0), N + 1, D});
+  return s.contiguous().view({s.size(0), N + 1, D});
 }
 
 }  // namespace
@@ -191,7 +191,7 @@ std::tuple<int64_t, int64_t> anderson_cell_solve_cpu(const at::Tensor& z0, const
   const char* op = "anderson_cell_solve";
   TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, D], got ", shape_str(x.sizes()));
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), L = (N + 1) * D;
-  const at::Tensor zc = as_cell_state(z0, N, D, op, "z0").contiguous();
+  const at::Tensor zc = as_cell_state(z0, N, D, op, "z0");
   check_cell_args(zc, x, xf, params, groups, op, "z0");
   const SolveArgs a = check_solve_args(m, max_iter, beta, lam, tol, stop_rel, op);
   check_results(best_x, best_res, converged, nstep, abs_trace, rel_trace, B, L, max_iter, z0.scalar_type(), op);
@@ -220,7 +220,7 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
   TORCH_CHECK(params.size() == kNumParams && params[0].dim() == 3, op,
               ": params must hold the 16 CellParams tensors (w1 [N, D, D] first)");
   const int64_t N = params[0].size(0), D = params[0].size(1), L = (N + 1) * D;
-  const at::Tensor gc = as_cell_state(g0, N, D, op, "g0").contiguous();
+  const at::Tensor gc = as_cell_state(g0, N, D, op, "g0");
   const int64_t B = gc.size(0);
   check_saved(gc, saved, params, groups, op);
   TORCH_CHECK(add.sizes() == g0.sizes() && add.scalar_type() == g0.scalar_type() && add.device().is_cpu(), op,

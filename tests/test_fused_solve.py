@@ -96,6 +96,19 @@ def test_reported_steps_follow_the_check_interval(check_every, per_iteration):
     assert st.all_converged and st.steps < 40 and st.steps % check_every == 0
 
 
+def test_non_contiguous_start_and_features():
+    """x0 and the features with other strides: the same solve as from contiguous copies."""
+    f, _ = cell_map(6, 2, 8, torch.float64)
+    x0 = torch.randn(24, 6, dtype=torch.float64).t() * 0.1  # [6, 24], column-major
+    fnc = ExtCellRows(f.fn, f.inputs[0].transpose(0, 1).contiguous().transpose(0, 1), f.inputs[1].t().contiguous().t(),
+                      f.params, f.groups)
+    assert not x0.is_contiguous() and not fnc.inputs[0].is_contiguous() and not fnc.inputs[1].is_contiguous()
+    with torch.no_grad():
+        z, st = anderson(fnc, x0, max_iter=30, tol=1e-10)
+        z_ref, st_ref = anderson(f, x0.contiguous(), max_iter=30, tol=1e-10)
+    assert torch.equal(z, z_ref) and torch.equal(st.nstep, st_ref.nstep)
+
+
 def test_none_and_all_converged(per_iteration):
     f, _ = cell_map(5, 2, 8, torch.float64)
     x0 = torch.zeros(5, 24, dtype=torch.float64)
