@@ -62,6 +62,17 @@ struct VjpMap {
   }
 };
 
+// The Results buffers of a solve (module comment) as raw pointers.
+template <typename T>
+struct OutPtrs {
+  T* best_x;
+  T* best_res;
+  bool* converged;
+  int32_t* nstep;
+  T* abs_trace;  // [T, B]: step k's residuals at abs_trace + k B
+  T* rel_trace;
+};
+
 struct SolveArgs {
   int64_t m, max_iter;
   double beta, lam, tol;
@@ -70,9 +81,10 @@ struct SolveArgs {
 
 // The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch).
 template <typename T, typename Map>
-std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, T* bx, T* br, bool* cv, int32_t* ns, T* abs_tr,
-                                       T* rel_tr, int64_t B, int64_t L, int64_t D, const SolveArgs& a) {
+std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o, int64_t B, int64_t L, int64_t D,
+                                       const SolveArgs& a) {
   const int64_t m = a.m;
+  bool* cv = o.converged;
   // Rings and Gram matrices uninitialised: a step reads only the n = min(k + 1, m) slots written so far
   // (zeroing them cost as much as an iteration at B = 128).
   std::unique_ptr<T[]> X(new T[B * m * L]), Gr(new T[B * m * L]), GG(new T[B * m * m]);
@@ -122,9 +134,9 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, T* bx, T* br, bool*
         for (int64_t r = 0; r < M; ++r) {
           const int64_t b = idx[r];
           anderson_row<T, T, T>(x + b * L, fx + r * L, X.get() + b * m * L, Gr.get() + b * m * L,
-                                GG.get() + b * m * m, bx + b * L, br + b, cv + b, ns + b, abs_tr + k * B + b,
-                                rel_tr + k * B + b, gp, L, (int)m, slot, n, k, (T)a.beta, (T)a.lam, a.tol,
-                                a.stop_rel);
+                                GG.get() + b * m * m, o.best_x + b * L, o.best_res + b, cv + b, o.nstep + b,
+                                o.abs_trace + k * B + b, o.rel_trace + k * B + b, gp, L, (int)m, slot, n, k,
+                                (T)a.beta, (T)a.lam, a.tol, a.stop_rel);
         }
       }
 #ifdef _OPENMP
@@ -145,24 +157,42 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, T* bx, T* br, bool*
   return {steps, rows};
 }
 
-// The Results buffers (module comment) for a solve of B samples of width L in `dtype`.
-void check_results(const at::Tensor& best_x, const at::Tensor& best_res, const at::Tensor& converged,
-                   const at::Tensor& nstep, const at::Tensor& abs_trace, const at::Tensor& rel_trace, int64_t B,
-                   int64_t L, int64_t max_iter, at::ScalarType dtype, const char* op) {
-  auto need = [&](const at::Tensor& t, std::vector<int64_t> shape, at::ScalarType st, const char* name) {
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == st && t.device().is_cpu() &&
-                    t.is_contiguous(),
-                op, ": ", name, " must be a contiguous CPU tensor of shape ", shape_str(shape), " and dtype ",
-                c10::toString(st), ", got ", shape_str(t.sizes()), " ", c10::toString(t.scalar_type()));
-  };
-  need(best_x, {B, L}, dtype, "best_x");
-  need(best_res, {B}, dtype, "best_res");
-  need(converged, {B}, at::kBool, "converged");
-  need(nstep, {B}, at::kInt, "nstep");
-  TORCH_CHECK(abs_trace.dim() == 2 && abs_trace.size(0) >= max_iter, op, ": abs_trace must have >= max_iter (",
-              std::to_string(max_iter), ") rows, got ", shape_str(abs_trace.sizes()));
-  need(abs_trace, {abs_trace.size(0), B}, dtype, "abs_trace");
-  need(rel_trace, {abs_trace.size(0), B}, dtype, "rel_trace");
+// The Results buffers the op updates in place (module comment).
+struct SolveBuffers {
+  at::Tensor best_x, best_res, converged, nstep, abs_trace, rel_trace;
+
+  // For a solve of B samples of width L in `dtype` of up to max_iter steps.
+  void check(int64_t B, int64_t L, int64_t max_iter, at::ScalarType dtype, const char* op) const {
+    auto need = [&](const at::Tensor& t, std::vector<int64_t> shape, at::ScalarType st, const char* name) {
+      TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == st && t.device().is_cpu() &&
+                      t.is_contiguous(),
+                  op, ": ", name, " must be a contiguous CPU tensor of shape ", shape_str(shape), " and dtype ",
+                  c10::toString(st), ", got ", shape_str(t.sizes()), " ", c10::toString(t.scalar_type()));
+    };
+    need(best_x, {B, L}, dtype, "best_x");
+    need(best_res, {B}, dtype, "best_res");
+    need(converged, {B}, at::kBool, "converged");
+    need(nstep, {B}, at::kInt, "nstep");
+    TORCH_CHECK(abs_trace.dim() == 2 && abs_trace.size(0) >= max_iter, op, ": abs_trace must have >= max_iter (",
+                std::to_string(max_iter), ") rows, got ", shape_str(abs_trace.sizes()));
+    need(abs_trace, {abs_trace.size(0), B}, dtype, "abs_trace");
+    need(rel_trace, {abs_trace.size(0), B}, dtype, "rel_trace");
+  }
+
+  template <typename T>
+  OutPtrs<T> ptrs() const {
+    return {best_x.data_ptr<T>(), best_res.data_ptr<T>(), converged.data_ptr<bool>(), nstep.data_ptr<int32_t>(),
+            abs_trace.data_ptr<T>(), rel_trace.data_ptr<T>()};
+  }
+};
+
+// Runs the loop from a copy of the start state (contiguous [B, L] values) into the buffers.
+template <typename T, typename Map>
+std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start, const SolveBuffers& out, int64_t B,
+                                        int64_t L, int64_t D, const SolveArgs& a) {
+  std::vector<T> it(start.data_ptr<T>(), start.data_ptr<T>() + B * L);
+  const auto r = solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, a);
+  return {r.first, r.second};
 }
 
 SolveArgs check_solve_args(int64_t m, int64_t max_iter, double beta, double lam, double tol, bool stop_rel,
@@ -194,19 +224,17 @@ std::tuple<int64_t, int64_t> anderson_cell_solve_cpu(const at::Tensor& z0, const
   const at::Tensor zc = as_cell_state(z0, N, D, op, "z0");
   check_cell_args(zc, x, xf, params, groups, op, "z0");
   const SolveArgs a = check_solve_args(m, max_iter, beta, lam, tol, stop_rel, op);
-  check_results(best_x, best_res, converged, nstep, abs_trace, rel_trace, B, L, max_iter, z0.scalar_type(), op);
+  const SolveBuffers out{best_x, best_res, converged, nstep, abs_trace, rel_trace};
+  out.check(B, L, max_iter, z0.scalar_type(), op);
   const auto xc = x.contiguous(), xfc = xf.contiguous();
   const auto p = contiguous_all(params);
-  std::pair<int64_t, int64_t> out;
+  std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "anderson_cell_solve", [&] {
-    using T = scalar_t;
-    const Cell<T> c(B, N, D, groups, p, {});
-    std::vector<T> it(zc.data_ptr<T>(), zc.data_ptr<T>() + B * L);
-    out = solve_loop<T>(CellMap<T>{c, xc.data_ptr<T>(), xfc.data_ptr<T>()}, it.data(), best_x.data_ptr<T>(),
-                        best_res.data_ptr<T>(), converged.data_ptr<bool>(), nstep.data_ptr<int32_t>(),
-                        abs_trace.data_ptr<T>(), rel_trace.data_ptr<T>(), B, L, D, a);
+    const Cell<scalar_t> c(B, N, D, groups, p, {});
+    res = solve_from<scalar_t>(CellMap<scalar_t>{c, xc.data_ptr<scalar_t>(), xfc.data_ptr<scalar_t>()}, zc, out, B,
+                               L, D, a);
   });
-  return {out.first, out.second};
+  return res;
 }
 
 std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const at::Tensor& add,
@@ -227,19 +255,16 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
               ": add must be a CPU tensor of g0's shape ", shape_str(g0.sizes()), " and dtype, got ",
               shape_str(add.sizes()), " ", c10::toString(add.scalar_type()));
   const SolveArgs a = check_solve_args(m, max_iter, beta, lam, tol, stop_rel, op);
-  check_results(best_x, best_res, converged, nstep, abs_trace, rel_trace, B, L, max_iter, g0.scalar_type(), op);
+  const SolveBuffers out{best_x, best_res, converged, nstep, abs_trace, rel_trace};
+  out.check(B, L, max_iter, g0.scalar_type(), op);
   const auto ac = add.contiguous();
   const auto sv = contiguous_all(saved), p = contiguous_all(params);
-  std::pair<int64_t, int64_t> out;
+  std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "anderson_vjp_solve", [&] {
-    using T = scalar_t;
-    const Cell<T> c(B, N, D, groups, p, sv);
-    std::vector<T> it(gc.data_ptr<T>(), gc.data_ptr<T>() + B * L);
-    out = solve_loop<T>(VjpMap<T>{c, ac.data_ptr<T>()}, it.data(), best_x.data_ptr<T>(), best_res.data_ptr<T>(),
-                        converged.data_ptr<bool>(), nstep.data_ptr<int32_t>(), abs_trace.data_ptr<T>(),
-                        rel_trace.data_ptr<T>(), B, L, D, a);
+    const Cell<scalar_t> c(B, N, D, groups, p, sv);
+    res = solve_from<scalar_t>(VjpMap<scalar_t>{c, ac.data_ptr<scalar_t>()}, gc, out, B, L, D, a);
   });
-  return {out.first, out.second};
+  return res;
 }
 
 }  // namespace deqfuse

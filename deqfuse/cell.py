@@ -96,19 +96,15 @@ class ExtCellRows(RowwiseFn):
 
     def anderson_solve(self, z0, results, *, m, beta, lam, tol, stop_rel, max_iter):
         x, xf = self.inputs
-        r = results
-        return torch.ops.deqfuse.anderson_cell_solve(z0, x, xf, self.params, self.groups, r.best_x, r.best_res,
-                                                     r.converged, r.nstep, r.abs_trace, r.rel_trace, m, beta, lam,
-                                                     tol, stop_rel, max_iter)
+        return torch.ops.deqfuse.anderson_cell_solve(z0, x, xf, self.params, self.groups, *results.buffers(), m, beta,
+                                                     lam, tol, stop_rel, max_iter)
 
 
 def ext_vjp_anderson_solve(saved, params, groups: int, add, g0, results, *, m, beta, lam, tol, stop_rel, max_iter):
     """The adjoint fixed point g = J^T g + add solved by one compiled call (torch.ops.deqfuse.
     anderson_vjp_solve) from the C++ cell's saved tensors; results: a solvers.Results, updated in place."""
-    r = results
-    return torch.ops.deqfuse.anderson_vjp_solve(g0, add, saved, params, groups, r.best_x, r.best_res, r.converged,
-                                                r.nstep, r.abs_trace, r.rel_trace, m, beta, lam, tol, stop_rel,
-                                                max_iter)
+    return torch.ops.deqfuse.anderson_vjp_solve(g0, add, saved, params, groups, *results.buffers(), m, beta, lam, tol,
+                                                stop_rel, max_iter)
 
 
 def cell_path(backend: str, z: torch.Tensor) -> str:

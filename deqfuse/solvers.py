@@ -110,6 +110,11 @@ class Results:
         self.abs_trace.fill_(float("nan"))
         self.rel_trace.fill_(float("nan"))
 
+    def buffers(self):
+        """(best_x, best_res, converged, nstep, abs_trace, rel_trace): what a compiled whole solve updates in
+        place, in its ops' argument order (csrc/solve_cpu.cpp)."""
+        return self.best_x, self.best_res, self.converged, self.nstep, self.abs_trace, self.rel_trace
+
     def gather(self, idx):
         new = object.__new__(Results)
         for n in self.FIELDS:
@@ -445,6 +450,11 @@ def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_
                    backend: str = "auto") -> AndersonState:
     """A checked AndersonState ready to iterate (the solver minus its driver; graphs.py replays it)."""
     step_fn = _check_anderson(x0, m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend)
+    return _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history_dtype)
+
+
+def _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history_dtype) -> AndersonState:
+    """An AndersonState from options _check_anderson accepted and the step function it returned."""
     return AndersonState(x0, m, max_iter, history_dtype, step_fn=profiling.wrap(step_fn, "anderson_step"),
                          beta=beta, lam=lam, tol=tol, stop_rel=stop_mode == "rel")
 
@@ -507,8 +517,7 @@ def anderson(f: Callable, x0: torch.Tensor, *, m: int = 5, lam: float = 1e-4, be
         steps = reported_steps(run_steps, ce, max_iter)
         return res.best_x, SolverStats(res.abs_trace[:steps], res.rel_trace[:steps], res.best_res, res.nstep,
                                        res.converged, steps, tol, stop_mode, rows=rows)
-    st = AndersonState(x0, m, max_iter, history_dtype, step_fn=profiling.wrap(step_fn, "anderson_step"), beta=beta,
-                       lam=lam, tol=tol, stop_rel=stop_mode == "rel")
+    st = _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history_dtype)
     return run(st, f, max_iter, ce, cp, tol, stop_mode)
 
 
