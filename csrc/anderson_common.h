@@ -58,32 +58,37 @@ DF_HD void bordered_solve(const acc_t* GG, int m, int n, acc_t lam, acc_t* A, ac
   acc_t dmax = 0;
   for (int i = 0; i < n; ++i) dmax = GG[i * m + i] > dmax ? GG[i * m + i] : dmax;
   const acc_t lam_eff = lam * dmax + (acc_t)kTiny;
-  // A[i * n + j], j <= i: the Cholesky factor L of H (row-major, lower); rhs: y
+  // A[i * n + j], j <= i: the Cholesky factor L of H (row-major, lower); inv: 1 / L[i][i] (one divide per
+  // pivot: the divides and square roots form the solve's latency chain); rhs: y
+  acc_t inv[kMaxM];
   for (int i = 0; i < n; ++i) {
     for (int j = 0; j <= i; ++j) {
       acc_t v = GG[i * m + j] + (i == j ? lam_eff : (acc_t)0);
       for (int q = 0; q < j; ++q) v -= A[i * n + q] * A[j * n + q];
       if (i == j) {
         if (!(v > 0)) return bordered_solve_gj<acc_t>(GG, m, n, lam_eff, A, rhs, alpha);
-        A[i * n + i] = std::sqrt(v);
+        const acc_t d = std::sqrt(v);
+        A[i * n + i] = d;
+        inv[i] = (acc_t)1 / d;
       } else {
-        A[i * n + j] = v / A[j * n + j];
+        A[i * n + j] = v * inv[j];
       }
     }
   }
   for (int i = 0; i < n; ++i) {  // L u = 1
     acc_t v = 1;
     for (int q = 0; q < i; ++q) v -= A[i * n + q] * rhs[q];
-    rhs[i] = v / A[i * n + i];
+    rhs[i] = v * inv[i];
   }
   acc_t sum = 0;
   for (int i = n - 1; i >= 0; --i) {  // L^T y = u
     acc_t v = rhs[i];
     for (int q = i + 1; q < n; ++q) v -= A[q * n + i] * rhs[q];
-    rhs[i] = v / A[i * n + i];
+    rhs[i] = v * inv[i];
     sum += rhs[i];
   }
-  for (int i = 0; i < m; ++i) alpha[i] = i < n ? rhs[i] / sum : 0;
+  const acc_t isum = (acc_t)1 / sum;
+  for (int i = 0; i < m; ++i) alpha[i] = i < n ? rhs[i] * isum : 0;
 }
 
 // Per-sample bookkeeping of a step, shared by the CPU and CUDA steps: residuals from the sums

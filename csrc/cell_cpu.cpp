@@ -3,7 +3,7 @@
 //
 // Layout: z, out, gbar [B, N+1, D]; x [B, N, D]; xf [B, D]; params in CellParams order
 // (w1 [N, D, D], b1 [N, D], w2, b2, gn1_w, gn1_b, gn2_w, gn2_b, gn3_w, gn3_b [N, D], wg [D, D], bg [D],
-// wf [D, D], bf [D], gnf_w [D], gnf_b [D]). GEMMs go through ATen (BLAS); everything between two
+// wf [D, D], bf [D], gnf_w [D], gnf_b [D]). GEMMs go through torch's BLAS (cpu_blas.h); everything between two
 // GEMMs (bias, GroupNorm, ReLU, residual, injection, the modality sum, the gate product) is one pass
 // over rows per stage, parallel over the batch. Intermediates are modality-major [N, B, D] so every
 // GEMM reads and writes contiguous blocks.
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(const at::Tensor& z
                                                         {B, D}, {B, G}})
       sv.push_back(at::empty(shape, opt));
   }
-  const Cell<T> c(B, N, D, G, p, sv);
+  const Cell<T> c(B, N, D, G, p, sv, /*forward=*/true);
   const T *zp = ptr<T>(z), *xp = ptr<T>(x), *xfp = ptr<T>(xf);
   T* outp = out.data_ptr<T>();
   for_blocks<T>(B, D, [&](int64_t b0, int64_t M, T* scratch) {
@@ -63,38 +63,110 @@ at::Tensor vjp_impl(const at::Tensor& gbar, const std::vector<at::Tensor>& sv, c
   return out;
 }
 
-// Gradients of everything: dz (= the VJP), dx, dxf and the 16 parameter gradients, from the VJP pass
-// (which keeps the full-batch intermediate gradients) plus full-batch GEMMs and column sums (ATen).
+// Gradients of everything: dz (= the VJP), dx, dxf and the 16 parameter gradients, in two parallel passes
+// and no ATen op besides the output allocations:
+//   rows:    the VJP (vjp_block), keeping the full-batch gradients of the pre-activations (Keep), plus the
+//            other per-row inputs of the weight GEMMs: h = ReLU(g1), s = N z_f + sum_i z_i+, q = z_f * ga;
+//   columns: each thread owns a slice of the D output columns of every parameter gradient: its rows of
+//            the weight GEMMs (dW = dY^T X over the whole batch) and its bias / GroupNorm-affine column
+//            sums (accumulated in double, rows in batch order). No per-thread partial sums to reduce.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     const at::Tensor& gbar, const at::Tensor& z, const std::vector<at::Tensor>& sv, const std::vector<at::Tensor>& p,
     int64_t G) {
-  const int64_t B = gbar.size(0), N = gbar.size(1) - 1, D = gbar.size(2);
+  const int64_t B = gbar.size(0), N = gbar.size(1) - 1, D = gbar.size(2), ZS = (N + 1) * D;
   const auto opt = gbar.options();
-  at::Tensor dg1 = at::empty({N, B, D}, opt), da1 = at::empty({N, B, D}, opt), da2 = at::empty({N, B, D}, opt);
-  at::Tensor du = at::empty({N, B, D}, opt), dzn = at::empty({N, B, D}, opt);
-  at::Tensor dga = at::empty({B, D}, opt), da3 = at::empty({B, D}, opt);
+  auto nbd = [&] { return at::empty({N, B, D}, opt); };
+  at::Tensor dg1 = nbd(), da1 = nbd(), da2 = nbd(), du = nbd(), dzn = nbd(), h = nbd();
+  at::Tensor dga = at::empty({B, D}, opt), da3 = at::empty({B, D}, opt), s = at::empty({B, D}, opt);
+  at::Tensor q = at::empty({B, D}, opt), dx = at::empty({B, N, D}, opt), dz = at::empty({B, N + 1, D}, opt);
   Keep<T> kp;
   kp.dg1 = dg1.data_ptr<T>(); kp.da1 = da1.data_ptr<T>(); kp.da2 = da2.data_ptr<T>(); kp.du = du.data_ptr<T>();
   kp.dzn = dzn.data_ptr<T>(); kp.dga = dga.data_ptr<T>(); kp.da3 = da3.data_ptr<T>();
-  at::Tensor dz = vjp_impl<T>(gbar, sv, p, G, at::Tensor(), kp);
-  const at::Tensor &yh1 = sv[0], &g1 = sv[2], &yh2 = sv[3], &yh3 = sv[6], &zf = sv[8], &ga = sv[9], &yhf = sv[11];
-  at::Tensor zm = z.narrow(1, 0, N).transpose(0, 1);          // [N, B, D] view of the modality states
-  at::Tensor h = at::relu(g1);
-  at::Tensor s = (yh3 * p[8].unsqueeze(1) + p[9].unsqueeze(1)).sum(0) + zf * (double)N;  // sum_i z_i+ + N z_f
-  at::Tensor gf = gbar.select(1, N);
-  std::vector<at::Tensor> dp = {
-      at::bmm(da1.transpose(1, 2), zm),                  // w1  [N, D, D]
-      da1.sum(1),                                        // b1
-      at::bmm(da2.transpose(1, 2), h),                   // w2
-      da2.sum(1),                                        // b2
-      (dg1 * yh1).sum(1), dg1.sum(1),                    // gn1_w, gn1_b
-      (du * yh2).sum(1), du.sum(1),                      // gn2_w, gn2_b
-      (dzn * yh3).sum(1), dzn.sum(1),                    // gn3_w, gn3_b
-      at::mm(dga.t(), s), dga.sum(0) * (double)N,        // wg, bg
-      at::mm(da3.t(), zf * ga), da3.sum(0),              // wf, bf
-      (gf * yhf).sum(0), gf.sum(0)};                     // gnf_w, gnf_b
-  return {dz, da2.transpose(0, 1).contiguous(), da3, dp};
+  const Cell<T> c(B, N, D, G, p, sv);
+  const T *gp = ptr<T>(gbar), *zp = ptr<T>(z);
+  T *hp = h.data_ptr<T>(), *sp = s.data_ptr<T>(), *qp = q.data_ptr<T>(), *dxp = dx.data_ptr<T>();
+  for_blocks<T>(B, D, [&](int64_t b0, int64_t M, T* scratch) {
+    vjp_block<T>(c, gp + b0 * ZS, nullptr, dz.data_ptr<T>() + b0 * ZS, b0, M, nullptr, scratch, kp);
+    for (int64_t b = b0; b < b0 + M; ++b) {
+      const T *zf = c.zfs + b * D, *ga = c.gas + b * D;
+      T *sr = sp + b * D, *qr = qp + b * D;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) {
+        sr[j] = (T)N * zf[j];
+        qr[j] = zf[j] * ga[j];
+      }
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t row = (i * B + b) * D;
+        const T *g1 = c.g1s + row, *yh3 = c.yh3 + row, *w3 = c.g3w + i * D, *b3 = c.g3b + i * D;
+        const T* d2 = kp.da2 + row;
+        T *hr = hp + row, *dxr = dxp + (b * N + i) * D;
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) {
+          hr[j] = g1[j] < 0 ? (T)0 : g1[j];
+          sr[j] += yh3[j] * w3[j] + b3[j];  // z_i+ = GN3's output
+          dxr[j] = d2[j];                   // dx_i = da2_i
+        }
+      }
+    }
+  });
+  std::vector<at::Tensor> dp;
+  for (int k = 0; k < kNumParams; ++k) dp.push_back(at::empty(p[k].sizes(), opt));
+  auto dptr = [&](int k) { return dp[k].data_ptr<T>(); };
+  const T *yh1 = c.yh1, *yh2 = c.yh2, *yh3 = c.yh3, *yhf = c.yhf;
+  at::parallel_for(0, D, 8, [&](int64_t j0, int64_t j1) {
+    const int64_t w = j1 - j0;
+    for (int64_t i = 0; i < N; ++i) {  // dW1_i = da1_i^T z_i, dW2_i = da2_i^T h_i (rows j0..j1)
+      const int64_t o = i * B * D;
+      gemm_tn<T>(w, D, B, kp.da1 + o + j0, D, zp + i * D, ZS, (T)0, dptr(0) + i * D * D + j0 * D, D);
+      gemm_tn<T>(w, D, B, kp.da2 + o + j0, D, hp + o, D, (T)0, dptr(2) + i * D * D + j0 * D, D);
+    }
+    gemm_tn<T>(w, D, B, kp.dga + j0, D, sp, D, (T)0, dptr(10) + j0 * D, D);  // dWg = dga^T s
+    gemm_tn<T>(w, D, B, kp.da3 + j0, D, qp, D, (T)0, dptr(12) + j0 * D, D);  // dWf = da3^T q
+    // column sums over the batch: dp[k][off + j] = scale * sum_b a[b, j] (* b[b, j] when b is given)
+    struct Sum {
+      int k;
+      int64_t off;     // into the target's [N, D] (modality i: i D) or [D]
+      const T *a, *b;  // rows of a at stride sa, of b at stride D
+      int64_t sa;
+      T scale;
+    };
+    std::vector<Sum> sums;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t o = i * B * D;
+      sums.push_back({1, i * D, kp.da1 + o, nullptr, D, 1});
+      sums.push_back({3, i * D, kp.da2 + o, nullptr, D, 1});
+      sums.push_back({4, i * D, kp.dg1 + o, yh1 + o, D, 1});
+      sums.push_back({5, i * D, kp.dg1 + o, nullptr, D, 1});
+      sums.push_back({6, i * D, kp.du + o, yh2 + o, D, 1});
+      sums.push_back({7, i * D, kp.du + o, nullptr, D, 1});
+      sums.push_back({8, i * D, kp.dzn + o, yh3 + o, D, 1});
+      sums.push_back({9, i * D, kp.dzn + o, nullptr, D, 1});
+    }
+    sums.push_back({11, 0, kp.dga, nullptr, D, (T)N});
+    sums.push_back({13, 0, kp.da3, nullptr, D, 1});
+    sums.push_back({14, 0, gp + N * D, yhf, ZS, 1});  // gnf_w: sum gbar_f * yhat_f
+    sums.push_back({15, 0, gp + N * D, nullptr, ZS, 1});
+    std::unique_ptr<double[]> acc(new double[w]);
+    for (const Sum& t : sums) {
+      std::fill(acc.get(), acc.get() + w, 0.0);
+      for (int64_t b = 0; b < B; ++b) {
+        const T* ar = t.a + b * t.sa + j0;
+        double* ac = acc.get();
+        if (t.b) {
+          const T* br = t.b + b * D + j0;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) ac[j] += (double)ar[j] * (double)br[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) ac[j] += (double)ar[j];
+        }
+      }
+      T* dst = dptr(t.k) + t.off + j0;
+      for (int64_t j = 0; j < w; ++j) dst[j] = (T)(acc[j] * (double)t.scale);
+    }
+  });
+  return {dz, dx, da3, dp};
 }
 
 }  // namespace

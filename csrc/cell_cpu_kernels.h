@@ -10,6 +10,7 @@
 #include <cmath>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -18,6 +19,7 @@
 #include "cell_check.h"
 #include "cpu_blas.h"
 #include "cpu_simd.h"
+#include "gemm_avx512.h"
 
 namespace deqfuse {
 namespace {
@@ -234,22 +236,59 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
 }
 
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
-// save=true, read by the VJP; null in a forward without save).
+// save=true, read by the VJP; null in a forward without save). kn: the GEMM weights in [K][Nc] layout for
+// gemm_avx512 (float, AVX-512F, D % 16 == 0; else null and the GEMMs go through the BLAS): a Linear's
+// forward multiplies by W^T (transposed copies, made by the constructor when `forward`), its VJP by W.
 template <typename T>
 struct Cell {
   int64_t B, N, D, G, ZS;  // ZS = (N+1) D: row stride of z / out / gbar
   const T *w1, *b1, *w2, *b2, *g1w, *g1b, *g2w, *g2b, *g3w, *g3b, *wg, *bg, *wf, *bf, *gfw, *gfb;
   T *yh1, *rs1, *g1s, *yh2, *rs2, *us, *yh3, *rs3, *zfs, *gas, *a3s, *yhf, *rsf;
+  bool kn = false;                                       // gemm_avx512 serves this cell's GEMMs
+  const T *w1t = nullptr, *w2t = nullptr, *wgt = nullptr, *wft = nullptr;  // W^T [K][Nc] (forward only)
+  std::vector<T> wt_store;
 
   Cell(int64_t B_, int64_t N_, int64_t D_, int64_t G_, const std::vector<at::Tensor>& p,
-       const std::vector<at::Tensor>& sv)
+       const std::vector<at::Tensor>& sv, bool forward = false)
       : B(B_), N(N_), D(D_), G(G_), ZS((N_ + 1) * D_) {
     const T** pp[kNumParams] = {&w1, &b1, &w2, &b2, &g1w, &g1b, &g2w, &g2b, &g3w, &g3b, &wg, &bg, &wf, &bf, &gfw, &gfb};
     for (int i = 0; i < kNumParams; ++i) *pp[i] = p[i].data_ptr<T>();
     T** ss[kNumSaved] = {&yh1, &rs1, &g1s, &yh2, &rs2, &us, &yh3, &rs3, &zfs, &gas, &a3s, &yhf, &rsf};
     for (int i = 0; i < kNumSaved; ++i) *ss[i] = sv.empty() ? nullptr : sv[i].data_ptr<T>();
+#ifdef DEQFUSE_AVX512_GEMM
+    kn = std::is_same_v<T, float> && gemm_avx512_ok(D);
+#endif
+    if (kn && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
+      const int64_t DD = D * D;
+      wt_store.resize((2 * N + 2) * DD);
+      auto transpose = [&](const T* w, T* wt) {
+        for (int64_t r = 0; r < D; ++r)
+          for (int64_t k = 0; k < D; ++k) wt[k * D + r] = w[r * D + k];
+      };
+      for (int64_t i = 0; i < 2 * N; ++i) transpose((i < N ? w1 : w2) + (i % N) * DD, wt_store.data() + i * DD);
+      transpose(wg, wt_store.data() + 2 * N * DD);
+      transpose(wf, wt_store.data() + (2 * N + 1) * DD);
+      w1t = wt_store.data();
+      w2t = w1t + N * DD;
+      wgt = w2t + N * DD;
+      wft = wgt + DD;
+    }
   }
 };
+
+// C[M, D] (row stride ldc) = (beta ? C : 0) + A[M, D] (row stride lda) op(W), beta 0 or 1: the cell's
+// GEMMs. op(W) = W^T (a Linear's forward; Wt: its [K][Nc] copy, Cell::w1t ...) or W (the VJP; Wt = W).
+// gemm_avx512 when the cell has kn layouts (Wt non-null), else the BLAS.
+template <typename T>
+DEQFUSE_INLINE void cell_gemm(const Cell<T>& c, int64_t M, const T* A, int64_t lda, const T* W, const T* Wt,
+                              bool trans_w, T beta, T* C, int64_t ldc) {
+#ifdef DEQFUSE_AVX512_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (c.kn && Wt) return gemm_avx512(M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc);
+  }
+#endif
+  gemm_rows<T>(M, c.D, c.D, A, lda, W, trans_w, beta, C, ldc);
+}
 
 // Sample index of a block's local row r: rows[r] when the block is a gathered set of samples, else b0 + r.
 DEQFUSE_INLINE int64_t sample_of(const int64_t* rows, int64_t b0, int64_t r) { return rows ? rows[r] : b0 + r; }
@@ -274,7 +313,7 @@ DEQFUSE_SIMD_CLONES void forward_block(const Cell<T>& c, const T* zp, const T* x
   }
   for (int64_t i = 0; i < N; ++i) {
     // a1 = z_i W1_i^T ; + b1, GN1 (g1 saved), h = ReLU
-    gemm_rows<T>(M, D, D, zp + i * D, ZS, w1 + i * D * D, true, 0, a, D);
+    cell_gemm<T>(c, M, zp + i * D, ZS, w1 + i * D * D, c.w1t ? c.w1t + i * D * D : nullptr, true, 0, a, D);
     const T *bi1 = b1 + i * D, *bi2 = b2 + i * D;
     for (int64_t r = 0; r < M; ++r) {
       T* ar = a + r * D;
@@ -293,7 +332,7 @@ DEQFUSE_SIMD_CLONES void forward_block(const Cell<T>& c, const T* zp, const T* x
       for (int64_t j = 0; j < D; ++j) hr[j] = g[j] < 0 ? (T)0 : g[j];
     }
     // a2 = h W2_i^T ; + b2 + x_i, GN2, u = . + z_i (saved), ReLU, GN3 -> out_i ; s += out_i
-    gemm_rows<T>(M, D, D, h, D, w2 + i * D * D, true, 0, a, D);
+    cell_gemm<T>(c, M, h, D, w2 + i * D * D, c.w2t ? c.w2t + i * D * D : nullptr, true, 0, a, D);
     for (int64_t r = 0; r < M; ++r) {
       T* ar = a + r * D;
       const T* xi = xp + (sample_of(rows, b0, r) * N + i) * D;
@@ -326,7 +365,7 @@ DEQFUSE_SIMD_CLONES void forward_block(const Cell<T>& c, const T* zp, const T* x
     }
   }
   // gate: ga = s Wg^T + N bg ; q = z_f * ga ; a3 = q Wf^T + bf + x_f (saved) ; out_f = GN_f(ReLU(a3))
-  gemm_rows<T>(M, D, D, s, D, wg, true, 0, ga, D);
+  cell_gemm<T>(c, M, s, D, wg, c.wgt, true, 0, ga, D);
   for (int64_t r = 0; r < M; ++r) {
     const int64_t b = sample_of(rows, b0, r);
     const T* zf = zp + r * ZS + N * D;
@@ -341,7 +380,7 @@ DEQFUSE_SIMD_CLONES void forward_block(const Cell<T>& c, const T* zp, const T* x
       std::copy(gr, gr + D, gas + b * D);
     }
   }
-  gemm_rows<T>(M, D, D, h, D, wf, true, 0, a, D);
+  cell_gemm<T>(c, M, h, D, wf, c.wft, true, 0, a, D);
   for (int64_t r = 0; r < M; ++r) {
     const int64_t b = sample_of(rows, b0, r);
     T* ar = a + r * D;
@@ -396,7 +435,7 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
     for (int64_t j = 0; j < D; ++j) d[j] = a3[j] > 0 ? d[j] : (T)0;
     keep_row(kp.da3, b, D, d);
   }
-  gemm_rows<T>(M, D, D, da, D, wf, false, 0, dq, D);
+  cell_gemm<T>(c, M, da, D, wf, wf, false, 0, dq, D);
   for (int64_t r = 0; r < M; ++r) {
     const int64_t b = sample_of(rows, b0, r);
     const T* zf = zfs + b * D;
@@ -405,7 +444,7 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
     for (int64_t j = 0; j < D; ++j) d[j] = q[j] * zf[j];
     keep_row(kp.dga, b, D, d);
   }
-  gemm_rows<T>(M, D, D, da, D, wg, false, 0, ds, D);
+  cell_gemm<T>(c, M, da, D, wg, wg, false, 0, ds, D);
   for (int64_t r = 0; r < M; ++r) {  // dz_f = dq * ga + N ds (+ add_f)
     const int64_t b = sample_of(rows, b0, r);
     const T *q = dq + r * D, *ga = gas + b * D, *sr = ds + r * D;
@@ -435,7 +474,7 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
       keep_row(kp.da2, row, D, tr);
     }
     // dh = da2 W2_i * (g1 > 0) ; da1 = GN1^T(dh) ; dz_i = du + da1 W1_i
-    gemm_rows<T>(M, D, D, t, D, w2 + i * D * D, false, 0, da, D);
+    cell_gemm<T>(c, M, t, D, w2 + i * D * D, w2 + i * D * D, false, 0, da, D);
     for (int64_t r = 0; r < M; ++r) {
       const int64_t b = sample_of(rows, b0, r), row = i * B + b;
       T* d = da + r * D;
@@ -455,7 +494,7 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
         std::copy(dr, dr + D, o);
       }
     }
-    gemm_rows<T>(M, D, D, da, D, w1 + i * D * D, false, 1, outp + i * D, ZS);
+    cell_gemm<T>(c, M, da, D, w1 + i * D * D, w1 + i * D * D, false, 1, outp + i * D, ZS);
   }
 }
 

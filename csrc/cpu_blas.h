@@ -48,4 +48,34 @@ inline void gemm_rows(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda,
   else c.mul_(beta).add_(prod);
 }
 
+// C[M, Nc] (row stride ldc) = beta * C + A^T B, with A [K, M] (row stride lda) and B [K, Nc] (row stride ldb)
+// row-major: the weight gradient of a Linear over K rows (dW = dY^T X), or a slice of its output rows
+// when A points at a column offset of dY.
+template <typename T>
+inline void gemm_tn(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+                    int64_t ldc) {
+  if (M == 0 || Nc == 0) return;
+  if (K == 0) {
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < Nc; ++j) C[r * ldc + j] = beta == (T)0 ? (T)0 : beta * C[r * ldc + j];
+    return;
+  }
+  const int m = (int)Nc, n = (int)M, k = (int)K, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+  const char tb = 'N', ta = 'T';
+  const T one = 1;
+  // column-major view: C^T [Nc, M] = B^T [Nc, K] . A [K, M]
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opt);
+  at::Tensor b = at::from_blob(const_cast<T*>(B), {K, Nc}, {ldb, 1}, opt);
+  at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opt);
+  at::Tensor prod = at::mm(a.t(), b);
+  if (beta == (T)0) c.copy_(prod);
+  else c.mul_(beta).add_(prod);
+}
+
 }  // namespace deqfuse

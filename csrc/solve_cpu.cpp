@@ -230,7 +230,7 @@ std::tuple<int64_t, int64_t> anderson_cell_solve_cpu(const at::Tensor& z0, const
   const auto p = contiguous_all(params);
   std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "anderson_cell_solve", [&] {
-    const Cell<scalar_t> c(B, N, D, groups, p, {});
+    const Cell<scalar_t> c(B, N, D, groups, p, {}, /*forward=*/true);
     res = solve_from<scalar_t>(CellMap<scalar_t>{c, xc.data_ptr<scalar_t>(), xfc.data_ptr<scalar_t>()}, zc, out, B,
                                L, D, a);
   });

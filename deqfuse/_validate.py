@@ -96,15 +96,24 @@ def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, c
     if B == 0:
         raise ValueError("features have batch size 0")
     if check_finite:
-        limit = magnitude_limit(ref.dtype)
-        amaxes = torch.stack([f.detach().abs().amax() for f in features]).tolist()  # one host sync
-        for i, amax in enumerate(amaxes):
-            if not math.isfinite(amax):
-                raise ValueError(f"features[{i}] has non-finite values (NaN or Inf)")
-            if amax > limit:
-                raise ValueError(f"features[{i}] has values up to {amax:.3g}: beyond {limit:.3g}, what "
-                                 f"{ref.dtype} GroupNorm can square without overflow; rescale the features")
+        check_feature_values([f.detach() for f in features], ref.dtype)
     return B
+
+
+def check_feature_values(features, dtype: torch.dtype):
+    """Every feature finite and within magnitude_limit(dtype). features: the N [B, D] tensors, or them
+    stacked [B, N, D] (one reduction). One host sync."""
+    limit = magnitude_limit(dtype)
+    if isinstance(features, torch.Tensor):
+        amaxes = features.abs().amax(dim=(0, 2)).tolist()  # NaN propagates
+    else:
+        amaxes = torch.stack([f.abs().amax() for f in features]).tolist()
+    for i, amax in enumerate(amaxes):
+        if not math.isfinite(amax):
+            raise ValueError(f"features[{i}] has non-finite values (NaN or Inf)")
+        if amax > limit:
+            raise ValueError(f"features[{i}] has values up to {amax:.3g}: beyond {limit:.3g}, what "
+                             f"{dtype} GroupNorm can square without overflow; rescale the features")
 
 
 def check_dim_groups(dim: int, groups: int):

@@ -154,11 +154,14 @@ class _ExtCell(torch.autograd.Function):
         ctx.save_for_backward(z, *params, *saved)
         ctx.groups, ctx.n_params = groups, len(params)
         ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # the 13 saved outputs never get a gradient: no zero tensors for them
         return (out, *saved)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout, *_):
+        if gout is None:
+            return (None,) * (4 + ctx.n_params)
         z, *rest = ctx.saved_tensors
         params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
         dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward.default(gout.contiguous(), z, list(saved), list(params),

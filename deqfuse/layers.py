@@ -12,7 +12,8 @@ from .graphs import GraphedSolves
 from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad, warn_if_not_converged
 from .reference.cell import fuse_inputs
 from .rowwise import RowwiseFn
-from ._validate import check_bool, check_choice, check_features, check_float, check_int, host_sync_allowed
+from ._validate import (check_bool, check_choice, check_feature_values, check_features, check_float, check_int,
+                        host_sync_allowed)
 from .backend import BACKENDS, resolve
 from .solvers import SOLVERS, SolverStats, check_options, solve, solver_options
 
@@ -157,8 +158,10 @@ class DEQFusion(nn.Module):
         return RowwiseFn(rows, x, xf)
 
     def forward(self, features, return_info: bool = False):
-        B = check_features(features, self.n, self.dim, self.weights)
+        B = check_features(features, self.n, self.dim, self.weights, check_finite=False)
         x = torch.stack(list(features), 1).to(self.weights.dtype)  # [B, N, D] (autocast outputs cast up)
+        if host_sync_allowed(x):  # finite and within range: one reduction over the stacked features
+            check_feature_values(x.detach(), self.weights.dtype)
         xf = fuse_inputs(x, self.weights, self.bias)         # [B, D]
         f = self._flat_cell(x, xf)
         z0 = x.new_zeros(B, (self.n + 1) * self.dim)

@@ -1,0 +1,82 @@
+// Small float GEMMs with AVX-512 for the cell's hot loop (cell_cpu_kernels.h: cell_gemm):
+//   C[M, Nc] (row stride ldc) = (accumulate ? C : 0) + A[M, K] (row stride lda) . Bk[K, Nc] (row stride ldb)
+// all row-major, Nc a multiple of 16. Register tiles of 4 rows x 64 columns (16 accumulators); for each
+// output the K products are added in order with one FMA each, so a row's result depends on neither the
+// other rows nor M (a sample's value is the same whatever block it is evaluated in).
+// Why not the BLAS: at the cell's sizes (M <= 64 rows, K = Nc = D ~ 64) torch's MKL sgemm spends about a
+// fifth of its time copying the activations into its packed layout, on every call; the weights here are
+// read in place from L1 (Bk: the weight in [K][Nc] layout -- its transpose, made once per op call, for a
+// Linear's forward; the weight itself for the VJP).
+// Compiled with the AVX-512F target attribute and used only where the CPU has it (gemm_avx512_ok).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DEQFUSE_NO_CLONES)
+#define DEQFUSE_AVX512_GEMM 1
+#include <immintrin.h>
+
+namespace deqfuse {
+namespace {
+
+inline bool cpu_has_avx512f() {
+  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+  return v;
+}
+
+// Whether gemm_avx512 can serve GEMMs with Nc output columns on this CPU.
+inline bool gemm_avx512_ok(int64_t Nc) { return Nc > 0 && Nc % 16 == 0 && cpu_has_avx512f(); }
+
+// R rows x V 16-column vectors of C.
+template <int R, int V>
+__attribute__((target("avx512f"))) inline void gemm_tile_avx512(int64_t K, const float* A, int64_t lda,
+                                                                const float* Bk, int64_t ldb, bool accumulate,
+                                                                float* C, int64_t ldc) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(Bk + k * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int V>
+__attribute__((target("avx512f"))) inline void gemm_cols_avx512(int64_t M, int64_t K, const float* A, int64_t lda,
+                                                                const float* Bk, int64_t ldb, bool accumulate,
+                                                                float* C, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) gemm_tile_avx512<4, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+  switch (M - r) {
+    case 3: return gemm_tile_avx512<3, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+    case 2: return gemm_tile_avx512<2, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+    case 1: return gemm_tile_avx512<1, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+    default: return;
+  }
+}
+
+// The GEMM of the module comment (gemm_avx512_ok(Nc) must hold).
+__attribute__((target("avx512f"))) inline void gemm_avx512(int64_t M, int64_t Nc, int64_t K, const float* A,
+                                                           int64_t lda, const float* Bk, int64_t ldb, bool accumulate,
+                                                           float* C, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < Nc; n0 += 64) {
+    const float* B = Bk + n0;
+    float* Cn = C + n0;
+    switch (std::min<int64_t>(4, (Nc - n0) / 16)) {
+      case 4: gemm_cols_avx512<4>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
+      case 3: gemm_cols_avx512<3>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
+      case 2: gemm_cols_avx512<2>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
+      default: gemm_cols_avx512<1>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace deqfuse
+#endif
