@@ -8,8 +8,13 @@
 
 #ifdef __CUDACC__
 #define DF_HD __host__ __device__ __forceinline__
+#define DF_HD_NOINLINE DF_HD
 #else
 #define DF_HD inline
+// Host: compiled once, for the baseline ISA, in every translation unit -- not inlined into the AVX2 clones
+// (DEQFUSE_SIMD_CLONES), where the compiler would contract its multiply-adds into FMAs: the per-iteration
+// step op and the whole solves (two translation units) must give the same weights bit for bit.
+#define DF_HD_NOINLINE __attribute__((noinline)) inline
 #endif
 
 namespace deqfuse {
@@ -53,42 +58,59 @@ DF_HD void bordered_solve_gj(const acc_t* GG, int m, int n, acc_t lam_eff, acc_t
 // a fifth of the elimination of the whole (m+1)^2 system, which it replaced as the CPU step's largest
 // cost after the ring passes: benchmarks/RESULTS.md). A pivot that is not positive (H numerically
 // indefinite, or NaN) falls back to the elimination, which then gives what it always gave.
-template <typename acc_t>
-DF_HD void bordered_solve(const acc_t* GG, int m, int n, acc_t lam, acc_t* A, acc_t* rhs, acc_t* alpha) {
+// NC > 0: n as a compile-time constant (bordered_solve dispatches n = 1..kMaxM), so the loops unroll and
+// the factor lives in registers; one divide per pivot (the divides and square roots are the latency chain).
+template <typename acc_t, int NC>
+DF_HD void bordered_solve_n(const acc_t* GG, int m, int n_rt, acc_t lam, acc_t* A, acc_t* rhs, acc_t* alpha) {
+  const int n = NC > 0 ? NC : n_rt;
   acc_t dmax = 0;
   for (int i = 0; i < n; ++i) dmax = GG[i * m + i] > dmax ? GG[i * m + i] : dmax;
   const acc_t lam_eff = lam * dmax + (acc_t)kTiny;
-  // A[i * n + j], j <= i: the Cholesky factor L of H (row-major, lower); inv: 1 / L[i][i] (one divide per
-  // pivot: the divides and square roots form the solve's latency chain); rhs: y
-  acc_t inv[kMaxM];
+  acc_t Lf[kMaxM][kMaxM], inv[kMaxM], y[kMaxM] = {};  // Lf[i][j], j <= i: the Cholesky factor of H
   for (int i = 0; i < n; ++i) {
     for (int j = 0; j <= i; ++j) {
       acc_t v = GG[i * m + j] + (i == j ? lam_eff : (acc_t)0);
-      for (int q = 0; q < j; ++q) v -= A[i * n + q] * A[j * n + q];
+      for (int q = 0; q < j; ++q) v -= Lf[i][q] * Lf[j][q];
       if (i == j) {
         if (!(v > 0)) return bordered_solve_gj<acc_t>(GG, m, n, lam_eff, A, rhs, alpha);
         const acc_t d = std::sqrt(v);
-        A[i * n + i] = d;
+        Lf[i][i] = d;
         inv[i] = (acc_t)1 / d;
       } else {
-        A[i * n + j] = v * inv[j];
+        Lf[i][j] = v * inv[j];
       }
     }
   }
   for (int i = 0; i < n; ++i) {  // L u = 1
     acc_t v = 1;
-    for (int q = 0; q < i; ++q) v -= A[i * n + q] * rhs[q];
-    rhs[i] = v * inv[i];
+    for (int q = 0; q < i; ++q) v -= Lf[i][q] * y[q];
+    y[i] = v * inv[i];
   }
   acc_t sum = 0;
   for (int i = n - 1; i >= 0; --i) {  // L^T y = u
-    acc_t v = rhs[i];
-    for (int q = i + 1; q < n; ++q) v -= A[q * n + i] * rhs[q];
-    rhs[i] = v * inv[i];
-    sum += rhs[i];
+    acc_t v = y[i];
+    for (int q = i + 1; q < n; ++q) v -= Lf[q][i] * y[q];
+    y[i] = v * inv[i];
+    sum += y[i];
   }
   const acc_t isum = (acc_t)1 / sum;
-  for (int i = 0; i < m; ++i) alpha[i] = i < n ? rhs[i] * isum : 0;
+  for (int i = 0; i < m; ++i) alpha[i] = i < n ? y[i] * isum : 0;
+}
+
+template <typename acc_t>
+DF_HD_NOINLINE void bordered_solve(const acc_t* GG, int m, int n, acc_t lam, acc_t* A, acc_t* rhs, acc_t* alpha) {
+  static_assert(kMaxM == 8, "bordered_solve dispatches n = 1..8");
+  switch (n) {
+    case 1: return bordered_solve_n<acc_t, 1>(GG, m, n, lam, A, rhs, alpha);
+    case 2: return bordered_solve_n<acc_t, 2>(GG, m, n, lam, A, rhs, alpha);
+    case 3: return bordered_solve_n<acc_t, 3>(GG, m, n, lam, A, rhs, alpha);
+    case 4: return bordered_solve_n<acc_t, 4>(GG, m, n, lam, A, rhs, alpha);
+    case 5: return bordered_solve_n<acc_t, 5>(GG, m, n, lam, A, rhs, alpha);
+    case 6: return bordered_solve_n<acc_t, 6>(GG, m, n, lam, A, rhs, alpha);
+    case 7: return bordered_solve_n<acc_t, 7>(GG, m, n, lam, A, rhs, alpha);
+    case 8: return bordered_solve_n<acc_t, 8>(GG, m, n, lam, A, rhs, alpha);
+    default: return bordered_solve_n<acc_t, 0>(GG, m, n, lam, A, rhs, alpha);
+  }
 }
 
 // Per-sample bookkeeping of a step, shared by the CPU and CUDA steps: residuals from the sums

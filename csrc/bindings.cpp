@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "cpu_blas.h"
+#include "gemm_avx512.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, cell_backward, "
@@ -17,6 +18,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
-  m.def("blas_backend", []() { return std::string(deqfuse::blas_backend()); },
-        "which GEMM the C++ CPU cell op calls: torch's BLAS (sgemm_/dgemm_) or the at::mm fallback");
+  m.def("blas_backend",
+        []() {
+          std::string s;
+#ifdef DEQFUSE_AVX512_GEMM
+          if (deqfuse::cpu_has_avx512f()) s = "AVX-512 tiles (float32, D % 16 == 0), else ";
+#endif
+          return s + deqfuse::blas_backend();
+        },
+        "which GEMMs the C++ CPU cell ops run: the AVX-512 tiles (gemm_avx512.h) where they apply, else torch's "
+        "BLAS (sgemm_/dgemm_) or the at::mm fallback");
 }

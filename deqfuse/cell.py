@@ -47,7 +47,8 @@ class FusionCell(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def params(self) -> CellParams:
-        return CellParams(*(getattr(self, f) for f in CellParams._fields))
+        d = self._parameters  # (nn.Module.__getattr__ per name costs ~1 us each; this runs every forward)
+        return CellParams(*(d[f] for f in CellParams._fields))
 
     def forward(self, z, x, xf, backend: str = "reference", save: bool = False):
         """f(z). z: [B, N+1, D] -> [B, N+1, D]; save=True also returns what vjp() needs."""

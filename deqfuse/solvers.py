@@ -24,6 +24,7 @@ csrc/solve_cpu.cpp) runs the whole Anderson solve in one compiled call instead o
 (``whole_solve`` says when): the same per-sample answer, no per-iteration Python or allocation, and each
 step evaluates f only on the samples still moving (tests/test_fused_solve.py).
 """
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -382,9 +383,24 @@ HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 def _check_option(key: str, v, name: str, solver: str):
     """One solver option (key as the solver spells it; name as the caller spelled it, for the message).
-    Skipped while torch.compile traces (options are then symbolic; the layer checked them when built)."""
+    Skipped while torch.compile traces (options are then symbolic; the layer checked them when built).
+    A hashable value that passed once is not checked again (every solve checks its options)."""
     if torch.compiler.is_compiling():
         return
+    try:
+        _option_passed(key, v, name, solver)
+    except TypeError as e:  # unhashable value: checked without the cache (the check's own TypeError re-raises)
+        if "unhashable" not in str(e):
+            raise
+        _check_option_value(key, v, name, solver)
+
+
+@functools.lru_cache(maxsize=512, typed=True)  # typed: True and 1, 1 and 1.0 are checked apart
+def _option_passed(key: str, v, name: str, solver: str):
+    _check_option_value(key, v, name, solver)  # a failed check raises and is not cached
+
+
+def _check_option_value(key: str, v, name: str, solver: str):
     if key == "max_iter":
         check_int(name, v, 1)
     elif key == "tol":
