@@ -144,6 +144,47 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>*
 }
 #endif
 
+#if defined(DEQFUSE_AVX2_GN) && defined(DEQFUSE_AVX512_GEMM)
+#define DEQFUSE_AVX512_GN 1
+// float GroupNorm of one row with AVX-512 for group width 16 (G % 4 == 0; D = 64 with 4 groups, the
+// common case): a group is one register, loaded once; four groups' sums by one hadd tree (their 256-bit
+// halves added first). Rows one by one: the loop body is short enough for consecutive rows to overlap.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's AVX-512 intrinsics (_mm512_undefined_ps)
+__attribute__((target("avx512f,avx2,fma"))) inline __m256 halves_avx512(__m512 v) {
+  const __m512 swapped = _mm512_shuffle_f32x4(v, v, 0x4E);  // 128-bit lanes 2, 3, 0, 1: the upper half first
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(swapped));
+}
+
+__attribute__((target("avx512f,avx2,fma"))) inline void gn_row_w16_avx512(const GnRow<float>& rw, const float* gamma,
+                                                                          const float* beta, int64_t G) {
+  const __m128 nv = _mm_set1_ps(16.0f), eps = _mm_set1_ps((float)kGnEps), one = _mm_set1_ps(1.0f);
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int64_t o = g0 * 16;
+    __m512 d[4];
+    for (int q = 0; q < 4; ++q) d[q] = _mm512_loadu_ps(rw.y + o + 16 * q);
+    alignas(16) float mean[4], r[4];
+    _mm_store_ps(mean, _mm_div_ps(hsum4_avx2(halves_avx512(d[0]), halves_avx512(d[1]), halves_avx512(d[2]),
+                                             halves_avx512(d[3])), nv));
+    __m256 sq[4];
+    for (int q = 0; q < 4; ++q) {
+      d[q] = _mm512_sub_ps(d[q], _mm512_set1_ps(mean[q]));
+      sq[q] = halves_avx512(_mm512_mul_ps(d[q], d[q]));
+    }
+    const __m128 var = _mm_add_ps(_mm_div_ps(hsum4_avx2(sq[0], sq[1], sq[2], sq[3]), nv), eps);
+    _mm_store_ps(r, _mm_div_ps(one, _mm_sqrt_ps(var)));
+    if (rw.rstd) std::copy(r, r + 4, rw.rstd + g0);
+    for (int q = 0; q < 4; ++q) {
+      const int64_t j = o + 16 * q;
+      const __m512 h = _mm512_mul_ps(d[q], _mm512_set1_ps(r[q]));
+      if (rw.yhat) _mm512_storeu_ps(rw.yhat + j, h);
+      _mm512_storeu_ps(rw.out + j, _mm512_fmadd_ps(h, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j)));
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 // GroupNorm of one row y [D] (G groups): yhat = (y - mean) * rstd, out = yhat * gamma + beta.
 // yhat / rstd [G] are written when non-null (saved for the VJP); out may alias y.
 template <typename T>
@@ -158,10 +199,19 @@ DEQFUSE_INLINE void gn_row(const T* y, const T* gamma, const T* beta, int64_t D,
 }
 
 // GroupNorm of M rows, row r as row_of(r) says (a GnRow; out may alias y, rows must not overlap each
-// other): four at a time with AVX2 where it applies (float; gn_rows_avx2), else row by row.
+// other): with AVX-512 for group width 16 (float; gn_row_w16_avx512), else four at a time with AVX2
+// where it applies (float; gn_rows_avx2), else row by row.
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G, const RowOf& row_of) {
   int64_t r = 0;
+#ifdef DEQFUSE_AVX512_GN
+  if constexpr (std::is_same_v<T, float>) {
+    if (G % 4 == 0 && D / G == 16 && cpu_has_avx512f()) {
+      for (; r < M; ++r) gn_row_w16_avx512(row_of(r), gamma, beta, G);
+      return;
+    }
+  }
+#endif
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
     if (G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma()) {
@@ -213,6 +263,86 @@ DEQFUSE_INLINE void gn_row_backward(const T* dout, const T* gamma, const T* yhat
     case 32: return gn_row_backward_n<T, 32>(dout, gamma, yhat, rstd, D, G, dy);
     case 64: return gn_row_backward_n<T, 64>(dout, gamma, yhat, rstd, D, G, dy);
     default: return gn_row_backward_n<T, 0>(dout, gamma, yhat, rstd, D, G, dy);
+  }
+}
+
+// Where one GroupNorm-backward row reads and writes: dy = GN^T(dout) (dy may alias dout).
+template <typename T>
+struct GnBackRow {
+  const T* dout;
+  const T* yhat;
+  const T* rstd;
+  T* dy;
+};
+
+#ifdef DEQFUSE_AVX2_GN
+// float GroupNorm backward of K rows (1 or 4) with AVX2 + FMA, four groups at a time (G % 4 == 0, group
+// width a multiple of 8): the partial sums of d = dout * gamma and d * yhat in one 8-lane register per
+// group, a row's four horizontal sums by one hadd tree, K rows' chains side by side (the forward's
+// gn_rows_avx2 layout). Same arithmetic for every row whatever K, so a row's result does not depend on
+// its neighbours in the batch.
+template <int K>
+__attribute__((target("avx2,fma"))) inline void gn_rows_backward_avx2(const GnBackRow<float>* rw, const float* gamma,
+                                                                      int64_t D, int64_t G) {
+  const int64_t n = D / G, w = n / 8;
+  const __m128 nv = _mm_set1_ps((float)n);
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    alignas(16) float m1[K][4], m2[K][4];
+    for (int p = 0; p < K; ++p) {
+      __m256 s1[4], s2[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t o = (g0 + q) * n;
+        __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+        for (int64_t v = 0; v < w; ++v) {
+          const int64_t j = o + 8 * v;
+          const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(rw[p].dout + j), _mm256_loadu_ps(gamma + j));
+          a1 = _mm256_add_ps(a1, d);
+          a2 = _mm256_fmadd_ps(d, _mm256_loadu_ps(rw[p].yhat + j), a2);
+        }
+        s1[q] = a1;
+        s2[q] = a2;
+      }
+      _mm_store_ps(m1[p], _mm_div_ps(hsum4_avx2(s1[0], s1[1], s1[2], s1[3]), nv));
+      _mm_store_ps(m2[p], _mm_div_ps(hsum4_avx2(s2[0], s2[1], s2[2], s2[3]), nv));
+    }
+    for (int p = 0; p < K; ++p) {
+      for (int q = 0; q < 4; ++q) {
+        const int64_t o = (g0 + q) * n;
+        const __m256 a = _mm256_set1_ps(m1[p][q]), b = _mm256_set1_ps(m2[p][q]), r = _mm256_set1_ps(rw[p].rstd[g0 + q]);
+        for (int64_t v = 0; v < w; ++v) {
+          const int64_t j = o + 8 * v;
+          const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(rw[p].dout + j), _mm256_loadu_ps(gamma + j));
+          const __m256 t = _mm256_sub_ps(_mm256_sub_ps(d, a), _mm256_mul_ps(_mm256_loadu_ps(rw[p].yhat + j), b));
+          _mm256_storeu_ps(rw[p].dy + j, _mm256_mul_ps(r, t));
+        }
+      }
+    }
+  }
+}
+#endif
+
+// GroupNorm backward of M rows, row r as row_of(r) says (a GnBackRow; dy may alias dout): four at a time
+// with AVX2 where it applies (float; gn_rows_backward_avx2), else row by row (gn_row_backward).
+template <typename T, typename RowOf>
+DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64_t G, const RowOf& row_of) {
+  int64_t r = 0;
+#ifdef DEQFUSE_AVX2_GN
+  if constexpr (std::is_same_v<T, float>) {
+    if (G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma()) {
+      for (; r + 4 <= M; r += 4) {
+        const GnBackRow<float> rw[4] = {row_of(r), row_of(r + 1), row_of(r + 2), row_of(r + 3)};
+        gn_rows_backward_avx2<4>(rw, gamma, D, G);
+      }
+      for (; r < M; ++r) {
+        const GnBackRow<float> rw[1] = {row_of(r)};
+        gn_rows_backward_avx2<1>(rw, gamma, D, G);
+      }
+    }
+  }
+#endif
+  for (; r < M; ++r) {
+    const GnBackRow<T> p = row_of(r);
+    gn_row_backward<T>(p.dout, gamma, p.yhat, p.rstd, D, G, p.dy);
   }
 }
 
@@ -426,10 +556,13 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
   const T *rs3 = c.rs3, *zfs = c.zfs, *gas = c.gas, *a3s = c.a3s, *yhf = c.yhf, *rsf = c.rsf;
   T *da = scratch, *dq = da + M * D, *ds = dq + M * D, *du = ds + M * D, *t = du + M * D;
   // fusion branch: da3 = GN_f^T(gbar_f) * (a3 > 0) ; dq = da3 Wf ; ds = (dq * z_f) Wg
+  gn_rows_backward<T>(M, gfw, D, G, [&](int64_t r) {
+    const int64_t b = sample_of(rows, b0, r);
+    return GnBackRow<T>{gp + r * ZS + N * D, yhf + b * D, rsf + b * G, da + r * D};
+  });
   for (int64_t r = 0; r < M; ++r) {
     const int64_t b = sample_of(rows, b0, r);
     T* d = da + r * D;
-    gn_row_backward<T>(gp + r * ZS + N * D, gfw, yhf + b * D, rsf + b * G, D, G, d);
     const T* a3 = a3s + b * D;
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) d[j] = a3[j] > 0 ? d[j] : (T)0;
@@ -459,31 +592,49 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
   }
   for (int64_t i = 0; i < N; ++i) {
     // du = GN3^T(gbar_i + ds) * (u > 0) ; da2 = GN2^T(du)
+    auto row_of = [&](int64_t r) { return i * B + sample_of(rows, b0, r); };  // of the [N, B, .] saved
     for (int64_t r = 0; r < M; ++r) {
-      const int64_t row = i * B + sample_of(rows, b0, r);
-      const T *gi = gp + r * ZS + i * D, *sr = ds + r * D, *u = us + row * D;
-      T *tr = t + r * D, *d = du + r * D;
+      const T *gi = gp + r * ZS + i * D, *sr = ds + r * D;
+      T* tr = t + r * D;
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) tr[j] = gi[j] + sr[j];
-      keep_row(kp.dzn, row, D, tr);
-      gn_row_backward<T>(tr, g3w + i * D, yh3 + row * D, rs3 + row * G, D, G, d);
+      keep_row(kp.dzn, row_of(r), D, tr);
+    }
+    gn_rows_backward<T>(M, g3w + i * D, D, G, [&](int64_t r) {
+      const int64_t row = row_of(r);
+      return GnBackRow<T>{t + r * D, yh3 + row * D, rs3 + row * G, du + r * D};
+    });
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t row = row_of(r);
+      const T* u = us + row * D;
+      T* d = du + r * D;
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) d[j] = u[j] > 0 ? d[j] : (T)0;
       keep_row(kp.du, row, D, d);
-      gn_row_backward<T>(d, g2w + i * D, yh2 + row * D, rs2 + row * G, D, G, tr);
-      keep_row(kp.da2, row, D, tr);
     }
+    gn_rows_backward<T>(M, g2w + i * D, D, G, [&](int64_t r) {
+      const int64_t row = row_of(r);
+      return GnBackRow<T>{du + r * D, yh2 + row * D, rs2 + row * G, t + r * D};
+    });
+    if (kp.da2)
+      for (int64_t r = 0; r < M; ++r) keep_row(kp.da2, row_of(r), D, t + r * D);
     // dh = da2 W2_i * (g1 > 0) ; da1 = GN1^T(dh) ; dz_i = du + da1 W1_i
     cell_gemm<T>(c, M, t, D, w2 + i * D * D, w2 + i * D * D, false, 0, da, D);
     for (int64_t r = 0; r < M; ++r) {
-      const int64_t b = sample_of(rows, b0, r), row = i * B + b;
+      const int64_t row = row_of(r);
       T* d = da + r * D;
       const T* g1 = g1s + row * D;
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) d[j] = g1[j] > 0 ? d[j] : (T)0;
       keep_row(kp.dg1, row, D, d);
-      gn_row_backward<T>(d, g1w + i * D, yh1 + row * D, rs1 + row * G, D, G, d);
-      keep_row(kp.da1, row, D, d);
+    }
+    gn_rows_backward<T>(M, g1w + i * D, D, G, [&](int64_t r) {
+      const int64_t row = row_of(r);
+      return GnBackRow<T>{da + r * D, yh1 + row * D, rs1 + row * G, da + r * D};
+    });
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t b = sample_of(rows, b0, r), row = i * B + b;
+      keep_row(kp.da1, row, D, da + r * D);
       T* o = outp + r * ZS + i * D;  // dz_i = du (+ add_i), then += da1 W1_i below
       const T* dr = du + r * D;
       if (addp) {
