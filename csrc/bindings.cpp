@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         []() {
           std::string s;
 #ifdef DEQFUSE_AVX512_GEMM
-          if (deqfuse::cpu_has_avx512f()) s = "AVX-512 tiles (float32, D % 16 == 0), else ";
+          if (deqfuse::cpu_has_avx512f()) s = "AVX-512 tiles (float32, D % 16 == 0, D <= 64), else ";
 #endif
           return s + deqfuse::blas_backend();
         },

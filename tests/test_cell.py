@@ -256,9 +256,10 @@ def test_autotuned_launch_path_runs_and_matches_reference(monkeypatch, no_tf32):
 
 # ------------------------------------------------------------------------------- C++ (CPU) cell op
 SHAPES = [  # (N, B, D, groups): N = 1..5, odd B and D, group widths 2/4/6/8/16/32/64 and a generic one;
-    # D = 16 k (the AVX-512 GEMM: 1..4 column vectors per tile, 64 + 16) and not (the BLAS)
+    # D = 16 k <= 64 (the AVX-512 GEMM: 1..4 column vectors per tile) and not (the BLAS)
     (1, 1, 8, 4), (2, 5, 12, 4), (3, 37, 20, 4), (5, 7, 36, 6), (4, 3, 16, 1), (2, 65, 64, 4),
-    (3, 130, 40, 2), (1, 129, 128, 2), (2, 63, 256, 4), (2, 9, 60, 3), (2, 6, 48, 4), (1, 11, 80, 5)]
+    (3, 130, 40, 2), (1, 129, 128, 2), (2, 63, 256, 4), (2, 9, 60, 3), (2, 6, 48, 4), (3, 7, 32, 4),
+    (1, 11, 80, 5)]
 
 
 def reference_grads(z, x, xf, p, groups, gout):
