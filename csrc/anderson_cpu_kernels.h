@@ -13,9 +13,9 @@
 namespace deqfuse {
 namespace {
 
-// One sample's step (the contract of reference/anderson.py) in three parts, so that a caller with many
-// samples can interleave them (solve_cpu.cpp: the bordered solve of one sample -- a chain of dependent
-// divides and square roots -- then overlaps the next sample's Gram pass):
+// One sample's step (the contract of reference/anderson.py) in three parts (anderson_row runs them in
+// turn; interleaving them across samples -- all Gram passes of a block first, or one row's bordered
+// solve beside the next row's Gram pass -- measured no faster, benchmarks/RESULTS.md):
 //   anderson_row_gram: pass 1 forms g = f(x) - x once into gp (norms, then the history-rounded copy the
 //     Gram row is taken from); records the residual (best iterate, flags); unless the sample converged
 //     now, the new Gram row, one contiguous dot product per ring slot. Returns record_residual's flags

@@ -94,7 +94,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 #ifdef _OPENMP
   if (sgemm_ && dgemm_) nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
 #endif
-  const int64_t per_thread = kBlock * L * 2 + cell_scratch_size(kBlock, D) + 2 * L;  // zg, fx | cell scratch | g x2
+  const int64_t per_thread = kBlock * L * 2 + cell_scratch_size(kBlock, D) + L;  // zg, fx | cell scratch | g
   std::unique_ptr<T[]> scratch(new T[per_thread * nt]);
   std::vector<int64_t> act(B);
   int64_t na = 0, steps = 0, rows = 0;
@@ -131,31 +131,12 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
           for (int64_t r = 0; r < M; ++r) std::copy(x + idx[r] * L, x + (idx[r] + 1) * L, zg + r * L);
           map(zg, fx, 0, M, idx, cs);
         }
-        // the Anderson step of every row (anderson_row's parts), software-pipelined by one row: row r's
-        // Gram pass, then row r-1's mixing, then row r's bordered solve, so that the solve's chain of
-        // divides and square roots overlaps the next row's Gram pass in the out-of-order window
-        T alpha[2][kMaxM];
-        int fl_prev = 2;  // "no previous row to mix"
-        for (int64_t r = 0; r <= M; ++r) {
-          const int cur = (int)(r & 1), prev = cur ^ 1;
-          int fl = 2;
-          if (r < M) {
-            const int64_t b = idx[r];
-            fl = anderson_row_gram<T, T, T>(x + b * L, fx + r * L, Gr.get() + b * m * L, GG.get() + b * m * m,
-                                            o.best_x + b * L, o.best_res + b, cv + b, o.nstep + b,
-                                            o.abs_trace + k * B + b, o.rel_trace + k * B + b, gp + cur * L, L,
-                                            (int)m, slot, n, k, a.tol, a.stop_rel);
-          }
-          if (!(fl_prev & 2)) {
-            const int64_t b = idx[r - 1];
-            anderson_row_mix<T, T, T>(x + b * L, X.get() + b * m * L, Gr.get() + b * m * L, gp + prev * L,
-                                      alpha[prev], L, slot, n, (T)a.beta);
-          }
-          if (!(fl & 2)) {
-            T A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
-            bordered_solve<T>(GG.get() + idx[r] * m * m, (int)m, n, (T)a.lam, A, rhs, alpha[cur]);
-          }
-          fl_prev = fl;
+        for (int64_t r = 0; r < M; ++r) {
+          const int64_t b = idx[r];
+          anderson_row<T, T, T>(x + b * L, fx + r * L, X.get() + b * m * L, Gr.get() + b * m * L,
+                                GG.get() + b * m * m, o.best_x + b * L, o.best_res + b, cv + b, o.nstep + b,
+                                o.abs_trace + k * B + b, o.rel_trace + k * B + b, gp, L, (int)m, slot, n, k,
+                                (T)a.beta, (T)a.lam, a.tol, a.stop_rel);
         }
       }
 #ifdef _OPENMP
