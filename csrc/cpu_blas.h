@@ -21,31 +21,43 @@ namespace deqfuse {
 
 inline const char* blas_backend() { return (sgemm_ && dgemm_) ? "blas (sgemm_/dgemm_ of torch's BLAS)" : "at::mm"; }
 
+// The one BLAS call: C[M, Nc] (row stride ldc) = beta * C + op(A) op(B), all row-major, op(A) [M, K],
+// op(B) [K, Nc]; ta / tb: A is stored as [K, M] / B as [Nc, K] (row strides lda / ldb). All sizes are
+// small enough for int (checked by the ops: B, D < 2^31).
+template <typename T>
+inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || Nc == 0) return;
+  if (K == 0) {  // C = beta C
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < Nc; ++j) C[r * ldc + j] = beta == (T)0 ? (T)0 : beta * C[r * ldc + j];
+    return;
+  }
+  const int m = (int)Nc, n = (int)M, k = (int)K, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+  const char cb = tb ? 'T' : 'N', ca = ta ? 'T' : 'N';
+  const T one = 1;
+  // column-major view: C^T [Nc, M] = op(B)^T [Nc, K] . op(A)^T [K, M]
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&cb, &ca, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&cb, &ca, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = at::from_blob(const_cast<T*>(A), ta ? at::IntArrayRef{K, M} : at::IntArrayRef{M, K}, {lda, 1}, opt);
+  at::Tensor b = at::from_blob(const_cast<T*>(B), tb ? at::IntArrayRef{Nc, K} : at::IntArrayRef{K, Nc}, {ldb, 1}, opt);
+  at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opt);
+  at::Tensor prod = at::mm(ta ? a.t() : a, tb ? b.t() : b);
+  if (beta == (T)0) c.copy_(prod);
+  else c.mul_(beta).add_(prod);
+}
+
 // C[M, Nc] (row stride ldc) = beta * C + A[M, K] (row stride lda) @ op(W), W row-major:
 //   trans_w = true : op(W) = W^T with W [Nc, K]   (a Linear: y = a W^T)
 //   trans_w = false: op(W) = W   with W [K, Nc]   (its VJP: da = dy W)
-// All sizes are small enough for int (checked by the ops: B, D < 2^31).
 template <typename T>
 inline void gemm_rows(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* W, bool trans_w,
                       T beta, T* C, int64_t ldc) {
-  if (M == 0) return;
-  const int m = (int)Nc, n = (int)M, k = (int)K, la = (int)lda, lc = (int)ldc;
-  const int lw = trans_w ? (int)K : (int)Nc;
-  const char tw = trans_w ? 'T' : 'N', tn = 'N';
-  const T one = 1;
-  // column-major view: C^T [Nc, M] = op(W)^T [Nc, K] . A^T [K, M]
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_) return sgemm_(&tw, &tn, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
-  } else {
-    if (dgemm_) return dgemm_(&tw, &tn, &m, &n, &k, &one, W, &lw, A, &la, &beta, C, &lc);
-  }
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
-  at::Tensor w = at::from_blob(const_cast<T*>(W), trans_w ? at::IntArrayRef{Nc, K} : at::IntArrayRef{K, Nc}, opt);
-  at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opt);
-  at::Tensor prod = at::mm(a, trans_w ? w.t() : w);
-  if (beta == (T)0) c.copy_(prod);
-  else c.mul_(beta).add_(prod);
+  gemm_rm<T>(false, trans_w, M, Nc, K, A, lda, W, trans_w ? K : Nc, beta, C, ldc);
 }
 
 // C[M, Nc] (row stride ldc) = beta * C + A^T B, with A [K, M] (row stride lda) and B [K, Nc] (row stride ldb)
@@ -54,28 +66,7 @@ inline void gemm_rows(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda,
 template <typename T>
 inline void gemm_tn(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
                     int64_t ldc) {
-  if (M == 0 || Nc == 0) return;
-  if (K == 0) {
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t j = 0; j < Nc; ++j) C[r * ldc + j] = beta == (T)0 ? (T)0 : beta * C[r * ldc + j];
-    return;
-  }
-  const int m = (int)Nc, n = (int)M, k = (int)K, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
-  const char tb = 'N', ta = 'T';
-  const T one = 1;
-  // column-major view: C^T [Nc, M] = B^T [Nc, K] . A [K, M]
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_) return sgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
-  } else {
-    if (dgemm_) return dgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
-  }
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opt);
-  at::Tensor b = at::from_blob(const_cast<T*>(B), {K, Nc}, {ldb, 1}, opt);
-  at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opt);
-  at::Tensor prod = at::mm(a.t(), b);
-  if (beta == (T)0) c.copy_(prod);
-  else c.mul_(beta).add_(prod);
+  gemm_rm<T>(true, false, M, Nc, K, A, lda, B, ldb, beta, C, ldc);
 }
 
 }  // namespace deqfuse
