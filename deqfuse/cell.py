@@ -47,8 +47,13 @@ class FusionCell(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def params(self) -> CellParams:
-        d = self._parameters  # (nn.Module.__getattr__ per name costs ~1 us each; this runs every forward)
-        return CellParams(*(d[f] for f in CellParams._fields))
+        # straight from _parameters (nn.Module.__getattr__ costs ~1 us per name; this runs every forward),
+        # unless something moved a parameter out of it (torch.func.functional_call, parametrizations)
+        d = self._parameters
+        try:
+            return CellParams(*(d[f] for f in CellParams._fields))
+        except KeyError:
+            return CellParams(*(getattr(self, f) for f in CellParams._fields))
 
     def forward(self, z, x, xf, backend: str = "reference", save: bool = False):
         """f(z). z: [B, N+1, D] -> [B, N+1, D]; save=True also returns what vjp() needs."""

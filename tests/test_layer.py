@@ -95,3 +95,29 @@ def test_training_step_all_solvers(solver):
     ref = [p.grad for p in layer.parameters()] + [t.grad for t in x]
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-8
+
+
+def test_parameters_swapped_by_functional_call_and_parametrizations_are_used():
+    """The cell reads its parameters straight from _parameters for speed; functional_call and
+    parametrizations move them out of it, and the layer must then use what they provide."""
+    from torch.func import functional_call
+    from torch.nn.utils import parametrize
+    torch.manual_seed(0)
+    layer = DEQFusion(16, 2, f_max_iter=30, b_max_iter=30, on_nonconvergence="ignore").double()
+    f = [t.double() for t in feats(N=2)]
+    other = DEQFusion(16, 2, f_max_iter=30, b_max_iter=30, on_nonconvergence="ignore").double()
+    with torch.no_grad():
+        other.cell.b1.add_(0.5)
+    swapped = functional_call(layer, dict(other.named_parameters()), (f,))
+    assert rel_err(swapped, other(f)) < 1e-12 and rel_err(swapped, layer(f)) > 1e-3
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+    plain = layer(f)
+    parametrize.register_parametrization(layer.cell, "b1", Double())
+    with torch.no_grad():
+        ref = DEQFusion(16, 2, f_max_iter=30, b_max_iter=30, on_nonconvergence="ignore").double()
+        ref.load_state_dict({k.replace("parametrizations.b1.original", "b1"): v for k, v in layer.state_dict().items()})
+        ref.cell.b1.mul_(2)
+    assert rel_err(layer(f), ref(f)) < 1e-12 and rel_err(layer(f), plain) > 1e-3
