@@ -13,7 +13,7 @@
 //
 // Threads: one parallel region for the whole solve. Each step the active samples are split evenly over
 // the threads (blocks of at most kBlock rows, in sample order, so a sample mostly stays on one core and its
-// Anderson history in that core's cache); two barriers per step. The solve stops when no sample is
+// Anderson history in that core's cache); one barrier per step (StepBarrier: spins, then yields). The solve stops when no sample is
 // active or after max_iter steps. Returns (steps run, rows evaluated).
 //
 // Layout: z0 / g0 / best_x [B, L] with L = (N+1) D; x [B, N, D]; xf [B, D]; add [B, L]; params / saved
@@ -29,7 +29,12 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -79,6 +84,41 @@ struct SolveArgs {
   bool stop_rel;
 };
 
+// The solve's step barrier: sense-reversing, the last thread to arrive runs `last` (the next step's active
+// list) before releasing the others. A waiting thread spins briefly, then yields its core: with other
+// busy processes on the machine (more runnable threads than cores), the thread it waits for may need that
+// core -- libgomp's barrier spins for ~300k iterations first, which made a solve 4-5x slower beside one
+// busy process on this 2-core machine (benchmarks/RESULTS.md).
+class StepBarrier {
+ public:
+  explicit StepBarrier(int n) : n_(n), count_(n) {}
+  template <typename F>
+  void wait(int& sense, const F& last) {
+    sense ^= 1;
+    if (count_.fetch_sub(1, std::memory_order_acq_rel) == 1) {  // last to arrive: every write before is visible
+      last();
+      count_.store(n_, std::memory_order_relaxed);
+      flag_.store(sense, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; flag_.load(std::memory_order_acquire) != sense; ++spins) {
+      if (spins < kSpins) {
+#if defined(__x86_64__)
+        _mm_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpins = 256;  // ~10 us of pause instructions, a few per cent of a step
+  const int n_;
+  std::atomic<int> count_;
+  std::atomic<int> flag_{0};
+};
+
 // The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch).
 template <typename T, typename Map>
 std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o, int64_t B, int64_t L, int64_t D,
@@ -99,25 +139,26 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
   std::vector<int64_t> act(B);
   int64_t na = 0, steps = 0, rows = 0;
 
+  StepBarrier barrier(nt);
+  // run by the last thread to reach a step's barrier: the samples still moving at step k (none past max_iter)
+  auto next_step = [&](int64_t k) {
+    na = 0;
+    if (k >= a.max_iter) return;
+    for (int64_t b = 0; b < B; ++b)
+      if (!cv[b]) act[na++] = b;
+    if (na) {
+      steps = k + 1;
+      rows += na;
+    }
+  };
   auto body = [&](int tid, int nthreads) {
     T* zg = scratch.get() + per_thread * tid;
     T* fx = zg + kBlock * L;
     T* cs = fx + kBlock * L;
     T* gp = cs + cell_scratch_size(kBlock, D);
-    for (int64_t k = 0; k < a.max_iter; ++k) {
-#ifdef _OPENMP
-#pragma omp single
-#endif
-      {
-        na = 0;
-        for (int64_t b = 0; b < B; ++b)
-          if (!cv[b]) act[na++] = b;
-        if (na) {
-          steps = k + 1;
-          rows += na;
-        }
-      }  // implicit barrier: every thread sees the same active list
-      if (na == 0) break;
+    int sense = 0;
+    barrier.wait(sense, [&] { next_step(0); });
+    for (int64_t k = 0; na > 0; ++k) {  // every thread sees the same active list (set before the barrier)
       const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
       const int64_t lo = na * tid / nthreads, hi = na * (tid + 1) / nthreads;
       const int64_t nblk = (hi - lo + kBlock - 1) / kBlock;
@@ -139,9 +180,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
                                 (T)a.beta, (T)a.lam, a.tol, a.stop_rel);
         }
       }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+      barrier.wait(sense, [&] { next_step(k + 1); });  // one barrier per step
     }
   };
 #ifdef _OPENMP
