@@ -211,11 +211,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cell_bac
   TORCH_CHECK(z.sizes() == gbar.sizes() && z.scalar_type() == gbar.scalar_type() && z.device().is_cpu(),
               "cell_backward: z (the forward's input state) must be a CPU tensor of gbar's shape ",
               shape_str(gbar.sizes()), " and dtype, got ", shape_str(z.sizes()));
-  const auto gc = gbar.contiguous();
+  const auto gc = gbar.contiguous(), zc = z.contiguous();  // read through raw pointers (row stride (N+1) D)
   const auto sv = contiguous_all(saved), p = contiguous_all(params);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> res;
   AT_DISPATCH_FLOATING_TYPES(gbar.scalar_type(), "cell_backward_cpu", [&] {
-    res = backward_impl<scalar_t>(gc, z, sv, p, groups);
+    res = backward_impl<scalar_t>(gc, zc, sv, p, groups);
   });
   return res;
 }

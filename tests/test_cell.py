@@ -424,3 +424,18 @@ def test_jacobian_regulariser_keeps_the_double_differentiable_path():
     out, info = ly([torch.randn(3, 8, dtype=torch.float64) for _ in range(2)], return_info=True)
     (out.sum() + info.jac_loss).backward()
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in ly.parameters())
+
+
+@needs_ext
+def test_backward_takes_any_strided_state():
+    """cell_backward reads z through raw pointers: a non-contiguous z gives the contiguous z's gradients."""
+    N, B, D = 2, 9, 16
+    p, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
+    _, saved = torch.ops.deqfuse.cell_forward(z, x, xf, list(p), 4, True)
+    g = torch.randn_like(z)
+    z_strided = z.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (D (N+1), 1, N+1)
+    assert not z_strided.is_contiguous()
+    got = torch.ops.deqfuse.cell_backward(g, z_strided, saved, list(p), 4)
+    ref = torch.ops.deqfuse.cell_backward(g, z, saved, list(p), 4)
+    for a, b in zip([*got[:3], *got[3]], [*ref[:3], *ref[3]]):
+        assert torch.equal(a, b)
