@@ -92,6 +92,11 @@ struct SolveArgs {
 class StepBarrier {
  public:
   explicit StepBarrier(int n) : n_(n), count_(n) {}
+  // for a team of n threads (an OpenMP region may get fewer than it asked for); before any wait
+  void reset(int n) {
+    n_ = n;
+    count_.store(n, std::memory_order_relaxed);
+  }
   template <typename F>
   void wait(int& sense, const F& last) {
     sense ^= 1;
@@ -114,7 +119,7 @@ class StepBarrier {
 
  private:
   static constexpr int kSpins = 256;  // ~10 us of pause instructions, a few per cent of a step
-  const int n_;
+  int n_;
   std::atomic<int> count_;
   std::atomic<int> flag_{0};
 };
@@ -186,7 +191,11 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 #ifdef _OPENMP
   if (nt > 1) {
 #pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num(), omp_get_num_threads());
+    {
+#pragma omp single
+      barrier.reset(omp_get_num_threads());  // the team may be smaller than nt (nested, thread limit)
+      body(omp_get_thread_num(), omp_get_num_threads());
+    }
   } else {
     body(0, 1);
   }

@@ -217,3 +217,19 @@ def test_vjp_solve_checks_its_arguments():
         torch.ops.deqfuse.anderson_vjp_solve(g0, torch.zeros(B, 3), saved, p, 2, *tail)
     with pytest.raises(RuntimeError, match=r"saved\[0\] must have shape"):
         torch.ops.deqfuse.anderson_vjp_solve(g0, g0, [s[:, :2] if s.dim() == 3 else s for s in saved], p, 2, *tail)
+
+
+def test_whole_solve_with_a_smaller_openmp_team_than_asked():
+    """The solve's own step barrier counts the threads OpenMP really started (OMP_THREAD_LIMIT=1 gives a
+    team of one while torch asks for two): sized by the request it waited forever."""
+    import os
+    import subprocess
+    import sys
+    if not extension_runs():
+        pytest.skip("compiled extension not built")
+    code = ("import torch; from deqfuse import DEQFusion; torch.set_num_threads(2); "
+            "layer = DEQFusion(64, 2, f_max_iter=30, on_nonconvergence='ignore').eval(); "
+            "print(layer([torch.randn(128, 64) for _ in range(2)]).shape)")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "[128, 64]" in r.stdout, r.stderr[-2000:]
