@@ -13,23 +13,17 @@
 namespace deqfuse {
 namespace {
 
-// One sample's step (the contract of reference/anderson.py) in three parts (anderson_row runs them in
-// turn; interleaving them across samples -- all Gram passes of a block first, or one row's bordered
-// solve beside the next row's Gram pass -- measured no faster, benchmarks/RESULTS.md):
-//   anderson_row_gram: pass 1 forms g = f(x) - x once into gp (norms, then the history-rounded copy the
-//     Gram row is taken from); records the residual (best iterate, flags); unless the sample converged
-//     now, the new Gram row, one contiguous dot product per ring slot. Returns record_residual's flags
-//     (bit 1: converged now -- the step stops there).
-//   bordered_solve (anderson_common.h): the mixing weights alpha from the Gram matrix.
-//   anderson_row_mix: writes the new ring slot (x, and g from gp) and mixes the ring straight into x (per
-//     element in slot order: the sum order of the reference).
-// gp: an [L] row. Every inner loop is over contiguous rows (SIMD).
+// One sample's step (the contract of reference/anderson.py). gp: [L] scratch row. Pass 1 forms
+// g = f(x) - x once (norms, then the history-rounded copy the Gram row is taken from); the Gram row is
+// one contiguous dot product per ring slot; pass 2 writes the new slot and mixes the ring straight into
+// x (per element in slot order: the sum order of the reference). Every inner loop is over contiguous
+// rows (SIMD).
 template <typename scalar_t, typename hist_t, typename acc_t>
-DEQFUSE_SIMD_CLONES int anderson_row_gram(const scalar_t* xb, const scalar_t* fb, const hist_t* Gb, acc_t* GGb,
-                                          scalar_t* bxb, acc_t* brb, bool* cb, int32_t* nb, acc_t* ab, acc_t* rb,
-                                          acc_t* gp, int64_t L, int m, int slot, int n, int64_t k, double tol,
-                                          bool stop_rel) {
-  acc_t dots[kMaxM];
+DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* Xb, hist_t* Gb, acc_t* GGb,
+                                      scalar_t* bxb, acc_t* brb, bool* cb, int32_t* nb, acc_t* ab, acc_t* rb,
+                                      acc_t* gp, int64_t L, int m, int slot, int n, int64_t k,
+                                      acc_t beta, acc_t lam, double tol, bool stop_rel) {
+  acc_t dots[kMaxM], alpha[kMaxM], A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
   acc_t g2 = 0, f2 = 0, gr2 = 0;
 #pragma omp simd reduction(+ : g2, f2)
   for (int64_t l = 0; l < L; ++l) {
@@ -56,15 +50,10 @@ DEQFUSE_SIMD_CLONES int anderson_row_gram(const scalar_t* xb, const scalar_t* fb
   }
   const int fl = record_residual<acc_t>(g2, f2, stop_rel, tol, k, ab, rb, brb, nb, cb);
   if (fl & 1) std::copy(xb, xb + L, bxb);
-  if (fl & 2) return fl;
+  if (fl & 2) return;
   dots[slot] = gr2;
   for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = dots[j];
-  return fl;
-}
-
-template <typename scalar_t, typename hist_t, typename acc_t>
-DEQFUSE_SIMD_CLONES void anderson_row_mix(scalar_t* xb, hist_t* Xb, hist_t* Gb, const acc_t* gp, const acc_t* alpha,
-                                          int64_t L, int slot, int n, acc_t beta) {
+  bordered_solve<acc_t>(GGb, m, n, lam, A, rhs, alpha);
   hist_t* Xs = Xb + slot * L;
   hist_t* Gs = Gb + slot * L;
   for (int64_t l = 0; l < L; ++l) {
@@ -93,19 +82,6 @@ DEQFUSE_SIMD_CLONES void anderson_row_mix(scalar_t* xb, hist_t* Xb, hist_t* Gb, 
 #pragma omp simd
     for (int64_t l = 0; l < len; ++l) xo[l] = (scalar_t)(acc[l] + a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]));
   }
-}
-
-// The whole step of one sample (the anderson_step op): gram, solve, mix. gp: [L] scratch row.
-template <typename scalar_t, typename hist_t, typename acc_t>
-void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* Xb, hist_t* Gb, acc_t* GGb, scalar_t* bxb, acc_t* brb,
-                  bool* cb, int32_t* nb, acc_t* ab, acc_t* rb, acc_t* gp, int64_t L, int m, int slot, int n, int64_t k,
-                  acc_t beta, acc_t lam, double tol, bool stop_rel) {
-  const int fl = anderson_row_gram<scalar_t, hist_t, acc_t>(xb, fb, Gb, GGb, bxb, brb, cb, nb, ab, rb, gp, L, m, slot,
-                                                            n, k, tol, stop_rel);
-  if (fl & 2) return;
-  acc_t alpha[kMaxM], A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
-  bordered_solve<acc_t>(GGb, m, n, lam, A, rhs, alpha);
-  anderson_row_mix<scalar_t, hist_t, acc_t>(xb, Xb, Gb, gp, alpha, L, slot, n, beta);
 }
 
 }  // namespace

@@ -366,9 +366,9 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
 }
 
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
-// save=true, read by the VJP; null in a forward without save). kn: the GEMM weights in [K][Nc] layout for
-// gemm_avx512 (float, AVX-512F, D % 16 == 0; else null and the GEMMs go through the BLAS): a Linear's
-// forward multiplies by W^T (transposed copies, made by the constructor when `forward`), its VJP by W.
+// save=true, read by the VJP; null in a forward without save). kn: the GEMMs go through gemm_avx512 (float
+// and gemm_avx512_ok(D); else the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward
+// multiplies by W^T (transposed copies, made by the constructor when `forward`), its VJP by W as stored.
 template <typename T>
 struct Cell {
   int64_t B, N, D, G, ZS;  // ZS = (N+1) D: row stride of z / out / gbar

@@ -13,8 +13,8 @@
 //
 // Threads: one parallel region for the whole solve. Each step the active samples are split evenly over
 // the threads (blocks of at most kBlock rows, in sample order, so a sample mostly stays on one core and its
-// Anderson history in that core's cache); one barrier per step (StepBarrier: spins, then yields). The solve stops when no sample is
-// active or after max_iter steps. Returns (steps run, rows evaluated).
+// Anderson history in that core's cache); one barrier per step (StepBarrier: spins, then yields). The
+// solve stops when no sample is active or after max_iter steps. Returns (steps run, rows evaluated).
 //
 // Layout: z0 / g0 / best_x [B, L] with L = (N+1) D; x [B, N, D]; xf [B, D]; add [B, L]; params / saved
 // as the cell ops (cell_cpu.cpp); best_res [B], abs/rel traces [T >= max_iter, B] (float for float32
