@@ -50,17 +50,29 @@ def cell_map(B, N, D, dtype, w_scale=0.5, seed=0):
         return layer._flat_cell(x, xf), layer
 
 
+CHAOTIC_TOL = 1e-6  # samples that do not converge (see assert_same)
+
+
 def assert_same(z, st, z_ref, st_ref, dtype):
+    """The whole solve's answer and stats equal the loop's, sample by sample. Both paths evaluate the cell on
+    different row subsets, and a BLAS GEMM's rows can round differently with the row count of the call
+    (~1e-16 per step). A sample that converges keeps that at ~1e-12; one that does not (Anderson wandering
+    at a residual of ~0.01-5 for 40 steps) amplifies it chaotically (measured: 6e-9 in z in float64, MKL on
+    an AMD EPYC), so those samples -- flagged unconverged by both -- are compared to CHAOTIC_TOL."""
     tol = TOL[dtype]
     assert torch.equal(st.converged, st_ref.converged)
     assert torch.equal(st.nstep, st_ref.nstep)
     assert st.steps == st_ref.steps
-    assert (z - z_ref).abs().max() <= tol * (1 + z_ref.abs().max())
-    assert torch.allclose(st.best_res, st_ref.best_res, rtol=tol * 100, atol=tol)
-    for name in ("abs_trace", "rel_trace"):
-        a, r = getattr(st, name), getattr(st_ref, name)
-        assert torch.equal(torch.isnan(a), torch.isnan(r)), name
-        assert torch.allclose(a, r, rtol=tol * 100, atol=tol * 10, equal_nan=True), name
+    for rows, t in ((st_ref.converged, tol), (~st_ref.converged, max(tol, CHAOTIC_TOL))):
+        if not rows.any():
+            continue
+        zr = z_ref[rows]
+        assert (z[rows] - zr).abs().max() <= t * (1 + zr.abs().max())
+        assert torch.allclose(st.best_res[rows], st_ref.best_res[rows], rtol=t * 100, atol=t)
+        for name in ("abs_trace", "rel_trace"):
+            a, r = getattr(st, name)[:, rows], getattr(st_ref, name)[:, rows]
+            assert torch.equal(torch.isnan(a), torch.isnan(r)), name
+            assert torch.allclose(a, r, rtol=t * 100, atol=t * 10, equal_nan=True), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
