@@ -29,14 +29,21 @@ void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, 
   int32_t* np = nstep.data_ptr<int32_t>();
   acc_t* ap = abs_out.data_ptr<acc_t>();
   acc_t* rp = rel_out.data_ptr<acc_t>();
+  const StepConst<acc_t> c{L, (int)m, slot, n, k, (acc_t)beta, (acc_t)lam, tol, stop_rel};
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> g(L);
+    std::vector<acc_t> g(kStepRows * L);
+    AndersonRow<scalar_t, hist_t, acc_t> rows[kStepRows];
+    int R = 0;
     for (int64_t b = b0; b < b1; ++b) {
       if (cp[b]) continue;  // frozen
-      anderson_row<scalar_t, hist_t, acc_t>(xp + b * L, fp + b * L, Xp + b * m * L, Gp + b * m * L, GGp + b * m * m,
-                                            bxp + b * L, brp + b, cp + b, np + b, ap + b, rp + b, g.data(), L, (int)m, slot, n, k, (acc_t)beta, (acc_t)lam, tol,
-                                            stop_rel);
+      rows[R++] = {xp + b * L, fp + b * L, Xp + b * m * L, Gp + b * m * L, GGp + b * m * m,
+                   bxp + b * L, brp + b, cp + b, np + b, ap + b, rp + b};
+      if (R == kStepRows) {
+        anderson_rows<scalar_t, hist_t, acc_t>(rows, R, c, g.data());
+        R = 0;
+      }
     }
+    if (R) anderson_rows<scalar_t, hist_t, acc_t>(rows, R, c, g.data());
   });
 }
 

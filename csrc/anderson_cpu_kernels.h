@@ -1,5 +1,17 @@
-// The C++ CPU Anderson step of one sample, shared by the anderson_step op (anderson_cpu.cpp) and the
-// whole-solve ops (solve_cpu.cpp). Internal linkage (unnamed namespace): see cell_cpu_kernels.h.
+// The C++ CPU Anderson step, shared by the anderson_step op (anderson_cpu.cpp) and the whole-solve ops
+// (solve_cpu.cpp). Internal linkage (unnamed namespace): see cell_cpu_kernels.h.
+//
+// anderson_rows steps up to kStepRows samples together (the contract of reference/anderson.py per
+// sample), in three passes:
+//   1. per sample (anderson_gram_row): g = f(x) - x once (its norms, then the history-rounded copy the
+//      Gram row is taken from) and the Gram row, one contiguous dot product per ring slot;
+//   2. the bookkeeping (record_residual, best iterate) and the mixing weights of all of them at once
+//      (anderson_weights_rows: the bordered solves with the samples in SIMD lanes -- a sample's weights are a
+//      chain of dependent divides and square roots, which one sample at a time left the core waiting);
+//   3. per sample (anderson_mix_row): the new ring slot and the mixing straight into x (per element in slot
+//      order: the sum order of the reference).
+// A sample's arithmetic does not depend on which samples share its group or on its lane, so the step op
+// and the whole solves give the same iterate bit for bit (tests/test_fused_solve.py).
 #pragma once
 #include <torch/extension.h>
 
@@ -13,17 +25,39 @@
 namespace deqfuse {
 namespace {
 
-// One sample's step (the contract of reference/anderson.py). gp: [L] scratch row. Pass 1 forms
-// g = f(x) - x once (norms, then the history-rounded copy the Gram row is taken from); the Gram row is
-// one contiguous dot product per ring slot; pass 2 writes the new slot and mixes the ring straight into
-// x (per element in slot order: the sum order of the reference). Every inner loop is over contiguous
-// rows (SIMD).
+constexpr int kStepRows = 8;  // samples per anderson_rows group (the SIMD lanes of the weights' solve)
+
+// One sample's operands: its rows of the step's buffers (x, f(x), rings X / G [m, L], Gram [m, m], best
+// iterate / residual, flag, step of the best, residual outputs of this step).
 template <typename scalar_t, typename hist_t, typename acc_t>
-DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* Xb, hist_t* Gb, acc_t* GGb,
-                                      scalar_t* bxb, acc_t* brb, bool* cb, int32_t* nb, acc_t* ab, acc_t* rb,
-                                      acc_t* gp, int64_t L, int m, int slot, int n, int64_t k,
-                                      acc_t beta, acc_t lam, double tol, bool stop_rel) {
-  acc_t dots[kMaxM], alpha[kMaxM], A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
+struct AndersonRow {
+  scalar_t* x;
+  const scalar_t* f;
+  hist_t *X, *G;
+  acc_t* GG;
+  scalar_t* bx;
+  acc_t* br;
+  bool* cv;
+  int32_t* ns;
+  acc_t *ab, *rb;
+};
+
+// The step's constants: row width, ring size, slot written this step, filled slots n = min(k + 1, m).
+template <typename acc_t>
+struct StepConst {
+  int64_t L;
+  int m, slot, n;
+  int64_t k;
+  acc_t beta, lam;
+  double tol;
+  bool stop_rel;
+};
+
+// Pass 1 of one sample: gp = f(x) - x ([L] scratch, rounded to hist_t's precision), s = (|g|^2, |f(x)|^2,
+// |gp|^2, then the Gram row <G_j, gp> of the filled slots j != slot; 0 elsewhere).
+template <typename scalar_t, typename hist_t, typename acc_t>
+DEQFUSE_SIMD_CLONES void anderson_gram_row(const scalar_t* xb, const scalar_t* fb, const hist_t* Gb, acc_t* gp,
+                                           int64_t L, int m, int slot, int n, acc_t* s) {
   acc_t g2 = 0, f2 = 0, gr2 = 0;
 #pragma omp simd reduction(+ : g2, f2)
   for (int64_t l = 0; l < L; ++l) {
@@ -39,6 +73,9 @@ DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* 
   } else {
     gr2 = g2;
   }
+  s[0] = g2;
+  s[1] = f2;
+  s[2] = gr2;
   for (int j = 0; j < m; ++j) {
     acc_t d = 0;
     if (j < n && j != slot) {
@@ -46,22 +83,22 @@ DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* 
 #pragma omp simd reduction(+ : d)
       for (int64_t l = 0; l < L; ++l) d += (acc_t)Gj[l] * gp[l];
     }
-    dots[j] = d;
+    s[3 + j] = d;
   }
-  const int fl = record_residual<acc_t>(g2, f2, stop_rel, tol, k, ab, rb, brb, nb, cb);
-  if (fl & 1) std::copy(xb, xb + L, bxb);
-  if (fl & 2) return;
-  dots[slot] = gr2;
-  for (int j = 0; j < m; ++j) GGb[slot * m + j] = GGb[j * m + slot] = dots[j];
-  bordered_solve<acc_t>(GGb, m, n, lam, A, rhs, alpha);
+}
+
+// Pass 3 of one sample: ring slot `slot` = (x, gp), then x = sum_j alpha_j (X_j + beta G_j), summed in slot
+// order (the reference's order), tile by tile: a tile's partial sums stay in L1 and the last slot's pass
+// writes x.
+template <typename scalar_t, typename hist_t, typename acc_t>
+DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, const acc_t* gp, const acc_t* alpha,
+                                          int64_t L, int slot, int n, acc_t beta) {
   hist_t* Xs = Xb + slot * L;
   hist_t* Gs = Gb + slot * L;
   for (int64_t l = 0; l < L; ++l) {
     Xs[l] = (hist_t)xb[l];
     Gs[l] = (hist_t)gp[l];
   }
-  // x = sum_j alpha_j (X_j + beta G_j), summed in slot order (the reference's order), tile by tile: a
-  // tile's partial sums stay in L1 and the last slot's pass writes x
   constexpr int64_t kTile = 64;
   for (int64_t l0 = 0; l0 < L; l0 += kTile) {
     const int64_t len = std::min<int64_t>(kTile, L - l0);
@@ -81,6 +118,125 @@ DEQFUSE_SIMD_CLONES void anderson_row(scalar_t* xb, const scalar_t* fb, hist_t* 
     scalar_t* xo = xb + l0;
 #pragma omp simd
     for (int64_t l = 0; l < len; ++l) xo[l] = (scalar_t)(acc[l] + a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]));
+  }
+}
+
+// The bordered solves of kStepRows samples in SIMD lanes (anderson_common.h: bordered_solve_n's Cholesky
+// of H = GG + lam' I, a = y / (1^T y) with H y = 1, the same operations in the same order per lane).
+// H[i][j][r]: GG[i][j] of lane r (i, j < NC); alpha[i][r] out; bad[r]: a pivot was not positive (or NaN),
+// the lane's alpha is to be replaced by the elimination's (bordered_solve_gj).
+template <typename acc_t, int NC>
+DEQFUSE_INLINE void cholesky_lanes(const acc_t (*H)[kMaxM][kStepRows], acc_t lam, acc_t (*alpha)[kStepRows],
+                                   bool* bad) {
+#pragma omp simd
+  for (int r = 0; r < kStepRows; ++r) {
+    acc_t dmax = 0;
+#pragma GCC unroll 8
+    for (int i = 0; i < NC; ++i) dmax = H[i][i][r] > dmax ? H[i][i][r] : dmax;
+    const acc_t lam_eff = lam * dmax + (acc_t)kTiny;
+    acc_t Lf[NC][NC], inv[NC], y[NC];
+    bool ok = true;
+#pragma GCC unroll 8
+    for (int i = 0; i < NC; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j <= i; ++j) {
+        acc_t v = H[i][j][r] + (i == j ? lam_eff : (acc_t)0);
+#pragma GCC unroll 8
+        for (int q = 0; q < j; ++q) v -= Lf[i][q] * Lf[j][q];
+        if (i == j) {
+          ok = ok && v > 0;
+          const acc_t d = std::sqrt(v > 0 ? v : (acc_t)1);  // a bad lane is redone by the elimination
+          Lf[i][i] = d;
+          inv[i] = (acc_t)1 / d;
+        } else {
+          Lf[i][j] = v * inv[j];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NC; ++i) {  // L u = 1
+      acc_t v = 1;
+#pragma GCC unroll 8
+      for (int q = 0; q < i; ++q) v -= Lf[i][q] * y[q];
+      y[i] = v * inv[i];
+    }
+    acc_t sum = 0;
+#pragma GCC unroll 8
+    for (int i = NC - 1; i >= 0; --i) {  // L^T y = u
+      acc_t v = y[i];
+#pragma GCC unroll 8
+      for (int q = i + 1; q < NC; ++q) v -= Lf[q][i] * y[q];
+      y[i] = v * inv[i];
+      sum += y[i];
+    }
+    const acc_t isum = (acc_t)1 / sum;
+#pragma GCC unroll 8
+    for (int i = 0; i < NC; ++i) alpha[i][r] = y[i] * isum;
+    bad[r] = !ok;
+  }
+}
+
+// The mixing weights of na <= kStepRows samples whose Gram matrices (m x m, first n slots filled) are
+// GGs[0 .. na-1]: alpha[q][0 .. m-1] (0 past n). Out of line and for the baseline ISA only (SSE2 lanes, no
+// FMA contraction), like bordered_solve: the step op and the whole solves call the same code, so their weights
+// agree bit for bit, and they are the weights bordered_solve_n gave one sample at a time (a solve that ends
+// near the limits of precision amplifies a last-bit difference in them: tests/test_fused_solve.py).
+template <typename acc_t>
+__attribute__((noinline)) void anderson_weights_rows(acc_t* const* GGs, int na, int m, int n,
+                                                                         acc_t lam, acc_t (*alpha)[kMaxM]) {
+  acc_t H[kMaxM][kMaxM][kStepRows], al[kMaxM][kStepRows];
+  bool bad[kStepRows];
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j)
+      for (int r = 0; r < kStepRows; ++r) H[i][j][r] = r < na ? GGs[r][i * m + j] : (acc_t)(i == j);  // pad: I
+  switch (n) {
+    case 1: cholesky_lanes<acc_t, 1>(H, lam, al, bad); break;
+    case 2: cholesky_lanes<acc_t, 2>(H, lam, al, bad); break;
+    case 3: cholesky_lanes<acc_t, 3>(H, lam, al, bad); break;
+    case 4: cholesky_lanes<acc_t, 4>(H, lam, al, bad); break;
+    case 5: cholesky_lanes<acc_t, 5>(H, lam, al, bad); break;
+    case 6: cholesky_lanes<acc_t, 6>(H, lam, al, bad); break;
+    case 7: cholesky_lanes<acc_t, 7>(H, lam, al, bad); break;
+    default: cholesky_lanes<acc_t, 8>(H, lam, al, bad); break;  // n <= kMaxM = 8
+  }
+  static_assert(kMaxM == 8, "anderson_weights_rows dispatches n = 1..8");
+  for (int q = 0; q < na; ++q) {
+    if (bad[q]) {
+      acc_t A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1], dmax = 0;
+      for (int i = 0; i < n; ++i) dmax = GGs[q][i * m + i] > dmax ? GGs[q][i * m + i] : dmax;
+      bordered_solve_gj<acc_t>(GGs[q], m, n, lam * dmax + (acc_t)kTiny, A, rhs, alpha[q]);
+    } else {
+      for (int i = 0; i < m; ++i) alpha[q][i] = i < n ? al[i][q] : (acc_t)0;
+    }
+  }
+}
+
+// One step of the R <= kStepRows samples rows[0 .. R-1] (none frozen). gp: R * L scratch.
+template <typename scalar_t, typename hist_t, typename acc_t>
+void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, const StepConst<acc_t>& c, acc_t* gp) {
+  const int64_t L = c.L;
+  const int m = c.m, slot = c.slot, n = c.n;
+  acc_t sums[kStepRows][3 + kMaxM];
+  acc_t* GGs[kStepRows];
+  int live[kStepRows], na = 0;
+  for (int r = 0; r < R; ++r) {
+    const auto& a = rows[r];
+    anderson_gram_row<scalar_t, hist_t, acc_t>(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r]);
+    const int fl = record_residual<acc_t>(sums[r][0], sums[r][1], c.stop_rel, c.tol, c.k, a.ab, a.rb, a.br, a.ns, a.cv);
+    if (fl & 1) std::copy(a.x, a.x + L, a.bx);
+    if (fl & 2) continue;  // converged now: frozen, no history update
+    acc_t* dots = sums[r] + 3;
+    dots[slot] = sums[r][2];
+    for (int j = 0; j < m; ++j) a.GG[slot * m + j] = a.GG[j * m + slot] = dots[j];
+    GGs[na] = a.GG;
+    live[na++] = r;
+  }
+  if (na == 0) return;
+  acc_t alpha[kStepRows][kMaxM];
+  anderson_weights_rows<acc_t>(GGs, na, m, n, c.lam, alpha);
+  for (int q = 0; q < na; ++q) {
+    const auto& a = rows[live[q]];
+    anderson_mix_row<scalar_t, hist_t, acc_t>(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
   }
 }
 

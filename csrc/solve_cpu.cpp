@@ -4,7 +4,7 @@
 //   anderson_cell_solve: z = f(z, x, xf)            (the forward fixed point; f = cell_forward)
 //   anderson_vjp_solve:  g = J^T g + add            (the adjoint fixed point; J^T = cell_vjp at the point
 //                                                    the `saved` tensors were taken at)
-// Contract per sample: the step of reference/anderson.py (anderson_row, the anderson_step op's kernel) at
+// Contract per sample: the step of reference/anderson.py (anderson_rows, the anderson_step op's kernel) at
 // global step k, a sample frozen once its residual is below tol -- so iterate, best iterate/residual, step
 // of the best, flag and the residual traces equal those of the Python loop sample by sample
 // (tests/test_fused_solve.py). What differs is the work: each step evaluates the map on the samples still
@@ -139,7 +139,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 #ifdef _OPENMP
   if (sgemm_ && dgemm_) nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
 #endif
-  const int64_t per_thread = kBlock * L * 2 + cell_scratch_size(kBlock, D) + L;  // zg, fx | cell scratch | g
+  const int64_t per_thread = kBlock * L * 2 + cell_scratch_size(kBlock, D) + kStepRows * L;  // zg, fx | cell | g
   std::unique_ptr<T[]> scratch(new T[per_thread * nt]);
   std::vector<int64_t> act(B);
   int64_t na = 0, steps = 0, rows = 0;
@@ -165,6 +165,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
     barrier.wait(sense, [&] { next_step(0); });
     for (int64_t k = 0; na > 0; ++k) {  // every thread sees the same active list (set before the barrier)
       const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
+      const StepConst<T> sc{L, (int)m, slot, n, k, (T)a.beta, (T)a.lam, a.tol, a.stop_rel};
       const int64_t lo = na * tid / nthreads, hi = na * (tid + 1) / nthreads;
       const int64_t nblk = (hi - lo + kBlock - 1) / kBlock;
       for (int64_t q = 0; q < nblk; ++q) {  // equal blocks of this thread's share
@@ -177,12 +178,16 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
           for (int64_t r = 0; r < M; ++r) std::copy(x + idx[r] * L, x + (idx[r] + 1) * L, zg + r * L);
           map(zg, fx, 0, M, idx, cs);
         }
-        for (int64_t r = 0; r < M; ++r) {
-          const int64_t b = idx[r];
-          anderson_row<T, T, T>(x + b * L, fx + r * L, X.get() + b * m * L, Gr.get() + b * m * L,
-                                GG.get() + b * m * m, o.best_x + b * L, o.best_res + b, cv + b, o.nstep + b,
-                                o.abs_trace + k * B + b, o.rel_trace + k * B + b, gp, L, (int)m, slot, n, k,
-                                (T)a.beta, (T)a.lam, a.tol, a.stop_rel);
+        for (int64_t r0 = 0; r0 < M; r0 += kStepRows) {  // the Anderson step, kStepRows samples at a time
+          const int R = (int)std::min<int64_t>(kStepRows, M - r0);
+          AndersonRow<T, T, T> rw[kStepRows];
+          for (int q = 0; q < R; ++q) {
+            const int64_t r = r0 + q, b = idx[r];
+            rw[q] = {x + b * L, fx + r * L, X.get() + b * m * L, Gr.get() + b * m * L, GG.get() + b * m * m,
+                     o.best_x + b * L, o.best_res + b, cv + b, o.nstep + b, o.abs_trace + k * B + b,
+                     o.rel_trace + k * B + b};
+          }
+          anderson_rows<T, T, T>(rw, R, sc, gp);
         }
       }
       barrier.wait(sense, [&] { next_step(k + 1); });  // one barrier per step

@@ -478,7 +478,7 @@ def _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history
 def whole_solve(f, x0, step_fn, history_dtype, check_every: int):
     """f's compiled whole Anderson solve (``f.anderson_solve(x0, results, m=, beta=, lam=, tol=, stop_rel=,
     max_iter=) -> (steps run, rows evaluated)``, e.g. the C++ cell's: csrc/solve_cpu.cpp) when it can run
-    this solve, else None. It runs the compiled step's math (anderson_row) sample by sample, evaluating
+    this solve, else None. It runs the compiled step's math (anderson_rows) sample by sample, evaluating
     f only on the samples still moving, so it stands in where the per-iteration loop would run the
     compiled CPU step with the state's dtype as history and with early exit on (check_every > 0;
     check_every=0 asks for the fixed-shape loop), outside autograd, torch.compile and NVTX profiling
