@@ -5,8 +5,12 @@ step, side by side in one run, at the same fixed iteration counts (tol 1e-30: no
   baseline     other checkouts of deqfuse (--baseline DIR, repeatable; each with its extension built in
                place), e.g. the revision before a change and the one the issue called "today's path"
   torchdeq     torchdeq 0.1.0's Anderson solver + IFT backward on the same cell (plain PyTorch)
-  gemm floor   the 2N+2 GEMMs of one cell evaluation alone ([B, D] x [D, D] each, torch.mm with out=):
-               the floor of one iteration's cell work
+  gemm floor   the 2N+2 GEMMs of one cell evaluation alone ([B, D] x [D, D] each), two ways:
+                 mm:     torch.mm with out=, one call per GEMM (what the issue's first numbers used; each
+                         call also pays the dispatcher, a few us at these sizes)
+                 kernel: timed inside the extension (deqfuse._C.cell_gemm_floor_seconds): the same GEMMs
+                         in the C++ ops' row blocks, threads and kernels (the AVX-512 tiles where they
+                         apply, else the BLAS), nothing else -- the floor of one iteration's cell work
 
   python benchmarks/bench_small.py [--threads 2] [--B 32,128,512] [--D 32,64,256] [--N 2,3] [--iters 30]
                                    [--baseline /path/to/old/checkout ...] [--out DIR]
@@ -123,6 +127,20 @@ def gemm_floor_ms(B, D, N, reps=200):
     return _median_ms(lambda: [torch.mm(X, w, out=out) for w in Ws], reps, warmup=20)
 
 
+def kernel_floor_ms(B, D, N, reps=200, runs=7):
+    """The 2N+2 GEMMs of one cell evaluation timed inside the extension (median of runs, each the mean of
+    reps evaluations); NaN without the compiled extension."""
+    import deqfuse
+    from deqfuse import DEQFusion
+    ext = deqfuse.extension_status()[0]
+    if ext is None or not hasattr(ext, "cell_gemm_floor_seconds"):
+        return float("nan")
+    torch.manual_seed(0)
+    p, z = list(DEQFusion(D, N).cell.params()), torch.randn(B, (N + 1) * D)
+    ext.cell_gemm_floor_seconds(z, p, 20)
+    return sorted(ext.cell_gemm_floor_seconds(z, p, reps) for _ in range(runs))[runs // 2] * 1e3
+
+
 def _in_checkout(src, B, D, N, iters, reps, threads):
     """measure_deqfuse run in a subprocess that imports deqfuse from the checkout src."""
     code = (f"import sys, json, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({threads}); "
@@ -155,17 +173,21 @@ def main(argv=None):
     others = [(f"baseline {os.path.basename(os.path.normpath(d))}", d) for d in a.baseline]
     if not a.no_torchdeq:
         others.append(("torchdeq", None))
-    print(f"{'B':>4} {'D':>4} {'N':>2}  {'gemm floor':>10}  {'deqfuse eval':>12} {'x floor':>7}  {'train':>7} "
-          f"{'x floor':>7}" + "".join(f"  {name + ' eval/train':>28}  {'speed-up':>11}" for name, _ in others))
+    print(f"{'B':>4} {'D':>4} {'N':>2}  {'floor mm':>8} {'kernel':>7}  {'eval':>7} {'x mm':>5} {'x kern':>6}  "
+          f"{'train':>7} {'x mm':>5} {'x kern':>6}" + "".join(f"  {name + ' eval/train':>28}  {'speed-up':>11}"
+                                                            for name, _ in others))
     for N in ints(a.N):
         for D in ints(a.D):
             for B in ints(a.B):
-                floor = gemm_floor_ms(B, D, N)
+                floor, kfloor = gemm_floor_ms(B, D, N), kernel_floor_ms(B, D, N)
                 ours = measure_deqfuse(B, D, N, a.iters, a.reps)
-                row = dict(B=B, D=D, N=N, gemm_floor_ms=floor, eval_it_ms=ours["eval_it"], train_it_ms=ours["train_it"],
-                           eval_x_floor=ours["eval_it"] / floor, train_x_floor=ours["train_it"] / floor)
+                row = dict(B=B, D=D, N=N, gemm_floor_ms=floor, kernel_floor_ms=kfloor, eval_it_ms=ours["eval_it"],
+                           train_it_ms=ours["train_it"], eval_x_floor=ours["eval_it"] / floor,
+                           train_x_floor=ours["train_it"] / floor, eval_x_kernel_floor=ours["eval_it"] / kfloor,
+                           train_x_kernel_floor=ours["train_it"] / kfloor)
                 shape = dict(B=B, D=D, N=N, dtype=torch.float32, note=f"{a.iters} iterations fixed")
                 res.add("cell_gemms", "gemm floor (2N+2 torch.mm)", "ms", floor, "ms", **shape)
+                res.add("cell_gemms", "gemm floor (C++ kernels, in the extension)", "ms", kfloor, "ms", **shape)
                 res.add("solver_iteration", "deqfuse", "eval_ms_per_iteration", ours["eval_it"], "ms", **shape)
                 res.add("solver_iteration", "deqfuse", "train_ms_per_iteration", ours["train_it"], "ms", **shape)
                 cols = ""
@@ -182,8 +204,9 @@ def main(argv=None):
                     res.add("solver_iteration", label, "eval_ms_per_iteration", r["eval_it"], "ms", **shape)
                     res.add("solver_iteration", label, "train_ms_per_iteration", r["train_it"], "ms", **shape)
                 rows.append(row)
-                print(f"{B:4d} {D:4d} {N:2d}  {floor:10.3f}  {ours['eval_it']:12.3f} {row['eval_x_floor']:7.1f}  "
-                      f"{ours['train_it']:7.3f} {row['train_x_floor']:7.1f}{cols}", flush=True)
+                print(f"{B:4d} {D:4d} {N:2d}  {floor:8.3f} {kfloor:7.3f}  {ours['eval_it']:7.3f} "
+                      f"{row['eval_x_floor']:5.1f} {row['eval_x_kernel_floor']:6.1f}  {ours['train_it']:7.3f} "
+                      f"{row['train_x_floor']:5.1f} {row['train_x_kernel_floor']:6.1f}{cols}", flush=True)
     per_fwd, per_it, ops = aten_ops(128, 64, 2)
     print(f"ATen ops of an eval forward (B=128 D=64 N=2): {per_fwd} at 10 iterations, {per_it:.1f} per further "
           f"iteration; deqfuse ops: {ops}")

@@ -8,6 +8,10 @@
 #include "cpu_blas.h"
 #include "gemm_avx512.h"
 
+namespace deqfuse {
+double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, cell_backward, "
             "anderson_cell_solve, anderson_vjp_solve, group_by_choice, gather_rows_multi, scatter_rows}";
@@ -28,4 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "which GEMMs the C++ CPU cell ops run: the AVX-512 tiles (gemm_avx512.h) where they apply, else torch's "
         "BLAS (sgemm_/dgemm_) or the at::mm fallback");
+  m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),
+        pybind11::arg("reps"), pybind11::arg("blas") = false,
+        "benchmarks: wall seconds per cell evaluation of its 2N + 2 GEMMs alone (z [B, (N+1) D], the 16 CellParams "
+        "tensors), in the C++ ops' row blocks, threads and GEMM kernels (blas=True: torch's BLAS instead of the "
+        "AVX-512 tiles); the floor of one solver iteration's cell work, without dispatch");
 }

@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -169,6 +170,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward
   return {dz, dx, da3, dp};
 }
 
+// The GEMM floor of one cell evaluation (benchmarks/bench_small.py): the 2N + 2 D x D GEMMs of a forward
+// of B rows, in the row blocks, threads and kernels the ops use (cell_gemm: the AVX-512 tiles where they
+// apply, else the BLAS; blas forces the BLAS), with nothing else -- no GroupNorm, elementwise pass, Anderson
+// step, allocation, dispatch or barrier. Each thread runs its blocks `reps` times in one parallel region;
+// returns the wall seconds per evaluation. z: [B, (N+1) D] inputs (their values do not matter).
+template <typename T>
+double gemm_floor_impl(const at::Tensor& z, const std::vector<at::Tensor>& p, int64_t reps, bool blas) {
+  const int64_t N = p[0].size(0), D = p[0].size(1), B = z.size(0);
+  Cell<T> c(B, N, D, /*G=*/1, p, {}, /*forward=*/true);
+  if (blas) c.kn = false;
+  const T* zp = ptr<T>(z);
+  const int64_t MB = block_rows(B), nblocks = (B + MB - 1) / MB;
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+    std::unique_ptr<T[]> scratch(new T[cell_scratch_size(MB, D)]());
+    T *a = scratch.get(), *h = a + MB * D, *s = h + MB * D;
+    for (int64_t rep = 0; rep < reps; ++rep) {
+      for (int64_t kb = k0; kb < k1; ++kb) {
+        const int64_t b0 = kb * MB, M = std::min(MB, B - b0);
+        const T* zb = zp + b0 * c.ZS;
+        for (int64_t i = 0; i < N; ++i) {
+          cell_gemm<T>(c, M, zb + i * D, c.ZS, c.w1 + i * D * D, c.w1t ? c.w1t + i * D * D : nullptr, true, 0, h, D);
+          cell_gemm<T>(c, M, h, D, c.w2 + i * D * D, c.w2t ? c.w2t + i * D * D : nullptr, true, 0, a, D);
+        }
+        cell_gemm<T>(c, M, a, D, c.wg, c.wgt, true, 0, s, D);
+        cell_gemm<T>(c, M, s, D, c.wf, c.wft, true, 0, h, D);
+      }
+    }
+  });
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / (double)reps;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> cell_forward_cpu(const at::Tensor& z, const at::Tensor& x,
@@ -218,6 +251,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cell_bac
     res = backward_impl<scalar_t>(gc, zc, sv, p, groups);
   });
   return res;
+}
+
+double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas) {
+  TORCH_CHECK(z.dim() == 2 && params.size() == kNumParams && params[0].dim() == 3 &&
+                  z.size(1) == (params[0].size(0) + 1) * params[0].size(1),
+              "cell_gemm_floor_seconds: z must be [B, (N+1) D] and params the 16 CellParams tensors");
+  TORCH_CHECK(reps >= 1, "cell_gemm_floor_seconds: reps must be >= 1, got ", std::to_string(reps));
+  check_cell_args(z.view({z.size(0), params[0].size(0) + 1, params[0].size(1)}), at::Tensor(), at::Tensor(), params,
+                  1, "cell_gemm_floor_seconds", "z");
+  const auto zc = z.contiguous();
+  const auto p = contiguous_all(params);
+  double sec = 0;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cell_gemm_floor", [&] { sec = gemm_floor_impl<scalar_t>(zc, p, reps, blas); });
+  return sec;
 }
 
 }  // namespace deqfuse

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+import deqfuse
+
 from deqfuse.benchmarking import RESULTS_FIELDS, read_results
 from conftest import needs_triton
 
@@ -79,3 +81,5 @@ def test_bench_small_smoke_reports_per_iteration_times_and_no_op_per_iteration(t
     assert len(rows) == 1 and rows[0]["eval_it_ms"] > 0 and rows[0]["train_x_floor"] > 0
     got = {(r["metric"], r["op"]): float(r["value"]) for r in read_results(os.path.join(tmp_path, "small.csv"))}
     assert got[("aten_ops_per_eval_iteration", "solver_iteration")] == 0
+    if deqfuse.extension_status()[0] is not None:  # the floor timed inside the extension, beside torch.mm's
+        assert rows[0]["kernel_floor_ms"] > 0 and rows[0]["train_x_kernel_floor"] > 0

@@ -373,6 +373,23 @@ def test_vjp_and_backward_errors_name_the_argument():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gemm_floor_timer_runs_both_kernels_and_checks_its_arguments(dtype):
+    """deqfuse._C.cell_gemm_floor_seconds (benchmarks/bench_small.py's floor): a positive time per cell
+    evaluation with the ops' GEMM kernels and with the BLAS; bad arguments raise with the function's name."""
+    ext = deqfuse.extension_status()[0]
+    p = list(make_params(2, 16, dtype))
+    z = torch.randn(37, 3 * 16, dtype=dtype)
+    assert ext.cell_gemm_floor_seconds(z, p, 3) > 0 and ext.cell_gemm_floor_seconds(z, p, 3, True) > 0
+    with pytest.raises(RuntimeError, match=r"cell_gemm_floor_seconds: z must be \[B, \(N\+1\) D\]"):
+        ext.cell_gemm_floor_seconds(z[:, :40], p, 3)
+    with pytest.raises(RuntimeError, match="reps must be >= 1"):
+        ext.cell_gemm_floor_seconds(z, p, 0)
+    with pytest.raises(RuntimeError, match="must have z's dtype"):
+        ext.cell_gemm_floor_seconds(z.to(torch.float64 if dtype == torch.float32 else torch.float32), p, 1)
+
+
+@needs_ext
 def test_ops_are_not_differentiable_through_autograd_but_the_wrapper_is():
     p = [t.requires_grad_() for t in make_params(2, 8)]
     z, x, xf = make_inputs(3, 2, 8)
