@@ -7,8 +7,7 @@
 // Contract per sample: the step of reference/anderson.py (anderson_rows, the anderson_step op's kernel) at
 // global step k, a sample frozen once its residual is below tol -- so iterate, best iterate/residual, step
 // of the best, flag and the residual traces equal those of the Python loop sample by sample
-// (tests/test_fused_solve.py), up to rounding: the first ring here holds f(x_j), not x_j, so the mixing
-// (beta = 1) reads one ring instead of two (anderson_mix_row, kF). What differs is the work: each step evaluates the map on the samples still
+// (tests/test_fused_solve.py). What differs is the work: each step evaluates the map on the samples still
 // moving only (gathered into a contiguous block when they are not already one), so a solve costs the
 // rows it needs, without the compaction heuristics of the Python driver.
 //
@@ -21,7 +20,7 @@
 // as the cell ops (cell_cpu.cpp); best_res [B], abs/rel traces [T >= max_iter, B] (float for float32
 // states, double for float64), converged [B] bool, nstep [B] int32 -- the buffers of solvers.Results,
 // initialised by the caller (best_x = z0, best_res = inf, traces NaN, flags false, nstep 0) and updated in
-// place. The Anderson state (iterate, rings F / G [B, m, L], Gram [B, m, m]) lives inside the call.
+// place. The Anderson state (iterate, rings X / G [B, m, L], Gram [B, m, m]) lives inside the call.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 
@@ -133,7 +132,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
   bool* cv = o.converged;
   // Rings and Gram matrices uninitialised: a step reads only the n = min(k + 1, m) slots written so far
   // (zeroing them cost as much as an iteration at B = 128).
-  std::unique_ptr<T[]> X(new T[B * m * L]), Gr(new T[B * m * L]), GG(new T[B * m * m]);  // X: the F ring (kF)
+  std::unique_ptr<T[]> X(new T[B * m * L]), Gr(new T[B * m * L]), GG(new T[B * m * m]);
   // BLAS GEMMs never throw: the region is entered only with them (the at::mm fallback may throw and must
   // not be called inside an OpenMP region), else the loop runs on this thread.
   int nt = 1;
