@@ -39,11 +39,11 @@ void anderson_step_cpu_impl(at::Tensor& x, const at::Tensor& fx, at::Tensor& X, 
       rows[R++] = {xp + b * L, fp + b * L, Xp + b * m * L, Gp + b * m * L, GGp + b * m * m,
                    bxp + b * L, brp + b, cp + b, np + b, ap + b, rp + b};
       if (R == kStepRows) {
-        anderson_rows</*kF=*/false, scalar_t, hist_t, acc_t>(rows, R, c, g.data());
+        anderson_rows<scalar_t, hist_t, acc_t>(rows, R, c, g.data());
         R = 0;
       }
     }
-    if (R) anderson_rows</*kF=*/false, scalar_t, hist_t, acc_t>(rows, R, c, g.data());
+    if (R) anderson_rows<scalar_t, hist_t, acc_t>(rows, R, c, g.data());
   });
 }
 

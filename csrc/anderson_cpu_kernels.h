@@ -90,40 +90,16 @@ DEQFUSE_SIMD_CLONES void anderson_gram_row(const scalar_t* xb, const scalar_t* f
 // Pass 3 of one sample: ring slot `slot` = (x, gp), then x = sum_j alpha_j (X_j + beta G_j), summed in slot
 // order (the reference's order), tile by tile: a tile's partial sums stay in L1 and the last slot's pass
 // writes x.
-// kF: the first ring holds F_j = f(x_j) instead of X_j (the whole solves, whose rings are their own; the step
-// op keeps the reference's X ring). Then x = sum_j alpha_j (F_j + (beta - 1) G_j) -- at beta = 1 one ring
-// pass instead of two, with f's own values where X_j + G_j would round them.
-template <bool kF, typename scalar_t, typename hist_t, typename acc_t>
-DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, const scalar_t* fb, hist_t* Xb, hist_t* Gb, const acc_t* gp,
-                                          const acc_t* alpha, int64_t L, int slot, int n, acc_t beta) {
+template <typename scalar_t, typename hist_t, typename acc_t>
+DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, const acc_t* gp, const acc_t* alpha,
+                                          int64_t L, int slot, int n, acc_t beta) {
   hist_t* Xs = Xb + slot * L;
   hist_t* Gs = Gb + slot * L;
   for (int64_t l = 0; l < L; ++l) {
-    Xs[l] = (hist_t)(kF ? fb[l] : xb[l]);
+    Xs[l] = (hist_t)xb[l];
     Gs[l] = (hist_t)gp[l];
   }
   constexpr int64_t kTile = 64;
-  if (kF && beta == (acc_t)1) {
-    for (int64_t l0 = 0; l0 < L; l0 += kTile) {
-      const int64_t len = std::min<int64_t>(kTile, L - l0);
-      acc_t acc[kTile];
-#pragma omp simd
-      for (int64_t l = 0; l < len; ++l) acc[l] = 0;
-      for (int j = 0; j + 1 < n; ++j) {
-        const acc_t a = alpha[j];
-        const hist_t* Fj = Xb + j * L + l0;
-#pragma omp simd
-        for (int64_t l = 0; l < len; ++l) acc[l] += a * (acc_t)Fj[l];
-      }
-      const acc_t a = alpha[n - 1];
-      const hist_t* Fj = Xb + (n - 1) * L + l0;
-      scalar_t* xo = xb + l0;
-#pragma omp simd
-      for (int64_t l = 0; l < len; ++l) xo[l] = (scalar_t)(acc[l] + a * (acc_t)Fj[l]);
-    }
-    return;
-  }
-  const acc_t bg = kF ? beta - (acc_t)1 : beta;  // the G ring's coefficient
   for (int64_t l0 = 0; l0 < L; l0 += kTile) {
     const int64_t len = std::min<int64_t>(kTile, L - l0);
     acc_t acc[kTile];
@@ -134,14 +110,14 @@ DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, const scalar_t* fb, hist
       const hist_t* Xj = Xb + j * L + l0;
       const hist_t* Gj = Gb + j * L + l0;
 #pragma omp simd
-      for (int64_t l = 0; l < len; ++l) acc[l] += a * ((acc_t)Xj[l] + bg * (acc_t)Gj[l]);
+      for (int64_t l = 0; l < len; ++l) acc[l] += a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]);
     }
     const acc_t a = alpha[n - 1];
     const hist_t* Xj = Xb + (n - 1) * L + l0;
     const hist_t* Gj = Gb + (n - 1) * L + l0;
     scalar_t* xo = xb + l0;
 #pragma omp simd
-    for (int64_t l = 0; l < len; ++l) xo[l] = (scalar_t)(acc[l] + a * ((acc_t)Xj[l] + bg * (acc_t)Gj[l]));
+    for (int64_t l = 0; l < len; ++l) xo[l] = (scalar_t)(acc[l] + a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]));
   }
 }
 
@@ -235,9 +211,8 @@ __attribute__((noinline)) void anderson_weights_rows(acc_t* const* GGs, int na, 
   }
 }
 
-// One step of the R <= kStepRows samples rows[0 .. R-1] (none frozen). gp: R * L scratch. kF: the first ring
-// holds f(x_j) (anderson_mix_row).
-template <bool kF, typename scalar_t, typename hist_t, typename acc_t>
+// One step of the R <= kStepRows samples rows[0 .. R-1] (none frozen). gp: R * L scratch.
+template <typename scalar_t, typename hist_t, typename acc_t>
 void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, const StepConst<acc_t>& c, acc_t* gp) {
   const int64_t L = c.L;
   const int m = c.m, slot = c.slot, n = c.n;
@@ -261,7 +236,7 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
   anderson_weights_rows<acc_t>(GGs, na, m, n, c.lam, alpha);
   for (int q = 0; q < na; ++q) {
     const auto& a = rows[live[q]];
-    anderson_mix_row<kF, scalar_t, hist_t, acc_t>(a.x, a.f, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
+    anderson_mix_row<scalar_t, hist_t, acc_t>(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
   }
 }
 

@@ -187,7 +187,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
                      o.best_x + b * L, o.best_res + b, cv + b, o.nstep + b, o.abs_trace + k * B + b,
                      o.rel_trace + k * B + b};
           }
-          anderson_rows</*kF=*/true, T, T, T>(rw, R, sc, gp);
+          anderson_rows<T, T, T>(rw, R, sc, gp);
         }
       }
       barrier.wait(sense, [&] { next_step(k + 1); });  // one barrier per step
