@@ -13,7 +13,9 @@
 #define DF_HD inline
 // Host: compiled once, for the baseline ISA, in every translation unit -- not inlined into the AVX2 clones
 // (DEQFUSE_SIMD_CLONES), where the compiler would contract its multiply-adds into FMAs: the per-iteration
-// step op and the whole solves (two translation units) must give the same weights bit for bit.
+// step op and the whole solves (two translation units) must give the same weights bit for bit. (The CPU
+// steps run bordered_solve_n's Cholesky with 8 samples in SIMD lanes, anderson_weights_rows in
+// anderson_cpu_kernels.h, also for the baseline ISA; bordered_solve serves their non-positive-pivot lanes.)
 #define DF_HD_NOINLINE __attribute__((noinline)) inline
 #endif
 

@@ -124,7 +124,7 @@ DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, 
 // The bordered solves of kStepRows samples in SIMD lanes (anderson_common.h: bordered_solve_n's Cholesky
 // of H = GG + lam' I, a = y / (1^T y) with H y = 1, the same operations in the same order per lane).
 // H[i][j][r]: GG[i][j] of lane r (i, j < NC); alpha[i][r] out; bad[r]: a pivot was not positive (or NaN),
-// the lane's alpha is to be replaced by the elimination's (bordered_solve_gj).
+// the lane's alpha is to be replaced by the one-sample solve's (bordered_solve: its elimination fallback).
 template <typename acc_t, int NC>
 DEQFUSE_INLINE void cholesky_lanes(const acc_t (*H)[kMaxM][kStepRows], acc_t lam, acc_t (*alpha)[kStepRows],
                                    bool* bad) {
@@ -201,10 +201,9 @@ __attribute__((noinline)) void anderson_weights_rows(acc_t* const* GGs, int na, 
   }
   static_assert(kMaxM == 8, "anderson_weights_rows dispatches n = 1..8");
   for (int q = 0; q < na; ++q) {
-    if (bad[q]) {
-      acc_t A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1], dmax = 0;
-      for (int i = 0; i < n; ++i) dmax = GGs[q][i * m + i] > dmax ? GGs[q][i * m + i] : dmax;
-      bordered_solve_gj<acc_t>(GGs[q], m, n, lam * dmax + (acc_t)kTiny, A, rhs, alpha[q]);
+    if (bad[q]) {  // rare: the one-sample solve meets the same pivot and falls back to the elimination
+      acc_t A[(kMaxM + 1) * (kMaxM + 1)], rhs[kMaxM + 1];
+      bordered_solve<acc_t>(GGs[q], m, n, lam, A, rhs, alpha[q]);
     } else {
       for (int i = 0; i < m; ++i) alpha[q][i] = i < n ? al[i][q] : (acc_t)0;
     }

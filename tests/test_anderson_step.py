@@ -89,6 +89,32 @@ def test_nan_residual_never_converges(backend, dev):
 
 
 @pytest.mark.parametrize("backend,dev", KERNELS)
+def test_indefinite_gram_rows_take_the_elimination_beside_regular_rows(backend, dev):
+    """Samples whose Gram block is indefinite (the Cholesky meets a negative pivot) share the C++ step's group
+    of 8 SIMD lanes with regular ones: each gets the reference's step (the elimination fallback for the first,
+    the lanes' Cholesky for the others)."""
+    B, L, m, k = 11, 6, 3, 2
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(B, L, generator=g, dtype=torch.float64)
+    fx = torch.tanh(x0) + 0.1 * torch.randn(B, L, generator=g, dtype=torch.float64)
+    states = [AndersonState(x0.to(dev), m, k + 1) for _ in range(2)]
+    X, G = torch.randn(B, m, L, generator=g, dtype=torch.float64), torch.randn(B, m, L, generator=g, dtype=torch.float64)
+    GG = G @ G.transpose(1, 2)
+    bad = [2, 9]
+    GG[bad, 0, 1] = GG[bad, 1, 0] = 3 * (GG[bad, 0, 0] * GG[bad, 1, 1]).sqrt()  # |off-diagonal| > geometric mean
+    assert (torch.linalg.eigvalsh(GG[bad, :2, :2]).amin(1) < 0).all()
+    for st in states:
+        st.X.copy_(X)
+        st.G.copy_(G)
+        st.GG.copy_(GG)
+    states[0].step(anderson_step_ref, fx.to(dev), k, 1.0, 1e-4, 1e-30, True)
+    states[1].step(step_fn(backend), fx.to(dev), k, 1.0, 1e-4, 1e-30, True)
+    assert torch.isfinite(states[1].x).all()
+    assert rel_err(states[1].x[bad].double(), states[0].x[bad].double()) < 1e-10
+    assert rel_err(states[1].x.double(), states[0].x.double()) < 1e-10
+
+
+@pytest.mark.parametrize("backend,dev", KERNELS)
 def test_errors_name_the_argument(backend, dev):
     err = RuntimeError if backend == "cuda" else ValueError
     st = AndersonState(torch.randn(2, 8, device=dev), 3, 1)
