@@ -6,7 +6,7 @@
 #include <torch/extension.h>
 
 #include "cpu_blas.h"
-#include "gemm_avx512.h"
+#include "gemm_small.h"
 
 namespace deqfuse {
 double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas);
@@ -25,16 +25,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blas_backend",
         []() {
           std::string s;
-#ifdef DEQFUSE_AVX512_GEMM
-          if (deqfuse::cpu_has_avx512f()) s = "AVX-512 tiles (float32, D % 16 == 0, D <= 64), else ";
-#endif
-          return s + deqfuse::blas_backend();
+          for (int64_t D : {16, 24, 64, 128}) {
+            s += (s.empty() ? "D=" : ", D=") + std::to_string(D) + ": " +
+                 deqfuse::small_gemm_name(deqfuse::small_gemm_for(D));
+          }
+          return "float32 tiles by width (" + s + "), else " + std::string(deqfuse::blas_backend());
         },
-        "which GEMMs the C++ CPU cell ops run: the AVX-512 tiles (gemm_avx512.h) where they apply, else torch's "
-        "BLAS (sgemm_/dgemm_) or the at::mm fallback");
+        "which GEMMs the C++ CPU cell ops run: a tile kernel (gemm_small.h: AVX-512 or AVX2 + FMA) where it "
+        "applies, else torch's BLAS (sgemm_/dgemm_) or the at::mm fallback");
+  m.def("cell_gemm_kernel", [](int64_t D) { return std::string(deqfuse::small_gemm_name(deqfuse::small_gemm_for(D))); },
+        pybind11::arg("D"),
+        "the kernel of the C++ CPU cell ops' float32 D x D GEMMs on this CPU: 'avx512', 'avx2' or 'blas' "
+        "(DEQFUSE_CPU_GEMM forces one where the CPU allows; float64 always takes the BLAS)");
   m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),
         pybind11::arg("reps"), pybind11::arg("blas") = false,
         "benchmarks: wall seconds per cell evaluation of its 2N + 2 GEMMs alone (z [B, (N+1) D], the 16 CellParams "
         "tensors), in the C++ ops' row blocks, threads and GEMM kernels (blas=True: torch's BLAS instead of the "
-        "AVX-512 tiles); the floor of one solver iteration's cell work, without dispatch");
+        "tile kernel); the floor of one solver iteration's cell work, without dispatch");
 }

@@ -19,7 +19,7 @@
 #include "cell_check.h"
 #include "cpu_blas.h"
 #include "cpu_simd.h"
-#include "gemm_avx512.h"
+#include "gemm_small.h"
 
 namespace deqfuse {
 namespace {
@@ -83,11 +83,6 @@ struct GnRow {
 // Row by row and group by group (gn_row_n) every group was a chain of dependent reductions, a divide and
 // a square root -- latency the out-of-order window did not hide: about a quarter of an Anderson solve's
 // time at D = 64, G = 4 (perf). Same two-pass statistics; the sums are added in another order.
-inline bool cpu_has_avx2_fma() {
-  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
-  return v;
-}
-
 __attribute__((target("avx2,fma"))) inline __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));  // [sum a, sum b, sum c, sum d]
@@ -366,15 +361,17 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
 }
 
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
-// save=true, read by the VJP; null in a forward without save). kn: the GEMMs go through gemm_avx512 (float
-// and gemm_avx512_ok(D); else the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward
-// multiplies by W^T (transposed copies, made by the constructor when `forward`), its VJP by W as stored.
+// save=true, read by the VJP; null in a forward without save). kn: the GEMMs go through a tile kernel (float
+// and small_gemm_for(D) != kBlas, gemm_small.h: gemm, the AVX-512 or AVX2 one; else the BLAS), which reads
+// the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the
+// constructor when `forward`), its VJP by W as stored.
 template <typename T>
 struct Cell {
   int64_t B, N, D, G, ZS;  // ZS = (N+1) D: row stride of z / out / gbar
   const T *w1, *b1, *w2, *b2, *g1w, *g1b, *g2w, *g2b, *g3w, *g3b, *wg, *bg, *wf, *bf, *gfw, *gfb;
   T *yh1, *rs1, *g1s, *yh2, *rs2, *us, *yh3, *rs3, *zfs, *gas, *a3s, *yhf, *rsf;
-  bool kn = false;                                       // gemm_avx512 serves this cell's GEMMs
+  SmallGemm gemm = SmallGemm::kBlas;                     // the kernel of this cell's GEMMs
+  bool kn = false;                                       // gemm != kBlas
   const T *w1t = nullptr, *w2t = nullptr, *wgt = nullptr, *wft = nullptr;  // W^T [K][Nc] (forward only)
   std::vector<T> wt_store;
 
@@ -385,9 +382,8 @@ struct Cell {
     for (int i = 0; i < kNumParams; ++i) *pp[i] = p[i].data_ptr<T>();
     T** ss[kNumSaved] = {&yh1, &rs1, &g1s, &yh2, &rs2, &us, &yh3, &rs3, &zfs, &gas, &a3s, &yhf, &rsf};
     for (int i = 0; i < kNumSaved; ++i) *ss[i] = sv.empty() ? nullptr : sv[i].data_ptr<T>();
-#ifdef DEQFUSE_AVX512_GEMM
-    kn = std::is_same_v<T, float> && gemm_avx512_ok(D);
-#endif
+    if constexpr (std::is_same_v<T, float>) gemm = small_gemm_for(D);
+    kn = gemm != SmallGemm::kBlas;
     if (kn && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
       const int64_t DD = D * D;
       wt_store.resize((2 * N + 2) * DD);
@@ -408,15 +404,13 @@ struct Cell {
 
 // C[M, D] (row stride ldc) = (beta ? C : 0) + A[M, D] (row stride lda) op(W), beta 0 or 1: the cell's
 // GEMMs. op(W) = W^T (a Linear's forward; Wt: its [K][Nc] copy, Cell::w1t ...) or W (the VJP; Wt = W).
-// gemm_avx512 when the cell has kn layouts (Wt non-null), else the BLAS.
+// The cell's tile kernel (gemm_small) when it has kn layouts (Wt non-null), else the BLAS.
 template <typename T>
 DEQFUSE_INLINE void cell_gemm(const Cell<T>& c, int64_t M, const T* A, int64_t lda, const T* W, const T* Wt,
                               bool trans_w, T beta, T* C, int64_t ldc) {
-#ifdef DEQFUSE_AVX512_GEMM
   if constexpr (std::is_same_v<T, float>) {
-    if (c.kn && Wt) return gemm_avx512(M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc);
+    if (c.kn && Wt) return gemm_small(c.gemm, M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc);
   }
-#endif
   gemm_rows<T>(M, c.D, c.D, A, lda, W, trans_w, beta, C, ldc);
 }
 

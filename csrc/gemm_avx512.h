@@ -8,7 +8,7 @@
 // read in place from L1 (Bk: the weight in [K][Nc] layout -- its transpose, made once per op call, for a
 // Linear's forward; the weight itself for the VJP).
 // Compiled with the AVX-512F target attribute and used only where the CPU has it and D suits it
-// (gemm_avx512_ok).
+// (gemm_small.h: small_gemm_for).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -25,14 +25,11 @@ inline bool cpu_has_avx512f() {
   return v;
 }
 
-// Whether gemm_avx512 serves the cell's D x D GEMMs on this CPU. Each 4-row tile streams a 64-column panel
-// of the weight (D x 64 values) from L1 and has no K blocking: at D = 64 (a 16 KB panel) it beats the BLAS,
-// at D = 128 the BLAS, which blocks for the cache, is faster (a whole solve 375 vs 423 us per iteration,
+// The widest D gemm_small.h's auto choice gives this kernel. Each 4-row tile streams a 64-column panel of
+// the weight (D x 64 values) from L1 and has no K blocking: at D = 64 (a 16 KB panel) it beats the BLAS, at
+// D = 128 the BLAS, which blocks for the cache, is faster (a whole solve 375 vs 423 us per iteration,
 // B = 128, one thread), at D = 256 more so.
 constexpr int64_t kAvx512GemmMaxD = 64;
-inline bool gemm_avx512_ok(int64_t D) {
-  return D > 0 && D % 16 == 0 && D <= kAvx512GemmMaxD && cpu_has_avx512f();
-}
 
 // R rows x V 16-column vectors of C.
 template <int R, int V>
@@ -68,7 +65,7 @@ __attribute__((target("avx512f"))) inline void gemm_cols_avx512(int64_t M, int64
   }
 }
 
-// The GEMM of the module comment (Nc % 16 == 0; the cell calls it where gemm_avx512_ok(D) holds).
+// The GEMM of the module comment (Nc % 16 == 0).
 __attribute__((target("avx512f"))) inline void gemm_avx512(int64_t M, int64_t Nc, int64_t K, const float* A,
                                                            int64_t lda, const float* Bk, int64_t ldb, bool accumulate,
                                                            float* C, int64_t ldc) {

@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 and is chosen there only when asked for by name.
 """
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -17,6 +18,9 @@ import torch
 from ._validate import check_choice
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
+# DEQFUSE_CPU_GEMM: the kernel of the C++ CPU cell ops' float32 GEMMs (csrc/gemm_small.h), read once by the
+# extension; unset or 'auto' lets it choose by CPU and D (deqfuse._C.cell_gemm_kernel(D) says which).
+CPU_GEMMS = ("", "auto", "avx512", "avx2", "blas")
 
 
 @functools.lru_cache(None)
@@ -29,6 +33,10 @@ def extension_status():
     except ImportError as e:
         return None, f"extension not built ({e}); reinstall without DEQFUSE_NO_EXT=1"
     from . import ops  # noqa: F401  fake kernels for torch.compile
+    forced = os.environ.get("DEQFUSE_CPU_GEMM", "")
+    if forced not in CPU_GEMMS:
+        warnings.warn(f"DEQFUSE_CPU_GEMM={forced!r} is not one of {CPU_GEMMS[1:]}: ignored (the C++ CPU cell ops "
+                      "pick their GEMM kernel themselves)", RuntimeWarning, stacklevel=2)
     return _C, "ok (cuda kernels: %s; CPU cell GEMMs: %s)" % ("yes" if _C.has_cuda() else "no, CPU build",
                                                                _C.blas_backend())
 

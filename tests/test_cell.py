@@ -256,7 +256,8 @@ def test_autotuned_launch_path_runs_and_matches_reference(monkeypatch, no_tf32):
 
 # ------------------------------------------------------------------------------- C++ (CPU) cell op
 SHAPES = [  # (N, B, D, groups): N = 1..5, odd B and D, group widths 2/4/6/8/16/32/64 and a generic one;
-    # D = 16 k <= 64 (the AVX-512 GEMM: 1..4 column vectors per tile) and not (the BLAS)
+    # D = 16 k <= 64 (the AVX-512 GEMM: 1..4 column vectors per tile), D = 8 k <= 128 (the AVX2 one where
+    # there is no AVX-512: 16-column panels, an 8-column one for D = 8, 40) and the rest (the BLAS)
     (1, 1, 8, 4), (2, 5, 12, 4), (3, 37, 20, 4), (5, 7, 36, 6), (4, 3, 16, 1), (2, 65, 64, 4),
     (3, 130, 40, 2), (1, 129, 128, 2), (2, 63, 256, 4), (2, 9, 60, 3), (2, 6, 48, 4), (3, 7, 32, 4),
     (1, 11, 80, 5)]
@@ -294,6 +295,71 @@ def test_forward_vjp_backward_match_reference(N, B, D, groups, dtype):
     for name, a, r in zip(["z", "x", "xf"] + list(CellParams._fields), [dz, dx, dxf, *dp], grads_r):
         assert a.shape == r.shape and a.dtype == dtype, name
         assert rel_err(a, r) < vtol, name
+
+
+# (N, B, D): 16-column panels and an 8-column one (D = 40, 8), row tiles of 6 and their remainders (blocks
+# of 33, 37, 13, 35, 9 rows), D past the tiles' auto range (128 on AVX-512 CPUs, 256), D % 8 != 0 (the BLAS)
+GEMM_SHAPES = [(2, 66, 64), (3, 37, 40), (1, 13, 8), (2, 70, 128), (2, 9, 256), (1, 7, 20)]
+_GEMM_CHILD = """
+import sys, torch, deqfuse
+from deqfuse.testing import make_inputs, make_params
+ext, out = deqfuse.extension_status()[0], {}  # (registers torch.ops.deqfuse)
+for N, B, D in %r:
+    p = [t.float() for t in make_params(N, D)]
+    z, x, xf = (t.float() for t in make_inputs(B, N, D))
+    g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5))
+    f, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, 4, True)
+    v = torch.ops.deqfuse.cell_vjp(g, saved, p, 4, z)
+    dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward(g, z, saved, p, 4)
+    out[(N, B, D)] = (ext.cell_gemm_kernel(D), [f, v, dz, dx, dxf, *dp])
+torch.save(out, sys.argv[1])
+"""
+
+
+def _cell_results_with_gemm(kernel, tmp_path):
+    """{(N, B, D): (kernel name the op reports, float32 [forward, VJP + z, cell_backward's grads])} from a
+    fresh process with DEQFUSE_CPU_GEMM=kernel (the extension reads it once)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, DEQFUSE_CPU_GEMM=kernel)
+    path = tmp_path / f"{kernel or 'auto'}.pt"
+    r = subprocess.run([sys.executable, "-c", _GEMM_CHILD % (GEMM_SHAPES,), str(path)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(path)
+
+
+@needs_ext
+def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_other(tmp_path):
+    """The cell ops' float32 GEMM kernels (csrc/gemm_small.h), each forced by DEQFUSE_CPU_GEMM where this
+    CPU has it: forward, VJP and full backward within float32 tolerance of the float64 reference; the AVX2
+    and AVX-512 tiles (the same FMA chain per output) equal bit for bit; 'auto' picks by the stated rules."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    has = {"avx512": cap == "AVX512", "avx2": cap in ("AVX2", "AVX512"), "blas": True}
+    res = {k: _cell_results_with_gemm(k, tmp_path) for k in ("", "avx512", "avx2", "blas")}
+    for N, B, D in GEMM_SHAPES:
+        p64, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
+        g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5)).double()
+        ref, saved = cell_forward(z, x, xf, p64, 4, save=True)
+        _, grads = reference_grads(z, x, xf, p64, 4, g)
+        want = [ref, cell_vjp(g, saved, p64, 4) + z, *grads]
+        for kernel, by_shape in res.items():
+            name, got = by_shape[(N, B, D)]
+            width_ok = {"avx512": D % 16 == 0, "avx2": D % 8 == 0, "blas": True}
+            if kernel:  # forced: any D the kernel's vector width divides, on a CPU that has it
+                assert name == (kernel if has[kernel] and width_ok[kernel] else "blas"), (kernel, D)
+            else:
+                auto = ("avx512" if has["avx512"] and D % 16 == 0 and D <= 64 else
+                        "avx2" if has["avx2"] and not has["avx512"] and D % 8 == 0 and D <= 128 else "blas")
+                assert name == auto, D
+            vtol = TOL_NARROW_GROUPS[torch.float32] if D // 4 <= 2 else 1e-4
+            for i, (a, r) in enumerate(zip(got, want)):
+                assert a.dtype == torch.float32 and rel_err(a, r) < (TOL[torch.float32] if i == 0 else vtol), \
+                    (kernel, name, N, B, D, i)
+        if res["avx2"][(N, B, D)][0] == "avx2" and res["avx512"][(N, B, D)][0] == "avx512":
+            for a, b in zip(res["avx2"][(N, B, D)][1], res["avx512"][(N, B, D)][1]):
+                assert torch.equal(a, b), (N, B, D)
 
 
 @needs_ext

@@ -1,0 +1,76 @@
+// Small float GEMMs with AVX2 + FMA for the cell's hot loop on CPUs without AVX-512 (most AMD Zen 2/3
+// servers, many Intel client parts): the contract of gemm_avx512.h,
+//   C[M, Nc] (row stride ldc) = (accumulate ? C : 0) + A[M, K] (row stride lda) . Bk[K, Nc] (row stride ldb)
+// row-major, here with Nc a multiple of 8. For each output the K products are added in order with one FMA
+// each, starting from 0 or C -- the same operations as gemm_avx512's, so the two kernels give the same
+// values bit for bit, and a row's result depends on neither the other rows nor M.
+// Register tiles of 6 rows x 16 columns (12 accumulators, 2 weight vectors, 1 broadcast: 15 of the 16 ymm
+// registers), the weight read in place as 16-column panels (K x 16 values, 4 KB at K = 64) from L1. Why not
+// the BLAS: at the cell's sizes (row blocks of <= 64 rows, K = Nc = D) MKL packs both operands on every call
+// (at D = 64 its copies and scaling took a fifth of its time: perf, Zen 3), and a block's 6 small GEMMs run
+// back to back on the same few KB.
+#pragma once
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DEQFUSE_NO_CLONES)
+#define DEQFUSE_AVX2_GEMM 1
+#include <immintrin.h>
+
+namespace deqfuse {
+namespace {
+
+inline bool cpu_has_avx2_fma() {
+  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+  return v;
+}
+
+// R rows x V 8-column vectors of C.
+template <int R, int V>
+__attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t K, const float* A, int64_t lda, const float* Bk,
+                                                              int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  __m256 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
+  int64_t k = 0;
+  do {  // K >= 1 (the caller's D); a loop that may run zero times made GCC 12 spill the accumulators every trip
+    __m256 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(Bk + k * ldb + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  } while (++k < K);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
+}
+
+template <int V>
+__attribute__((target("avx2,fma"))) inline void gemm_cols_avx2(int64_t M, int64_t K, const float* A, int64_t lda,
+                                                              const float* Bk, int64_t ldb, bool accumulate, float* C,
+                                                              int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 6 <= M; r += 6) gemm_tile_avx2<6, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+  A += r * lda;
+  C += r * ldc;
+  switch (M - r) {
+    case 5: return gemm_tile_avx2<5, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 4: return gemm_tile_avx2<4, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 3: return gemm_tile_avx2<3, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 2: return gemm_tile_avx2<2, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 1: return gemm_tile_avx2<1, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    default: return;
+  }
+}
+
+// The GEMM of the module comment (Nc % 8 == 0): 16-column panels, an 8-column one last where Nc % 16 == 8.
+__attribute__((target("avx2,fma"))) inline void gemm_avx2(int64_t M, int64_t Nc, int64_t K, const float* A,
+                                                         int64_t lda, const float* Bk, int64_t ldb, bool accumulate,
+                                                         float* C, int64_t ldc) {
+  int64_t n0 = 0;
+  for (; n0 + 16 <= Nc; n0 += 16) gemm_cols_avx2<2>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
+  if (n0 < Nc) gemm_cols_avx2<1>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
+}
+
+}  // namespace
+}  // namespace deqfuse
+#endif

@@ -1,0 +1,90 @@
+// Which kernel runs the cell's D x D float GEMMs on this CPU (cell_cpu_kernels.h: Cell::gemm, cell_gemm):
+//   kAvx512  gemm_avx512 (gemm_avx512.h): AVX-512F, D % 16 == 0, D <= kAvx512GemmMaxD
+//   kAvx2    gemm_avx2 (gemm_avx2.h): AVX2 + FMA without AVX-512F, D % 8 == 0, D <= kAvx2GemmMaxD (measured
+//            on such a CPU only: where AVX-512 is there the BLAS's wider kernels keep the other widths)
+//   kBlas    torch's BLAS (cpu_blas.h): float64, other widths, other CPUs
+// The two tile kernels give the same values bit for bit (the same FMA chain per output), so which one a CPU
+// gets changes speed only; the BLAS rounds differently. DEQFUSE_CPU_GEMM=avx512|avx2|blas (read once, at the
+// first call) forces one where the CPU and D allow it, whatever D's size (tests: both tile kernels on one
+// machine; benchmarks: the crossover with the BLAS); unset or "auto": the rules above.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm_avx2.h"
+#include "gemm_avx512.h"
+
+namespace deqfuse {
+namespace {
+
+enum class SmallGemm { kBlas, kAvx2, kAvx512 };
+
+// The floor timer (cell_gemm_floor_seconds, 2N + 2 GEMMs, N = 2) on a Zen 3 EPYC, AVX2 tiles vs MKL: D <= 64
+// 1.2-1.4x faster on one thread, 1.3-2.4x on two; D = 128 1.0-1.2x (a 16-column weight panel, 8 KB, still
+// stays in L1); D = 256 0.9x on one thread (benchmarks/RESULTS.md, 2026-12-03 Zen 3 section).
+constexpr int64_t kAvx2GemmMaxD = 128;
+
+// 0: auto, else the SmallGemm forced by DEQFUSE_CPU_GEMM + 1.
+inline int small_gemm_forced() {
+  static const int v = [] {
+    const char* e = std::getenv("DEQFUSE_CPU_GEMM");
+    if (!e || !*e || !std::strcmp(e, "auto")) return 0;
+    if (!std::strcmp(e, "blas")) return 1 + (int)SmallGemm::kBlas;
+    if (!std::strcmp(e, "avx2")) return 1 + (int)SmallGemm::kAvx2;
+    if (!std::strcmp(e, "avx512")) return 1 + (int)SmallGemm::kAvx512;
+    return 0;  // anything else: auto (deqfuse/backend.py warns about it)
+  }();
+  return v;
+}
+
+inline bool cpu_has_avx512() {
+#ifdef DEQFUSE_AVX512_GEMM
+  return cpu_has_avx512f();
+#else
+  return false;
+#endif
+}
+
+inline bool small_gemm_fits(SmallGemm k, int64_t D, bool any_size) {
+  switch (k) {
+#ifdef DEQFUSE_AVX512_GEMM
+    case SmallGemm::kAvx512: return D > 0 && D % 16 == 0 && (any_size || D <= kAvx512GemmMaxD) && cpu_has_avx512f();
+#endif
+#ifdef DEQFUSE_AVX2_GEMM
+    case SmallGemm::kAvx2: return D > 0 && D % 8 == 0 && (any_size || D <= kAvx2GemmMaxD) && cpu_has_avx2_fma();
+#endif
+    default: return false;
+  }
+}
+
+// The kernel for float D x D GEMMs (kBlas for float64: call it only for float).
+inline SmallGemm small_gemm_for(int64_t D) {
+  const int f = small_gemm_forced();
+  if (f) {
+    const auto k = (SmallGemm)(f - 1);
+    return small_gemm_fits(k, D, true) ? k : SmallGemm::kBlas;
+  }
+  if (small_gemm_fits(SmallGemm::kAvx512, D, false)) return SmallGemm::kAvx512;
+  if (!cpu_has_avx512() && small_gemm_fits(SmallGemm::kAvx2, D, false)) return SmallGemm::kAvx2;
+  return SmallGemm::kBlas;
+}
+
+inline const char* small_gemm_name(SmallGemm k) {
+  return k == SmallGemm::kAvx512 ? "avx512" : k == SmallGemm::kAvx2 ? "avx2" : "blas";
+}
+
+// C[M, Nc] = (accumulate ? C : 0) + A[M, K] Bk[K, Nc] with a tile kernel (k != kBlas, as small_gemm_for chose).
+inline void gemm_small(SmallGemm k, int64_t M, int64_t Nc, int64_t K, const float* A, int64_t lda, const float* Bk,
+                       int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+#ifdef DEQFUSE_AVX512_GEMM
+  if (k == SmallGemm::kAvx512) return gemm_avx512(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc);
+#endif
+#ifdef DEQFUSE_AVX2_GEMM
+  if (k == SmallGemm::kAvx2) return gemm_avx2(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc);
+#endif
+  (void)k, (void)M, (void)Nc, (void)K, (void)A, (void)lda, (void)Bk, (void)ldb, (void)accumulate, (void)C, (void)ldc;
+}
+
+}  // namespace
+}  // namespace deqfuse
