@@ -373,7 +373,7 @@ struct Cell {
   SmallGemm gemm = SmallGemm::kBlas;                     // the kernel of this cell's GEMMs
   bool kn = false;                                       // gemm != kBlas
   const T *w1t = nullptr, *w2t = nullptr, *wgt = nullptr, *wft = nullptr;  // W^T [K][Nc] (forward only)
-  std::vector<T> wt_store;
+  std::unique_ptr<T[]> wt_store;  // uninitialised: every value is written by a transpose
 
   Cell(int64_t B_, int64_t N_, int64_t D_, int64_t G_, const std::vector<at::Tensor>& p,
        const std::vector<at::Tensor>& sv, bool forward = false)
@@ -386,15 +386,18 @@ struct Cell {
     kn = gemm != SmallGemm::kBlas;
     if (kn && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
       const int64_t DD = D * D;
-      wt_store.resize((2 * N + 2) * DD);
+      wt_store.reset(new T[(2 * N + 2) * DD]);
       auto transpose = [&](const T* w, T* wt) {
+#ifdef DEQFUSE_AVX2_GEMM
+        if constexpr (std::is_same_v<T, float>) return transpose_avx2(w, wt, D);  // kn: AVX2, D % 8 == 0
+#endif
         for (int64_t r = 0; r < D; ++r)
           for (int64_t k = 0; k < D; ++k) wt[k * D + r] = w[r * D + k];
       };
-      for (int64_t i = 0; i < 2 * N; ++i) transpose((i < N ? w1 : w2) + (i % N) * DD, wt_store.data() + i * DD);
-      transpose(wg, wt_store.data() + 2 * N * DD);
-      transpose(wf, wt_store.data() + (2 * N + 1) * DD);
-      w1t = wt_store.data();
+      for (int64_t i = 0; i < 2 * N; ++i) transpose((i < N ? w1 : w2) + (i % N) * DD, wt_store.get() + i * DD);
+      transpose(wg, wt_store.get() + 2 * N * DD);
+      transpose(wf, wt_store.get() + (2 * N + 1) * DD);
+      w1t = wt_store.get();
       w2t = w1t + N * DD;
       wgt = w2t + N * DD;
       wft = wgt + DD;

@@ -71,6 +71,34 @@ __attribute__((target("avx2,fma"))) inline void gemm_avx2(int64_t M, int64_t Nc,
   if (n0 < Nc) gemm_cols_avx2<1>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
 }
 
+// wt = w^T for a D x D row-major float matrix, D % 8 == 0, in 8 x 8 blocks (unpack / shuffle / lane
+// permute): the [K][Nc] weight copies the tile kernels read in a Linear's forward (Cell's constructor, once
+// per op call). The element-wise loop wrote one float per strided store and was three quarters of a
+// cell_forward call at B = 1, D = 64 (perf).
+__attribute__((target("avx2,fma"))) inline void transpose_avx2(const float* w, float* wt, int64_t D) {
+  for (int64_t r0 = 0; r0 < D; r0 += 8) {
+    for (int64_t c0 = 0; c0 < D; c0 += 8) {
+      __m256 v[8], t[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(w + (r0 + i) * D + c0);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        v[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        v[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        v[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        v[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      // v[0..3]: columns 0, 1, 2, 3 of rows 0-3 (low lane) / columns 4-7 (high lane); v[4..7]: rows 4-7
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(wt + (c0 + i) * D + r0, _mm256_permute2f128_ps(v[i], v[i + 4], 0x20));
+        _mm256_storeu_ps(wt + (c0 + i + 4) * D + r0, _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace deqfuse
 #endif
