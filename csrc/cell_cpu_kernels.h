@@ -362,8 +362,8 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
 
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
 // save=true, read by the VJP; null in a forward without save). kn: the GEMMs go through a tile kernel (float
-// and small_gemm_for(D) != kBlas, gemm_small.h: gemm, the AVX-512 or AVX2 one; else the BLAS), which reads
-// the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the
+// and small_gemm_for(D) != kBlas: the AVX-512 or AVX2 tiles of gemm_small.h, as `gemm` names; else the BLAS),
+// which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the
 // constructor when `forward`), its VJP by W as stored.
 template <typename T>
 struct Cell {

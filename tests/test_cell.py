@@ -363,6 +363,20 @@ def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_ot
 
 
 @needs_ext
+def test_unknown_cpu_gemm_value_warns_with_the_variable_name(monkeypatch):
+    from deqfuse import backend
+    monkeypatch.setenv("DEQFUSE_CPU_GEMM", "avx3")
+    backend.extension_status.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="DEQFUSE_CPU_GEMM='avx3' is not one of"):
+            assert backend.extension_status()[0] is not None
+    finally:
+        monkeypatch.delenv("DEQFUSE_CPU_GEMM")
+        backend.extension_status.cache_clear()
+        backend.extension_status()
+
+
+@needs_ext
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_result_does_not_depend_on_threads_or_blocking(threads):
     """Rows are split into blocks per thread count; every row's result stays the same (float64)."""
