@@ -361,9 +361,9 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
 }
 
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
-// save=true, read by the VJP; null in a forward without save). kn: the GEMMs go through a tile kernel (float
-// and small_gemm_for(D) != kBlas: the AVX-512 or AVX2 tiles of gemm_small.h, as `gemm` names; else the BLAS),
-// which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the
+// save=true, read by the VJP; null in a forward without save). kn(): the GEMMs go through a tile kernel
+// (float and small_gemm_for(D) != kBlas: the AVX-512 or AVX2 tiles of gemm_small.h, as `gemm` names; else
+// the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the
 // constructor when `forward`), its VJP by W as stored.
 template <typename T>
 struct Cell {
@@ -371,7 +371,6 @@ struct Cell {
   const T *w1, *b1, *w2, *b2, *g1w, *g1b, *g2w, *g2b, *g3w, *g3b, *wg, *bg, *wf, *bf, *gfw, *gfb;
   T *yh1, *rs1, *g1s, *yh2, *rs2, *us, *yh3, *rs3, *zfs, *gas, *a3s, *yhf, *rsf;
   SmallGemm gemm = SmallGemm::kBlas;                     // the kernel of this cell's GEMMs
-  bool kn = false;                                       // gemm != kBlas
   const T *w1t = nullptr, *w2t = nullptr, *wgt = nullptr, *wft = nullptr;  // W^T [K][Nc] (forward only)
   std::unique_ptr<T[]> wt_store;  // uninitialised: every value is written by a transpose
 
@@ -383,8 +382,7 @@ struct Cell {
     T** ss[kNumSaved] = {&yh1, &rs1, &g1s, &yh2, &rs2, &us, &yh3, &rs3, &zfs, &gas, &a3s, &yhf, &rsf};
     for (int i = 0; i < kNumSaved; ++i) *ss[i] = sv.empty() ? nullptr : sv[i].data_ptr<T>();
     if constexpr (std::is_same_v<T, float>) gemm = small_gemm_for(D);
-    kn = gemm != SmallGemm::kBlas;
-    if (kn && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
+    if (kn() && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
       const int64_t DD = D * D;
       wt_store.reset(new T[(2 * N + 2) * DD]);
       auto transpose = [&](const T* w, T* wt) {
@@ -403,6 +401,7 @@ struct Cell {
       wft = wgt + DD;
     }
   }
+  bool kn() const { return gemm != SmallGemm::kBlas; }  // a tile kernel, reading [K][Nc] weights
 };
 
 // C[M, D] (row stride ldc) = (beta ? C : 0) + A[M, D] (row stride lda) op(W), beta 0 or 1: the cell's
@@ -412,7 +411,7 @@ template <typename T>
 DEQFUSE_INLINE void cell_gemm(const Cell<T>& c, int64_t M, const T* A, int64_t lda, const T* W, const T* Wt,
                               bool trans_w, T beta, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (c.kn && Wt) return gemm_small(c.gemm, M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc);
+    if (c.kn() && Wt) return gemm_small(c.gemm, M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc);
   }
   gemm_rows<T>(M, c.D, c.D, A, lda, W, trans_w, beta, C, ldc);
 }

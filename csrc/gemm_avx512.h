@@ -83,4 +83,10 @@ __attribute__((target("avx512f"))) inline void gemm_avx512(int64_t M, int64_t Nc
 
 }  // namespace
 }  // namespace deqfuse
+#else
+namespace deqfuse {
+namespace {
+inline bool cpu_has_avx512f() { return false; }  // no AVX-512 kernels in this build
+}  // namespace
+}  // namespace deqfuse
 #endif

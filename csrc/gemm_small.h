@@ -38,14 +38,6 @@ inline int small_gemm_forced() {
   return v;
 }
 
-inline bool cpu_has_avx512() {
-#ifdef DEQFUSE_AVX512_GEMM
-  return cpu_has_avx512f();
-#else
-  return false;
-#endif
-}
-
 inline bool small_gemm_fits(SmallGemm k, int64_t D, bool any_size) {
   switch (k) {
 #ifdef DEQFUSE_AVX512_GEMM
@@ -66,7 +58,7 @@ inline SmallGemm small_gemm_for(int64_t D) {
     return small_gemm_fits(k, D, true) ? k : SmallGemm::kBlas;
   }
   if (small_gemm_fits(SmallGemm::kAvx512, D, false)) return SmallGemm::kAvx512;
-  if (!cpu_has_avx512() && small_gemm_fits(SmallGemm::kAvx2, D, false)) return SmallGemm::kAvx2;
+  if (!cpu_has_avx512f() && small_gemm_fits(SmallGemm::kAvx2, D, false)) return SmallGemm::kAvx2;
   return SmallGemm::kBlas;
 }
 
