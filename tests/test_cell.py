@@ -260,7 +260,10 @@ SHAPES = [  # (N, B, D, groups): N = 1..5, odd B and D, group widths 2/4/6/8/16/
     # there is no AVX-512: 16-column panels, an 8-column one for D = 8, 40) and the rest (the BLAS)
     (1, 1, 8, 4), (2, 5, 12, 4), (3, 37, 20, 4), (5, 7, 36, 6), (4, 3, 16, 1), (2, 65, 64, 4),
     (3, 130, 40, 2), (1, 129, 128, 2), (2, 63, 256, 4), (2, 9, 60, 3), (2, 6, 48, 4), (3, 7, 32, 4),
-    (1, 11, 80, 5)]
+    (1, 11, 80, 5),
+    # AVX2 GroupNorm (groups % 4 == 0, width % 8 == 0), its group width compiled in for 8/16/32/64 and read
+    # at run time otherwise (width 24), 4-row groups and a remainder
+    (2, 13, 128, 4), (2, 9, 96, 4)]
 
 
 def reference_grads(z, x, xf, p, groups, gout):
