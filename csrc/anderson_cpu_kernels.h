@@ -19,6 +19,10 @@
 #include <cmath>
 #include <type_traits>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "anderson_common.h"
 #include "cpu_simd.h"
 
@@ -54,10 +58,10 @@ struct StepConst {
 };
 
 // Pass 1 of one sample: gp = f(x) - x ([L] scratch, rounded to hist_t's precision), s = (|g|^2, |f(x)|^2,
-// |gp|^2, then the Gram row <G_j, gp> of the filled slots j != slot; 0 elsewhere).
+// |gp|^2, then, when `dots`, the Gram row <G_j, gp> of the filled slots j != slot; 0 elsewhere).
 template <typename scalar_t, typename hist_t, typename acc_t>
 DEQFUSE_SIMD_CLONES void anderson_gram_row(const scalar_t* xb, const scalar_t* fb, const hist_t* Gb, acc_t* gp,
-                                           int64_t L, int m, int slot, int n, acc_t* s) {
+                                           int64_t L, int m, int slot, int n, acc_t* s, bool dots) {
   acc_t g2 = 0, f2 = 0, gr2 = 0;
 #pragma omp simd reduction(+ : g2, f2)
   for (int64_t l = 0; l < L; ++l) {
@@ -76,6 +80,7 @@ DEQFUSE_SIMD_CLONES void anderson_gram_row(const scalar_t* xb, const scalar_t* f
   s[0] = g2;
   s[1] = f2;
   s[2] = gr2;
+  if (!dots) return;
   for (int j = 0; j < m; ++j) {
     acc_t d = 0;
     if (j < n && j != slot) {
@@ -120,6 +125,88 @@ DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, 
     for (int64_t l = 0; l < len; ++l) xo[l] = (scalar_t)(acc[l] + a * ((acc_t)Xj[l] + beta * (acc_t)Gj[l]));
   }
 }
+
+#ifdef DEQFUSE_X86_AVX2
+// float, L % 8 == 0, with AVX2 + FMA: the two loops of the step that were latency-bound (perf, Zen 3).
+// Each computes exactly what the generic loops above compute in the x86-64-v3 clone (GCC's `omp simd`
+// code), so the step's values do not depend on which one ran:
+//   gram_dots_avx2: <G_j, gp> for ND slots, a slot's sum in 8 lanes (lane q: the elements l = q mod 8, in
+//     order, one FMA each), the lanes then added to 0 in lane order -- the generic loop's reduction; the
+//     ND chains side by side and gp loaded once (slot by slot each sum was a chain of L / 8 dependent FMAs);
+//   mix_avx2: x = sum_j alpha_j (X_j + beta G_j) per element in slot order, t = fma(beta, G_j, X_j) then
+//     acc = fma(alpha_j, t, acc) from acc = 0 (the contraction GCC makes of the generic loop), 32 elements'
+//     sums in registers (the generic loop's tile array lived on the stack, zeroed by `rep stos`).
+template <int ND>
+__attribute__((target("avx2,fma"))) inline void gram_dots_avx2(const float* const* Gj, const float* gp, int64_t L,
+                                                              float* out) {
+  __m256 acc[ND > 0 ? ND : 1];
+  for (int i = 0; i < ND; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < L; l += 8) {
+    const __m256 g = _mm256_loadu_ps(gp + l);
+    for (int i = 0; i < ND; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(Gj[i] + l), g, acc[i]);
+  }
+  for (int i = 0; i < ND; ++i) {
+    alignas(32) float v[8];
+    _mm256_store_ps(v, acc[i]);
+    float d = 0;
+    for (int q = 0; q < 8; ++q) d += v[q];
+    out[i] = d;
+  }
+}
+
+// s[3 + j] = <G_j, gp> for the filled slots j != slot, 0 elsewhere (anderson_gram_row's dots).
+inline void gram_row_dots_avx2(const float* Gb, const float* gp, int64_t L, int m, int slot, int n, float* s) {
+  const float* Gj[kMaxM];
+  int js[kMaxM], nd = 0;
+  for (int j = 0; j < m; ++j) {
+    s[3 + j] = 0;
+    if (j < n && j != slot) {
+      js[nd] = j;
+      Gj[nd++] = Gb + j * L;
+    }
+  }
+  float d[kMaxM] = {};
+  switch (nd) {
+    case 0: return;
+    case 1: gram_dots_avx2<1>(Gj, gp, L, d); break;
+    case 2: gram_dots_avx2<2>(Gj, gp, L, d); break;
+    case 3: gram_dots_avx2<3>(Gj, gp, L, d); break;
+    case 4: gram_dots_avx2<4>(Gj, gp, L, d); break;
+    case 5: gram_dots_avx2<5>(Gj, gp, L, d); break;
+    case 6: gram_dots_avx2<6>(Gj, gp, L, d); break;
+    default: gram_dots_avx2<7>(Gj, gp, L, d); break;  // nd <= kMaxM - 1 = 7
+  }
+  static_assert(kMaxM == 8, "gram_row_dots_avx2 dispatches 1..7 slots");
+  for (int i = 0; i < nd; ++i) s[3 + js[i]] = d[i];
+}
+
+template <int V>  // V 8-element vectors of x
+__attribute__((target("avx2,fma"))) inline void mix_tile_avx2(float* xo, const float* Xb, const float* Gb,
+                                                             const float* alpha, int64_t L, int n, __m256 beta) {
+  __m256 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m256 a = _mm256_set1_ps(alpha[j]);
+    const float *Xj = Xb + j * L, *Gj = Gb + j * L;
+    for (int v = 0; v < V; ++v) {
+      const __m256 t = _mm256_fmadd_ps(beta, _mm256_loadu_ps(Gj + 8 * v), _mm256_loadu_ps(Xj + 8 * v));
+      acc[v] = _mm256_fmadd_ps(a, t, acc[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(xo + 8 * v, acc[v]);
+}
+
+// anderson_mix_row for float: ring slot `slot` = (x, gp), then the mixing into x.
+__attribute__((target("avx2,fma"))) inline void mix_row_avx2(float* xb, float* Xb, float* Gb, const float* gp,
+                                                            const float* alpha, int64_t L, int slot, int n, float beta) {
+  std::copy(xb, xb + L, Xb + slot * L);
+  std::copy(gp, gp + L, Gb + slot * L);
+  const __m256 bv = _mm256_set1_ps(beta);
+  int64_t l0 = 0;
+  for (; l0 + 32 <= L; l0 += 32) mix_tile_avx2<4>(xb + l0, Xb + l0, Gb + l0, alpha, L, n, bv);
+  for (; l0 < L; l0 += 8) mix_tile_avx2<1>(xb + l0, Xb + l0, Gb + l0, alpha, L, n, bv);
+}
+#endif
 
 // The bordered solves of kStepRows samples in SIMD lanes (anderson_common.h: bordered_solve_n's Cholesky
 // of H = GG + lam' I, a = y / (1^T y) with H y = 1, the same operations in the same order per lane).
@@ -218,9 +305,18 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
   acc_t sums[kStepRows][3 + kMaxM];
   acc_t* GGs[kStepRows];
   int live[kStepRows], na = 0;
+  bool avx2 = false;  // the AVX2 dots and mixing (float, L % 8 == 0; the same values as the generic loops)
+#ifdef DEQFUSE_X86_AVX2
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>)
+    avx2 = L % 8 == 0 && cpu_has_avx2_fma();
+#endif
   for (int r = 0; r < R; ++r) {
     const auto& a = rows[r];
-    anderson_gram_row<scalar_t, hist_t, acc_t>(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r]);
+    anderson_gram_row<scalar_t, hist_t, acc_t>(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r], !avx2);
+#ifdef DEQFUSE_X86_AVX2
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>)
+      if (avx2) gram_row_dots_avx2(a.G, gp + r * L, L, m, slot, n, sums[r]);
+#endif
     const int fl = record_residual<acc_t>(sums[r][0], sums[r][1], c.stop_rel, c.tol, c.k, a.ab, a.rb, a.br, a.ns, a.cv);
     if (fl & 1) std::copy(a.x, a.x + L, a.bx);
     if (fl & 2) continue;  // converged now: frozen, no history update
@@ -235,6 +331,14 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
   anderson_weights_rows<acc_t>(GGs, na, m, n, c.lam, alpha);
   for (int q = 0; q < na; ++q) {
     const auto& a = rows[live[q]];
+#ifdef DEQFUSE_X86_AVX2
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>) {
+      if (avx2) {
+        mix_row_avx2(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
+        continue;
+      }
+    }
+#endif
     anderson_mix_row<scalar_t, hist_t, acc_t>(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
   }
 }

@@ -75,7 +75,7 @@ struct GnRow {
   T* rstd;
 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DEQFUSE_NO_CLONES)
+#ifdef DEQFUSE_X86_AVX2
 #define DEQFUSE_AVX2_GN 1
 // float GroupNorm of rows with AVX2 + FMA (G % 4 == 0, group width n a multiple of 8), four
 // groups at a time: a group's partial sums in one 8-lane register, a row's four horizontal sums by one

@@ -19,3 +19,17 @@
 #else
 #define DEQFUSE_INLINE inline
 #endif
+
+// x86-64 builds with GCC's target attributes: kernels written with AVX2 + FMA intrinsics, called only where
+// cpu_has_avx2_fma() (the GEMM tiles, GroupNorm, the Anderson step's dot products and mixing).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DEQFUSE_NO_CLONES)
+#define DEQFUSE_X86_AVX2 1
+namespace deqfuse {
+namespace {
+inline bool cpu_has_avx2_fma() {
+  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+  return v;
+}
+}  // namespace
+}  // namespace deqfuse
+#endif

@@ -12,17 +12,14 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DEQFUSE_NO_CLONES)
+#include "cpu_simd.h"
+
+#ifdef DEQFUSE_X86_AVX2
 #define DEQFUSE_AVX2_GEMM 1
 #include <immintrin.h>
 
 namespace deqfuse {
 namespace {
-
-inline bool cpu_has_avx2_fma() {
-  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
-  return v;
-}
 
 // R rows x V 8-column vectors of C.
 template <int R, int V>
