@@ -133,7 +133,7 @@ DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, 
 //   gram_dots_avx2: <G_j, gp> for ND slots, a slot's sum in 8 lanes (lane q: the elements l = q mod 8, in
 //     order, one FMA each), the lanes then added to 0 in lane order -- the generic loop's reduction; the
 //     ND chains side by side and gp loaded once (slot by slot each sum was a chain of L / 8 dependent FMAs);
-//   mix_avx2: x = sum_j alpha_j (X_j + beta G_j) per element in slot order, t = fma(beta, G_j, X_j) then
+//   mix_row_avx2: x = sum_j alpha_j (X_j + beta G_j) per element in slot order, t = fma(beta, G_j, X_j) then
 //     acc = fma(alpha_j, t, acc) from acc = 0 (the contraction GCC makes of the generic loop), 32 elements'
 //     sums in registers (the generic loop's tile array lived on the stack, zeroed by `rep stos`).
 template <int ND>
