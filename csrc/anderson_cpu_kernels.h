@@ -126,7 +126,7 @@ DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, 
   }
 }
 
-#ifdef DEQFUSE_X86_AVX2
+#ifdef DEQFUSE_X86_TARGETS
 // float, L % 8 == 0, with AVX2 + FMA: the two loops of the step that were latency-bound (perf, Zen 3).
 // Each computes exactly what the generic loops above compute in the x86-64-v3 clone (GCC's `omp simd`
 // code), so the step's values do not depend on which one ran:
@@ -198,7 +198,8 @@ __attribute__((target("avx2,fma"))) inline void mix_tile_avx2(float* xo, const f
 
 // anderson_mix_row for float: ring slot `slot` = (x, gp), then the mixing into x.
 __attribute__((target("avx2,fma"))) inline void mix_row_avx2(float* xb, float* Xb, float* Gb, const float* gp,
-                                                            const float* alpha, int64_t L, int slot, int n, float beta) {
+                                                            const float* alpha, int64_t L, int slot, int n,
+                                                            float beta) {
   std::copy(xb, xb + L, Xb + slot * L);
   std::copy(gp, gp + L, Gb + slot * L);
   const __m256 bv = _mm256_set1_ps(beta);
@@ -305,16 +306,14 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
   acc_t sums[kStepRows][3 + kMaxM];
   acc_t* GGs[kStepRows];
   int live[kStepRows], na = 0;
-  bool avx2 = false;  // the AVX2 dots and mixing (float, L % 8 == 0; the same values as the generic loops)
-#ifdef DEQFUSE_X86_AVX2
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>)
-    avx2 = L % 8 == 0 && cpu_has_avx2_fma();
-#endif
+  // the AVX2 dots and mixing (float, L % 8 == 0; the same values as the generic loops)
+  constexpr bool f32 = std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>;
+  const bool avx2 = f32 && L % 8 == 0 && cpu_has_avx2_fma();
   for (int r = 0; r < R; ++r) {
     const auto& a = rows[r];
     anderson_gram_row<scalar_t, hist_t, acc_t>(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r], !avx2);
-#ifdef DEQFUSE_X86_AVX2
-    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>)
+#ifdef DEQFUSE_X86_TARGETS
+    if constexpr (f32)
       if (avx2) gram_row_dots_avx2(a.G, gp + r * L, L, m, slot, n, sums[r]);
 #endif
     const int fl = record_residual<acc_t>(sums[r][0], sums[r][1], c.stop_rel, c.tol, c.k, a.ab, a.rb, a.br, a.ns, a.cv);
@@ -331,8 +330,8 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
   anderson_weights_rows<acc_t>(GGs, na, m, n, c.lam, alpha);
   for (int q = 0; q < na; ++q) {
     const auto& a = rows[live[q]];
-#ifdef DEQFUSE_X86_AVX2
-    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>) {
+#ifdef DEQFUSE_X86_TARGETS
+    if constexpr (f32) {
       if (avx2) {
         mix_row_avx2(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
         continue;

@@ -173,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward
 // The GEMM floor of one cell evaluation (benchmarks/bench_small.py): the 2N + 2 D x D GEMMs of a forward
 // of B rows, in the row blocks, threads and kernels the ops use (cell_gemm: the AVX-512 or AVX2 tiles of
 // gemm_small.h where they apply, else the BLAS; blas forces the BLAS), with nothing else -- no GroupNorm,
-// elementwise pass, Anderson step, allocation, dispatch or barrier. Each thread runs its blocks `reps` times in one parallel region;
-// returns the wall seconds per evaluation. z: [B, (N+1) D] inputs (their values do not matter).
+// elementwise pass, Anderson step, allocation, dispatch or barrier. Each thread runs its blocks `reps`
+// times in one parallel region; returns the wall seconds per evaluation. z: [B, (N+1) D] inputs (their values do not matter).
 template <typename T>
 double gemm_floor_impl(const at::Tensor& z, const std::vector<at::Tensor>& p, int64_t reps, bool blas) {
   const int64_t N = p[0].size(0), D = p[0].size(1), B = z.size(0);

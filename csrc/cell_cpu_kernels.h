@@ -75,7 +75,7 @@ struct GnRow {
   T* rstd;
 };
 
-#ifdef DEQFUSE_X86_AVX2
+#ifdef DEQFUSE_X86_TARGETS
 #define DEQFUSE_AVX2_GN 1
 // float GroupNorm of rows with AVX2 + FMA (G % 4 == 0, group width n a multiple of 8), four
 // groups at a time: a group's partial sums in one 8-lane register, a row's four horizontal sums by one
@@ -157,21 +157,27 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>*
   }
 }
 
+// f(std::integral_constant<int, W>()) with W the 8-lane vectors of a group of n values for the widths the
+// AVX2 GroupNorm kernels compile in (8, 16, 32, 64), else W = 0 (the width read at run time).
+template <typename F>
+inline void with_group_vectors(int64_t n, const F& f) {
+  switch (n) {
+    case 8: return f(std::integral_constant<int, 1>());
+    case 16: return f(std::integral_constant<int, 2>());
+    case 32: return f(std::integral_constant<int, 4>());
+    case 64: return f(std::integral_constant<int, 8>());
+    default: return f(std::integral_constant<int, 0>());
+  }
+}
+
 // gn_rows_avx2 with W and SAVE from the group width and rw[0] (all K rows alike).
 template <int K>
 inline void gn_rows_avx2_any(const GnRow<float>* rw, const float* gamma, const float* beta, int64_t D, int64_t G) {
   const bool save = rw[0].yhat != nullptr;
-  auto run = [&](auto wc) {
+  with_group_vectors(D / G, [&](auto wc) {
     constexpr int W = decltype(wc)::value;
     save ? gn_rows_avx2<K, W, true>(rw, gamma, beta, D, G) : gn_rows_avx2<K, W, false>(rw, gamma, beta, D, G);
-  };
-  switch (D / G) {
-    case 8: return run(std::integral_constant<int, 1>());
-    case 16: return run(std::integral_constant<int, 2>());
-    case 32: return run(std::integral_constant<int, 4>());
-    case 64: return run(std::integral_constant<int, 8>());
-    default: return run(std::integral_constant<int, 0>());
-  }
+  });
 }
 #endif
 
@@ -351,10 +357,10 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_backward_avx2(const GnBa
         const __m256 a = lane_avx2(m1[p], q), b = lane_avx2(m2[p], q), r = lane_avx2(r4, q);
         for (int64_t v = 0; v < w; ++v) {
           const int64_t j = o + 8 * v;
-          // t = d - a - yhat b with d = dout gamma, fused as written (GCC contracts the vector * and +
-          // of these intrinsics on its own, differently in each unrolled copy: spelled out, every W rounds alike)
-          const __m256 t = _mm256_fnmadd_ps(_mm256_loadu_ps(yh[p] + j), b,
-                                            _mm256_fmsub_ps(_mm256_loadu_ps(dout[p] + j), _mm256_loadu_ps(gamma + j), a));
+          // t = d - a - yhat b with d = dout gamma, fused as written (GCC contracts the vector * and + of
+          // these intrinsics on its own, differently in each unrolled copy: spelled out, every W rounds alike)
+          const __m256 da = _mm256_fmsub_ps(_mm256_loadu_ps(dout[p] + j), _mm256_loadu_ps(gamma + j), a);
+          const __m256 t = _mm256_fnmadd_ps(_mm256_loadu_ps(yh[p] + j), b, da);
           _mm256_storeu_ps(dy[p] + j, _mm256_mul_ps(r, t));
         }
       }
@@ -365,13 +371,7 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_backward_avx2(const GnBa
 // gn_rows_backward_avx2 with W from the group width.
 template <int K>
 inline void gn_rows_backward_avx2_any(const GnBackRow<float>* rw, const float* gamma, int64_t D, int64_t G) {
-  switch (D / G) {
-    case 8: return gn_rows_backward_avx2<K, 1>(rw, gamma, D, G);
-    case 16: return gn_rows_backward_avx2<K, 2>(rw, gamma, D, G);
-    case 32: return gn_rows_backward_avx2<K, 4>(rw, gamma, D, G);
-    case 64: return gn_rows_backward_avx2<K, 8>(rw, gamma, D, G);
-    default: return gn_rows_backward_avx2<K, 0>(rw, gamma, D, G);
-  }
+  with_group_vectors(D / G, [&](auto wc) { gn_rows_backward_avx2<K, decltype(wc)::value>(rw, gamma, D, G); });
 }
 #endif
 
@@ -422,8 +422,8 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
 // save=true, read by the VJP; null in a forward without save). kn(): the GEMMs go through a tile kernel
 // (float and small_gemm_for(D) != kBlas: the AVX-512 or AVX2 tiles of gemm_small.h, as `gemm` names; else
-// the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the
-// constructor when `forward`), its VJP by W as stored.
+// the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed
+// copies, made by the constructor when `forward`), its VJP by W as stored.
 template <typename T>
 struct Cell {
   int64_t B, N, D, G, ZS;  // ZS = (N+1) D: row stride of z / out / gbar

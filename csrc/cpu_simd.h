@@ -20,16 +20,26 @@
 #define DEQFUSE_INLINE inline
 #endif
 
-// x86-64 builds with GCC's target attributes: kernels written with AVX2 + FMA intrinsics, called only where
-// cpu_has_avx2_fma() (the GEMM tiles, GroupNorm, the Anderson step's dot products and mixing).
+// x86-64 builds with GCC's target attributes (DEQFUSE_X86_TARGETS): kernels written with AVX2 + FMA or
+// AVX-512F intrinsics (the GEMM tiles, GroupNorm, the Anderson step's dot products and mixing), each called
+// only where the running CPU has its ISA; in other builds there are none and both checks say false.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DEQFUSE_NO_CLONES)
-#define DEQFUSE_X86_AVX2 1
+#define DEQFUSE_X86_TARGETS 1
+#endif
 namespace deqfuse {
 namespace {
+#ifdef DEQFUSE_X86_TARGETS
 inline bool cpu_has_avx2_fma() {
   static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
   return v;
 }
+inline bool cpu_has_avx512f() {
+  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+  return v;
+}
+#else
+inline bool cpu_has_avx2_fma() { return false; }
+inline bool cpu_has_avx512f() { return false; }
+#endif
 }  // namespace
 }  // namespace deqfuse
-#endif

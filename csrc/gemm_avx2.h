@@ -14,7 +14,7 @@
 
 #include "cpu_simd.h"
 
-#ifdef DEQFUSE_X86_AVX2
+#ifdef DEQFUSE_X86_TARGETS
 #define DEQFUSE_AVX2_GEMM 1
 #include <immintrin.h>
 

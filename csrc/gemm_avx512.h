@@ -13,17 +13,14 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DEQFUSE_NO_CLONES)
+#include "cpu_simd.h"
+
+#ifdef DEQFUSE_X86_TARGETS
 #define DEQFUSE_AVX512_GEMM 1
 #include <immintrin.h>
 
 namespace deqfuse {
 namespace {
-
-inline bool cpu_has_avx512f() {
-  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
-  return v;
-}
 
 // The widest D gemm_small.h's auto choice gives this kernel. Each 4-row tile streams a 64-column panel of
 // the weight (D x 64 values) from L1 and has no K blocking: at D = 64 (a 16 KB panel) it beats the BLAS, at
@@ -81,12 +78,6 @@ __attribute__((target("avx512f"))) inline void gemm_avx512(int64_t M, int64_t Nc
   }
 }
 
-}  // namespace
-}  // namespace deqfuse
-#else
-namespace deqfuse {
-namespace {
-inline bool cpu_has_avx512f() { return false; }  // no AVX-512 kernels in this build
 }  // namespace
 }  // namespace deqfuse
 #endif
