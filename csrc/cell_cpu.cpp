@@ -64,6 +64,71 @@ at::Tensor vjp_impl(const at::Tensor& gbar, const std::vector<at::Tensor>& sv, c
   return out;
 }
 
+// dW rows j0 .. j0 + w of a D x D weight gradient: C [w, D] = A^T X over the batch's B rows, A = dY at column
+// offset j0 (row stride lda), X [B, D] (row stride ldx), C at row stride D. The AVX2 tiles (gemm_tn_avx2)
+// where the cell's own GEMMs run in tiles (float, D % 8 == 0: Cell::kn; an AVX-512 CPU has AVX2 too),
+// else the BLAS.
+template <typename T>
+void weight_grad(const Cell<T>& c, int64_t w, const T* A, int64_t lda, const T* X, int64_t ldx, T* C) {
+#ifdef DEQFUSE_AVX2_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (c.kn() && c.B > 0) return gemm_tn_avx2(w, c.D, c.B, A, lda, X, ldx, C, c.D);
+  }
+#endif
+  gemm_tn<T>(w, c.D, c.B, A, lda, X, ldx, (T)0, C, c.D);
+}
+
+#ifdef DEQFUSE_X86_TARGETS
+// column_sums for float with AVX2: 16 columns' double sums in four registers (the generic loop kept them in
+// memory and split its float-to-double loads through the stack). Exactly the generic loop's values: each
+// column's sum from 0 in batch order, and a product of two floats is exact in double, so fma(a, b, acc)
+// rounds as acc + a * b does.
+__attribute__((target("avx2,fma"))) inline void column_sums_avx2(int64_t B, int64_t w, const float* a, int64_t sa,
+                                                                const float* b, int64_t sb, double* out) {
+  int64_t j = 0;
+  for (; j + 16 <= w; j += 16) {
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (int64_t r = 0; r < B; ++r) {
+      const float* ar = a + r * sa + j;
+      for (int v = 0; v < 4; ++v) {
+        const __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(ar + 4 * v));
+        acc[v] = b ? _mm256_fmadd_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(b + r * sb + j + 4 * v)), acc[v])
+                   : _mm256_add_pd(acc[v], x);
+      }
+    }
+    for (int v = 0; v < 4; ++v) _mm256_storeu_pd(out + j + 4 * v, acc[v]);
+  }
+  for (; j < w; ++j) {
+    double s = 0;
+    for (int64_t r = 0; r < B; ++r) s += b ? (double)a[r * sa + j] * (double)b[r * sb + j] : (double)a[r * sa + j];
+    out[j] = s;
+  }
+}
+#endif
+
+// out[j] = sum over the B rows of a[r, j] (* b[r, j] when b is non-null), j < w, in double from 0 in row
+// order (a at row stride sa, b at sb): the bias and GroupNorm-affine gradients, the same for any thread count.
+template <typename T>
+void column_sums(int64_t B, int64_t w, const T* a, int64_t sa, const T* b, int64_t sb, double* out) {
+#ifdef DEQFUSE_X86_TARGETS
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma()) return column_sums_avx2(B, w, a, sa, b, sb, out);
+  }
+#endif
+  std::fill(out, out + w, 0.0);
+  for (int64_t r = 0; r < B; ++r) {
+    const T* ar = a + r * sa;
+    if (b) {
+      const T* br = b + r * sb;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) out[j] += (double)ar[j] * (double)br[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) out[j] += (double)ar[j];
+    }
+  }
+}
+
 // Gradients of everything: dz (= the VJP), dx, dxf and the 16 parameter gradients, in two parallel passes
 // and no ATen op besides the output allocations:
 //   rows:    the VJP (vjp_block), keeping the full-batch gradients of the pre-activations (Keep), plus the
@@ -119,11 +184,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward
     const int64_t w = j1 - j0;
     for (int64_t i = 0; i < N; ++i) {  // dW1_i = da1_i^T z_i, dW2_i = da2_i^T h_i (rows j0..j1)
       const int64_t o = i * B * D;
-      gemm_tn<T>(w, D, B, kp.da1 + o + j0, D, zp + i * D, ZS, (T)0, dptr(0) + i * D * D + j0 * D, D);
-      gemm_tn<T>(w, D, B, kp.da2 + o + j0, D, hp + o, D, (T)0, dptr(2) + i * D * D + j0 * D, D);
+      weight_grad<T>(c, w, kp.da1 + o + j0, D, zp + i * D, ZS, dptr(0) + i * D * D + j0 * D);
+      weight_grad<T>(c, w, kp.da2 + o + j0, D, hp + o, D, dptr(2) + i * D * D + j0 * D);
     }
-    gemm_tn<T>(w, D, B, kp.dga + j0, D, sp, D, (T)0, dptr(10) + j0 * D, D);  // dWg = dga^T s
-    gemm_tn<T>(w, D, B, kp.da3 + j0, D, qp, D, (T)0, dptr(12) + j0 * D, D);  // dWf = da3^T q
+    weight_grad<T>(c, w, kp.dga + j0, D, sp, D, dptr(10) + j0 * D);  // dWg = dga^T s
+    weight_grad<T>(c, w, kp.da3 + j0, D, qp, D, dptr(12) + j0 * D);  // dWf = da3^T q
     // column sums over the batch: dp[k][off + j] = scale * sum_b a[b, j] (* b[b, j] when b is given)
     struct Sum {
       int k;
@@ -132,37 +197,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward
       int64_t sa;
       T scale;
     };
-    std::vector<Sum> sums;
+    std::vector<Sum> sums(8 * N + 4);
+    size_t ns = 0;
     for (int64_t i = 0; i < N; ++i) {
       const int64_t o = i * B * D;
-      sums.push_back({1, i * D, kp.da1 + o, nullptr, D, 1});
-      sums.push_back({3, i * D, kp.da2 + o, nullptr, D, 1});
-      sums.push_back({4, i * D, kp.dg1 + o, yh1 + o, D, 1});
-      sums.push_back({5, i * D, kp.dg1 + o, nullptr, D, 1});
-      sums.push_back({6, i * D, kp.du + o, yh2 + o, D, 1});
-      sums.push_back({7, i * D, kp.du + o, nullptr, D, 1});
-      sums.push_back({8, i * D, kp.dzn + o, yh3 + o, D, 1});
-      sums.push_back({9, i * D, kp.dzn + o, nullptr, D, 1});
+      sums[ns++] = {1, i * D, kp.da1 + o, nullptr, D, 1};
+      sums[ns++] = {3, i * D, kp.da2 + o, nullptr, D, 1};
+      sums[ns++] = {4, i * D, kp.dg1 + o, yh1 + o, D, 1};
+      sums[ns++] = {5, i * D, kp.dg1 + o, nullptr, D, 1};
+      sums[ns++] = {6, i * D, kp.du + o, yh2 + o, D, 1};
+      sums[ns++] = {7, i * D, kp.du + o, nullptr, D, 1};
+      sums[ns++] = {8, i * D, kp.dzn + o, yh3 + o, D, 1};
+      sums[ns++] = {9, i * D, kp.dzn + o, nullptr, D, 1};
     }
-    sums.push_back({11, 0, kp.dga, nullptr, D, (T)N});
-    sums.push_back({13, 0, kp.da3, nullptr, D, 1});
-    sums.push_back({14, 0, gp + N * D, yhf, ZS, 1});  // gnf_w: sum gbar_f * yhat_f
-    sums.push_back({15, 0, gp + N * D, nullptr, ZS, 1});
+    sums[ns++] = {11, 0, kp.dga, nullptr, D, (T)N};
+    sums[ns++] = {13, 0, kp.da3, nullptr, D, 1};
+    sums[ns++] = {14, 0, gp + N * D, yhf, ZS, 1};  // gnf_w: sum gbar_f * yhat_f
+    sums[ns++] = {15, 0, gp + N * D, nullptr, ZS, 1};
     std::unique_ptr<double[]> acc(new double[w]);
-    for (const Sum& t : sums) {
-      std::fill(acc.get(), acc.get() + w, 0.0);
-      for (int64_t b = 0; b < B; ++b) {
-        const T* ar = t.a + b * t.sa + j0;
-        double* ac = acc.get();
-        if (t.b) {
-          const T* br = t.b + b * D + j0;
-#pragma omp simd
-          for (int64_t j = 0; j < w; ++j) ac[j] += (double)ar[j] * (double)br[j];
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < w; ++j) ac[j] += (double)ar[j];
-        }
-      }
+    for (size_t q = 0; q < ns; ++q) {
+      const Sum& t = sums[q];
+      column_sums<T>(B, w, t.a + j0, t.sa, t.b ? t.b + j0 : nullptr, D, acc.get());
       T* dst = dptr(t.k) + t.off + j0;
       for (int64_t j = 0; j < w; ++j) dst[j] = (T)(acc[j] * (double)t.scale);
     }

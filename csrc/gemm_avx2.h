@@ -21,8 +21,8 @@
 namespace deqfuse {
 namespace {
 
-// R rows x V 8-column vectors of C.
-template <int R, int V>
+// R rows x V 8-column vectors of C. TA: A is stored transposed, [K, M] at row stride lda (A^T Bk: gemm_tn_avx2).
+template <int R, int V, bool TA = false>
 __attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t K, const float* A, int64_t lda, const float* Bk,
                                                               int64_t ldb, bool accumulate, float* C, int64_t ldc) {
   __m256 acc[R][V];
@@ -33,7 +33,7 @@ __attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t K, const 
     __m256 b[V];
     for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(Bk + k * ldb + 8 * v);
     for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      const __m256 a = _mm256_broadcast_ss(TA ? A + k * lda + r : A + r * lda + k);
       for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
     }
   } while (++k < K);
@@ -41,31 +41,45 @@ __attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t K, const 
     for (int v = 0; v < V; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
 }
 
-template <int V>
+template <int V, bool TA>
 __attribute__((target("avx2,fma"))) inline void gemm_cols_avx2(int64_t M, int64_t K, const float* A, int64_t lda,
                                                               const float* Bk, int64_t ldb, bool accumulate, float* C,
                                                               int64_t ldc) {
   int64_t r = 0;
-  for (; r + 6 <= M; r += 6) gemm_tile_avx2<6, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
-  A += r * lda;
+  const int64_t ra = TA ? 1 : lda;  // A's stride between rows of C
+  for (; r + 6 <= M; r += 6) gemm_tile_avx2<6, V, TA>(K, A + r * ra, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+  A += r * ra;
   C += r * ldc;
   switch (M - r) {
-    case 5: return gemm_tile_avx2<5, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 4: return gemm_tile_avx2<4, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 3: return gemm_tile_avx2<3, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 2: return gemm_tile_avx2<2, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 1: return gemm_tile_avx2<1, V>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 5: return gemm_tile_avx2<5, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 4: return gemm_tile_avx2<4, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 3: return gemm_tile_avx2<3, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 2: return gemm_tile_avx2<2, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 1: return gemm_tile_avx2<1, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
     default: return;
   }
 }
 
 // The GEMM of the module comment (Nc % 8 == 0): 16-column panels, an 8-column one last where Nc % 16 == 8.
+template <bool TA = false>
 __attribute__((target("avx2,fma"))) inline void gemm_avx2(int64_t M, int64_t Nc, int64_t K, const float* A,
                                                          int64_t lda, const float* Bk, int64_t ldb, bool accumulate,
                                                          float* C, int64_t ldc) {
   int64_t n0 = 0;
-  for (; n0 + 16 <= Nc; n0 += 16) gemm_cols_avx2<2>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
-  if (n0 < Nc) gemm_cols_avx2<1>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
+  for (; n0 + 16 <= Nc; n0 += 16) gemm_cols_avx2<2, TA>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
+  if (n0 < Nc) gemm_cols_avx2<1, TA>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
+}
+
+// C[M, Nc] = A^T Bk (Nc % 8 == 0, K >= 1) with A stored [K, M] at row stride lda and Bk [K, Nc] at row stride
+// ldb: a Linear's weight gradient over K batch rows (dW = dY^T X), or the rows of it that A's column offset
+// selects. The tiles of gemm_avx2 with A's element (r, k) broadcast from A + k lda + r: each output is the K
+// products added in batch order by one FMA each from 0, so it depends on neither the thread count nor the
+// slice of rows a thread computes. Why not the BLAS: called per thread on a column slice inside the backward's
+// parallel region, MKL went through its OpenMP driver and copied both operands on every call (perf, Zen 3).
+__attribute__((target("avx2,fma"))) inline void gemm_tn_avx2(int64_t M, int64_t Nc, int64_t K, const float* A,
+                                                            int64_t lda, const float* Bk, int64_t ldb, float* C,
+                                                            int64_t ldc) {
+  gemm_avx2<true>(M, Nc, K, A, lda, Bk, ldb, false, C, ldc);
 }
 
 // wt = w^T for a D x D row-major float matrix, D % 8 == 0, in 8 x 8 blocks (unpack / shuffle / lane

@@ -539,3 +539,28 @@ def test_backward_takes_any_strided_state():
     ref = torch.ops.deqfuse.cell_backward(g, z, saved, list(p), 4)
     for a, b in zip([*got[:3], *got[3]], [*ref[:3], *ref[3]]):
         assert torch.equal(a, b)
+
+
+@needs_ext
+@pytest.mark.parametrize("N,B,D", [(2, 70, 64), (1, 19, 40), (3, 9, 24)])
+def test_backward_in_tiles_gives_the_same_gradients_on_any_thread_count(N, B, D):
+    """Where the float32 cell runs in the tile kernels, cell_backward's weight gradients (gemm_tn_avx2) and
+    its bias / affine column sums add the batch rows in order whatever slice of columns a thread owns: the
+    same floats on 1, 2 and 3 threads. Elsewhere (the BLAS) only within float32 rounding."""
+    ext = deqfuse.extension_status()[0]
+    p = [t.float() for t in make_params(N, D)]
+    z, x, xf = (t.float() for t in make_inputs(B, N, D))
+    g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(3))
+    _, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, 4, True)
+    before, res = torch.get_num_threads(), []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward(g, z, saved, p, 4)
+            res.append([dz, dx, dxf, *dp])
+    finally:
+        torch.set_num_threads(before)
+    tiles = ext.cell_gemm_kernel(D) != "blas"
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert torch.equal(a, b) if tiles else rel_err(a, b) < 1e-5
