@@ -147,12 +147,17 @@ def compiled_anderson_step():
 def anderson_step_fn(backend: str, x: torch.Tensor, m: int = 1):
     """The step function (reference.anderson contract) for this backend, x's device and ring size m.
     'auto' falls back past a backend whose limits m exceeds; a backend named explicitly raises."""
-    b = resolve(backend, x.device, "anderson_step")
+    return anderson_step_fn_for(backend, x.device, m)
+
+
+def anderson_step_fn_for(backend: str, device: torch.device, m: int = 1):
+    """anderson_step_fn for tensors on `device` (the choice depends on nothing else)."""
+    b = resolve(backend, device, "anderson_step")
     if b == "cuda" and m > COMPILED_MAX_M:
         if backend == "cuda":
             raise ValueError(f"m={m}: the compiled Anderson step (backend='cuda') supports m <= {COMPILED_MAX_M}; "
                              f"use backend='triton' or 'reference' (or 'auto')")
-        b = "triton" if x.is_cuda and triton_status()[0] else "reference"
+        b = "triton" if device.type == "cuda" and triton_status()[0] else "reference"
     if b == "cuda":
         return torch.ops.deqfuse.anderson_step
     if b == "triton":

@@ -53,7 +53,8 @@ def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, warn
 
     def adjoint(grad):
         f = PlusRows(vjp, grad) if is_rowwise(vjp) else (lambda y: vjp(y) + grad)
-        g, stats = solve(solver, f, grad.clone() if init == "grad" else torch.zeros_like(grad), **solver_kw)
+        # the solvers never write x0 (their iterate and best iterate are copies): grad serves as x0 itself
+        g, stats = solve(solver, f, grad if init == "grad" else torch.zeros_like(grad), **solver_kw)
         if stats_box is not None:
             stats_box[:] = [stats]
         if warn:

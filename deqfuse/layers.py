@@ -159,13 +159,15 @@ class DEQFusion(nn.Module):
 
     def forward(self, features, return_info: bool = False):
         B = check_features(features, self.n, self.dim, self.weights, check_finite=False)
-        x = torch.stack(list(features), 1).to(self.weights.dtype)  # [B, N, D] (autocast outputs cast up)
+        x = torch.stack(list(features), 1)  # [B, N, D]
+        if x.dtype != self.weights.dtype:  # autocast outputs cast up
+            x = x.to(self.weights.dtype)
         if host_sync_allowed(x):  # finite and within range: one reduction over the stacked features
             check_feature_values(x.detach(), self.weights.dtype)
         xf = fuse_inputs(x, self.weights, self.bias)         # [B, D]
         f = self._flat_cell(x, xf)
         z0 = x.new_zeros(B, (self.n + 1) * self.dim)
-        jac = x.new_zeros(())
+        jac = None
         fstats, bstats = None, []
         if self.grad == "unrolled":
             z = z0
@@ -186,9 +188,11 @@ class DEQFusion(nn.Module):
             z = z_star
             if self.training and torch.is_grad_enabled():
                 with profiling.range("attach_grad"):
-                    z, jac = self._attach_grad(z_star, x, xf, B, bstats, graphed)
-        self.info = DEQInfo(fstats, jac, bstats)
-        out = z.view(B, self.n + 1, self.dim)[:, self.n].contiguous()  # not a view: FSDP2 hooks, in-place safe
+                    z, jac = self._attach_grad(z_star, x, xf, B, bstats, graphed, isinstance(f, ExtCellRows))
+        # (object.__setattr__: nn.Module's costs ~3 us a forward; info is a plain attribute)
+        object.__setattr__(self, "info", DEQInfo(fstats, x.new_zeros(()) if jac is None else jac, bstats))
+        out = z.narrow(1, self.n * self.dim, self.dim).contiguous()  # the fused state [B, D]; not a view: FSDP2
+        # hooks, in-place safe
         return (out, self.info) if return_info else out
 
     def _solve_kw(self, which: int, x: torch.Tensor) -> dict:
@@ -200,13 +204,17 @@ class DEQFusion(nn.Module):
             kw = dict(kw, tol=max(kw["tol"], LOW_PRECISION_TOL))
         return kw
 
-    def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False):
-        jac = x.new_zeros(())
+    def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False, ext=None):
+        """z_star with the training gradient attached, and the Jacobian loss (None when jac_reg = 0).
+        ext: whether the cell runs as the C++ op here (cell_path(backend, z_star) == 'ext'; None: look it up)."""
+        jac = None
         if self.grad == "phantom":
             return phantom_grad(self._flat_cell(x, xf), z_star, self.phantom_steps, self.phantom_lam), jac
         z_star = z_star.detach().requires_grad_(self.jac_reg > 0)
         zs = z_star.view(B, self.n + 1, self.dim)
-        if self.jac_reg == 0 and cell_path(self.backend, zs) == "ext":
+        if ext is None:
+            ext = cell_path(self.backend, zs) == "ext"
+        if self.jac_reg == 0 and ext:
             # C++ forward + backward for the parameter gradients; its saved tensors serve the adjoint
             fz, ext_saved = ext_cell_with_grad(zs, x, xf, list(self.cell.params()), self.cell.groups)
             saved = dict(ext=ext_saved)

@@ -1,7 +1,7 @@
 """Batched root solvers for z = f(z): per-sample residuals, best iterate, freezing, early exit and
 active-set compaction.
 
-Every solver takes ``f: [B, L] -> [B, L]`` and ``x0: [B, L]`` and returns ``(z, SolverStats)``: z is
+Every solver takes ``f: [B, L] -> [B, L]`` and ``x0: [B, L]`` (never written) and returns ``(z, SolverStats)``: z is
 each sample's best iterate (lowest residual by ``stop_mode``). A sample whose residual drops below
 ``tol`` is frozen: its state stops changing.
 
@@ -443,22 +443,42 @@ def check_options(solver: str, names: Optional[dict] = None, **kw):
         _check_option(key, v, name, solver)
 
 
-def _check(x0, max_iter, tol, stop_mode):
+def _check_x0(x0):
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
         raise ValueError(f"x0 must be a [B, L] tensor, got {getattr(x0, 'shape', type(x0))}")
     if not x0.is_floating_point():
         raise TypeError(f"x0 must be floating point, got {x0.dtype}")
+
+
+def _check(x0, max_iter, tol, stop_mode):
+    _check_x0(x0)
     _check_option("max_iter", max_iter, "max_iter", "")
     _check_option("tol", tol, "tol", "")
     _check_option("stop_mode", stop_mode, "stop_mode", "")
 
 
 def _check_anderson(x0, m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend):
-    """Checks every Anderson option; returns the step function (reference.anderson contract)."""
-    _check(x0, max_iter, tol, stop_mode)
-    for key, v in (("m", m), ("lam", lam), ("beta", beta), ("history_dtype", history_dtype), ("backend", backend)):
+    """Checks every Anderson option; returns the step function (reference.anderson contract). Options and
+    step function are looked up once per combination and device (every solve of a layer passes the same
+    ones; checking them one by one cost ~9 us a solve)."""
+    _check_x0(x0)
+    opts = (m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend)
+    if not torch.compiler.is_compiling():  # (options are symbolic while torch.compile traces)
+        try:
+            return _anderson_options(x0.device, *opts)
+        except TypeError as e:  # an unhashable option: checked without the cache (the check's TypeError re-raises)
+            if "unhashable" not in str(e):
+                raise
+    return _anderson_options.__wrapped__(x0.device, *opts)
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: True and 1 are checked apart; a failed check is not cached
+def _anderson_options(device, m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend):
+    """The Anderson options checked, and the step function for tensors on `device`."""
+    for key, v in (("max_iter", max_iter), ("tol", tol), ("stop_mode", stop_mode), ("m", m), ("lam", lam),
+                   ("beta", beta), ("history_dtype", history_dtype), ("backend", backend)):
         _check_option(key, v, key, "anderson")
-    return _backend.anderson_step_fn(backend, x0, m)
+    return _backend.anderson_step_fn_for(backend, device, m)
 
 
 def anderson_state(x0, *, m: int = 5, lam: float = 1e-4, beta: float = 1.0, max_iter: int = 50,

@@ -28,6 +28,8 @@ def test_shapes_and_info(layer):
     (lambda: feats()[:2] + [torch.randn(5, 16)], r"features\[2\] has batch 5"),
     (lambda: feats()[:2] + [torch.randint(0, 3, (4, 16))], r"features\[2\] must be floating"),
     (lambda: [torch.full((4, 16), float("nan"))] + feats()[1:], r"features\[0\] has non-finite"),
+    (lambda: feats()[:1] + [torch.full((4, 16), -float("inf"))] + feats()[2:], r"features\[1\] has non-finite"),
+    (lambda: feats()[:2] + [torch.full((4, 16), -1e30)], r"features\[2\] has values up to 1e\+30"),
     (lambda: torch.randn(4, 16), "list"),
     (lambda: feats(B=0), "batch size 0"),
 ])

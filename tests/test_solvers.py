@@ -125,3 +125,30 @@ def test_bad_arguments_raise():
         solve("newton", f, b)
     with pytest.raises(ValueError, match="backend"):
         anderson(f, b, backend="magic")
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden", "fixed_point", "anderson_official"])
+def test_solvers_never_write_x0(name):
+    """x0 is read only (the adjoint solve passes the incoming gradient itself as its start)."""
+    f, b, _ = linear_problem()
+    x0 = b.clone()
+    solve(name, f, x0, max_iter=6)
+    assert torch.equal(x0, b)
+
+
+def test_cached_option_checks_still_raise_every_time():
+    """Anderson's options are checked once per combination (cached): a failed check is not cached, a value
+    that passed does not let an equal value of another type through (True == 1), and hashing-unfriendly
+    values are still checked."""
+    f, b, _ = linear_problem()
+    anderson(f, b, m=2, max_iter=3)  # m=2 passes (and is cached)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="m must be an int"):
+            anderson(f, b, m=2.0, max_iter=3)
+        with pytest.raises(ValueError, match="max_iter must be an int"):
+            anderson(f, b, m=2, max_iter=True)
+        with pytest.raises(ValueError, match="lam must be > 0"):
+            anderson(f, b, m=2, max_iter=3, lam=-1.0)
+    anderson(f, b, m=1, max_iter=3)
+    with pytest.raises(ValueError, match="m must be an int"):
+        anderson(f, b, m=True, max_iter=3)

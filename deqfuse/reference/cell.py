@@ -43,7 +43,8 @@ def stacked_linear(v, w, b):
 def fuse_inputs(x, weights, bias):
     """x_f = sum_i w_i x_i + b. x: [B, N, D], weights: [N], bias: [1] -> [B, D]. Elementwise on purpose:
     torch.autocast leaves it in x's dtype (an einsum would round the fused input to bf16/fp16)."""
-    return (x * weights.view(1, -1, 1).to(x.dtype)).sum(1) + bias
+    w = weights if weights.dtype == x.dtype else weights.to(x.dtype)  # (a .to call costs ~2 us)
+    return (x * w.view(1, -1, 1)).sum(1) + bias
 
 
 def cell_forward(z, x, xf, p: CellParams, groups: int = 4, save: bool = False):
