@@ -181,31 +181,40 @@ inline void gram_row_dots_avx2(const float* Gb, const float* gp, int64_t L, int 
 }
 
 template <int V>  // V 8-element vectors of x
-__attribute__((target("avx2,fma"))) inline void mix_tile_avx2(float* xo, const float* Xb, const float* Gb,
-                                                             const float* alpha, int64_t L, int n, __m256 beta) {
+__attribute__((target("avx2,fma"))) inline void mix_tile_avx2(float* xo, float* Xb, float* Gb, const float* gp,
+                                                             const float* alpha, int64_t L, int slot, int n,
+                                                             __m256 beta) {
   __m256 acc[V];
   for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
   for (int j = 0; j < n; ++j) {
     const __m256 a = _mm256_set1_ps(alpha[j]);
-    const float *Xj = Xb + j * L, *Gj = Gb + j * L;
+    float *Xj = Xb + j * L, *Gj = Gb + j * L;
     for (int v = 0; v < V; ++v) {
-      const __m256 t = _mm256_fmadd_ps(beta, _mm256_loadu_ps(Gj + 8 * v), _mm256_loadu_ps(Xj + 8 * v));
-      acc[v] = _mm256_fmadd_ps(a, t, acc[v]);
+      __m256 xv, gv;
+      if (j == slot) {  // the new entry: read from x and g, and written into the ring here (no copy pass)
+        xv = _mm256_loadu_ps(xo + 8 * v);
+        gv = _mm256_loadu_ps(gp + 8 * v);
+        _mm256_storeu_ps(Xj + 8 * v, xv);
+        _mm256_storeu_ps(Gj + 8 * v, gv);
+      } else {
+        xv = _mm256_loadu_ps(Xj + 8 * v);
+        gv = _mm256_loadu_ps(Gj + 8 * v);
+      }
+      acc[v] = _mm256_fmadd_ps(a, _mm256_fmadd_ps(beta, gv, xv), acc[v]);
     }
   }
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(xo + 8 * v, acc[v]);
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(xo + 8 * v, acc[v]);  // after every read of this tile's x
 }
 
-// anderson_mix_row for float: ring slot `slot` = (x, gp), then the mixing into x.
+// anderson_mix_row for float: ring slot `slot` = (x, gp), then the mixing into x -- in one pass (slot < n:
+// the slot being written is always one of the n mixed).
 __attribute__((target("avx2,fma"))) inline void mix_row_avx2(float* xb, float* Xb, float* Gb, const float* gp,
                                                             const float* alpha, int64_t L, int slot, int n,
                                                             float beta) {
-  std::copy(xb, xb + L, Xb + slot * L);
-  std::copy(gp, gp + L, Gb + slot * L);
   const __m256 bv = _mm256_set1_ps(beta);
   int64_t l0 = 0;
-  for (; l0 + 32 <= L; l0 += 32) mix_tile_avx2<4>(xb + l0, Xb + l0, Gb + l0, alpha, L, n, bv);
-  for (; l0 < L; l0 += 8) mix_tile_avx2<1>(xb + l0, Xb + l0, Gb + l0, alpha, L, n, bv);
+  for (; l0 + 32 <= L; l0 += 32) mix_tile_avx2<4>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
+  for (; l0 < L; l0 += 8) mix_tile_avx2<1>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
 }
 #endif
 
