@@ -11,16 +11,17 @@
 // moving only (gathered into a contiguous block when they are not already one), so a solve costs the
 // rows it needs, without the compaction heuristics of the Python driver.
 //
-// Threads: one parallel region for the whole solve. Each step the active samples are split evenly over
-// the threads (blocks of at most kBlock rows, in sample order, so a sample mostly stays on one core and its
-// Anderson history in that core's cache); one barrier per step (StepBarrier: spins, then yields). The
-// solve stops when no sample is active or after max_iter steps. Returns (steps run, rows evaluated).
+// Threads: one parallel region for the whole solve, no barrier per step: threads take chunks of consecutive
+// samples and solve each to the end (solve_loop's schedule comment). The solve stops when no sample is
+// active or after max_iter steps. Returns (steps run = the last step any sample was active + 1, rows
+// evaluated).
 //
 // Layout: z0 / g0 / best_x [B, L] with L = (N+1) D; x [B, N, D]; xf [B, D]; add [B, L]; params / saved
 // as the cell ops (cell_cpu.cpp); best_res [B], abs/rel traces [T >= max_iter, B] (float for float32
 // states, double for float64), converged [B] bool, nstep [B] int32 -- the buffers of solvers.Results,
 // initialised by the caller (best_x = z0, best_res = inf, traces NaN, flags false, nstep 0) and updated in
-// place. The Anderson state (iterate, rings X / G [B, m, L], Gram [B, m, m]) lives inside the call.
+// place. The Anderson state (iterate; rings X / G [C, m, L], Gram [C, m, m] per thread for its chunk of C
+// samples) lives inside the call.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 
@@ -28,13 +29,15 @@
 #include <omp.h>
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 #include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -55,6 +58,7 @@ struct CellMap {
   void operator()(const T* zin, T* out, int64_t b0, int64_t M, const int64_t* rows, T* scratch) const {
     forward_block<T>(c, zin, xp, xfp, out, false, b0, M, rows, scratch);
   }
+  int64_t row_bytes() const { return (int64_t)sizeof(T) * c.ZS; }  // x [N, D] and xf [D] per sample
 };
 
 // The adjoint map g -> J^T g + add on a block of rows.
@@ -65,6 +69,8 @@ struct VjpMap {
   void operator()(const T* gin, T* out, int64_t b0, int64_t M, const int64_t* rows, T* scratch) const {
     vjp_block<T>(c, gin, addp, out, b0, M, rows, scratch, Keep<T>());
   }
+  // per sample: the 13 saved tensors (5 [N, D], 3 [N, G], 4 [D], 1 [G]) and add [L]
+  int64_t row_bytes() const { return (int64_t)sizeof(T) * ((5 * c.N + 4) * c.D + (3 * c.N + 1) * c.G + c.ZS); }
 };
 
 // The Results buffers of a solve (module comment) as raw pointers.
@@ -84,130 +90,127 @@ struct SolveArgs {
   bool stop_rel;
 };
 
-// The solve's step barrier: sense-reversing, the last thread to arrive runs `last` (the next step's active
-// list) before releasing the others. A waiting thread spins briefly, then yields its core: with other
-// busy processes on the machine (more runnable threads than cores), the thread it waits for may need that
-// core -- libgomp's barrier spins for ~300k iterations first, which made a solve 4-5x slower beside one
-// busy process on this 2-core machine (benchmarks/RESULTS.md).
-class StepBarrier {
- public:
-  explicit StepBarrier(int n) : n_(n), count_(n) {}
-  // for a team of n threads (an OpenMP region may get fewer than it asked for); before any wait
-  void reset(int n) {
-    n_ = n;
-    count_.store(n, std::memory_order_relaxed);
-  }
-  template <typename F>
-  void wait(int& sense, const F& last) {
-    sense ^= 1;
-    if (count_.fetch_sub(1, std::memory_order_acq_rel) == 1) {  // last to arrive: every write before is visible
-      last();
-      count_.store(n_, std::memory_order_relaxed);
-      flag_.store(sense, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; flag_.load(std::memory_order_acquire) != sense; ++spins) {
-      if (spins < kSpins) {
-#if defined(__x86_64__)
-        _mm_pause();
-#endif
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  static constexpr int kSpins = 256;  // ~10 us of pause instructions, a few per cent of a step
-  int n_;
-  std::atomic<int> count_;
-  std::atomic<int> flag_{0};
+// The solve's schedule. A sample's trajectory does not depend on the other samples (the map is row-wise,
+// the Anderson state per sample), so the batch is cut into chunks of consecutive samples and each chunk is
+// solved to the end before the next: its rings, Gram matrices and the map's intermediates stay in the
+// core's L2 for all its steps (step-major over the whole batch, the rings alone -- 2 m L values per sample,
+// ~1 MB at B = 128, L = 192, m = 5 -- left L2 every step). Threads take chunks from a shared counter (no
+// barrier per step; a thread whose chunk converges early takes the next). Chunk size: the largest that keeps
+// a chunk's working set (row_bytes per sample) in half of L2, at most kBlock (one map call per step), at
+// least kStepRows; the count a multiple of the thread count, the sizes equal (+-1 sample). DEQFUSE_SOLVE_CHUNK
+// (read per call; tests, benchmarks) sets that largest size instead of the L2 rule.
+struct Chunks {
+  int64_t count, B;
+  int64_t begin(int64_t c) const { return B * c / count; }
 };
 
-// The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch).
+inline int64_t l2_bytes() {
+  static const int64_t v = [] {
+    const long s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return s > 0 ? (int64_t)s : (int64_t)512 * 1024;  // unknown: the smallest L2 of the x86 CPUs we run on
+  }();
+  return v;
+}
+
+inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int nt) {
+  int64_t rows = std::max<int64_t>(kStepRows, std::min<int64_t>(kBlock, l2_bytes() / 2 / std::max<int64_t>(1, row_bytes)));
+  if (const char* e = std::getenv("DEQFUSE_SOLVE_CHUNK")) {
+    const long v = std::atol(e);
+    if (v > 0) rows = std::min<int64_t>(kBlock, v);
+  }
+  int64_t count = (B + rows - 1) / rows;
+  count = std::min<int64_t>(B, (count + nt - 1) / nt * nt);
+  return {std::max<int64_t>(1, count), B};
+}
+
+inline int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
+template <typename T>
+T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~(uintptr_t)63); }
+
+// The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch);
+// row_bytes: what the map reads per sample besides the iterate and the Anderson state (saved tensors, inputs).
 template <typename T, typename Map>
 std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o, int64_t B, int64_t L, int64_t D,
-                                       const SolveArgs& a) {
+                                       int64_t row_bytes, const SolveArgs& a) {
   const int64_t m = a.m;
   bool* cv = o.converged;
-  // Rings and Gram matrices uninitialised: a step reads only the n = min(k + 1, m) slots written so far
-  // (zeroing them cost as much as an iteration at B = 128).
-  std::unique_ptr<T[]> X(new T[B * m * L]), Gr(new T[B * m * L]), GG(new T[B * m * m]);
   // BLAS GEMMs never throw: the region is entered only with them (the at::mm fallback may throw and must
   // not be called inside an OpenMP region), else the loop runs on this thread.
   int nt = 1;
 #ifdef _OPENMP
   if (sgemm_ && dgemm_) nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
 #endif
-  const int64_t per_thread = kBlock * L * 2 + cell_scratch_size(kBlock, D) + kStepRows * L;  // zg, fx | cell | g
-  std::unique_ptr<T[]> scratch(new T[per_thread * nt]);
-  std::vector<int64_t> act(B);
-  int64_t na = 0, steps = 0, rows = 0;
+  // per sample: rings X, G and Gram, the iterate, f(x), best iterate, gathered copy, step scratch, cell scratch
+  const int64_t state_bytes = (int64_t)sizeof(T) * ((2 * m + 5) * L + m * m + 5 * D);
+  const Chunks ch = solve_chunks(B, state_bytes + row_bytes, nt);
+  const int64_t C = (B + ch.count - 1) / ch.count;  // the largest chunk
+  nt = (int)std::min<int64_t>(nt, ch.count);
+  // per thread: rings X, G [C, m, L] and Gram [C, m, m] (uninitialised: a step reads only the n = min(k + 1,
+  // m) slots written so far), then zg, fx [C, L], the cell's scratch and the step's g [kStepRows, L]
+  // Each thread's block starts at a 64-byte boundary, so every buffer has the same alignment whichever thread
+  // runs a chunk: the BLAS (float64, widths without tile kernels) may round differently at another alignment,
+  // and the chunks go to threads in no fixed order -- values must not depend on it.
+  const int64_t ring = C * m * L;
+  const int64_t per_thread = round_up(2 * ring + C * m * m + 2 * C * L + cell_scratch_size(C, D) + kStepRows * L,
+                                      64 / (int64_t)sizeof(T));
+  std::unique_ptr<T[]> store(new T[per_thread * nt + 64 / sizeof(T)]);
+  T* const scratch = align64(store.get());
+  std::atomic<int64_t> next{0}, rows{0}, steps{0};
 
-  StepBarrier barrier(nt);
-  // run by the last thread to reach a step's barrier: the samples still moving at step k (none past max_iter)
-  auto next_step = [&](int64_t k) {
-    na = 0;
-    if (k >= a.max_iter) return;
-    for (int64_t b = 0; b < B; ++b)
-      if (!cv[b]) act[na++] = b;
-    if (na) {
-      steps = k + 1;
-      rows += na;
-    }
-  };
-  auto body = [&](int tid, int nthreads) {
-    T* zg = scratch.get() + per_thread * tid;
-    T* fx = zg + kBlock * L;
-    T* cs = fx + kBlock * L;
-    T* gp = cs + cell_scratch_size(kBlock, D);
-    int sense = 0;
-    barrier.wait(sense, [&] { next_step(0); });
-    for (int64_t k = 0; na > 0; ++k) {  // every thread sees the same active list (set before the barrier)
-      const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
-      const StepConst<T> sc{L, (int)m, slot, n, k, (T)a.beta, (T)a.lam, a.tol, a.stop_rel};
-      const int64_t lo = na * tid / nthreads, hi = na * (tid + 1) / nthreads;
-      const int64_t nblk = (hi - lo + kBlock - 1) / kBlock;
-      for (int64_t q = 0; q < nblk; ++q) {  // equal blocks of this thread's share
-        const int64_t r0 = lo + (hi - lo) * q / nblk, r1 = lo + (hi - lo) * (q + 1) / nblk, M = r1 - r0;
-        const int64_t* idx = act.data() + r0;
-        const bool contiguous = idx[M - 1] - idx[0] == M - 1;
-        if (contiguous) {
-          map(x + idx[0] * L, fx, idx[0], M, nullptr, cs);
+  auto body = [&](int tid) {
+    T* X = scratch + per_thread * tid;
+    T* Gr = X + ring;
+    T* GG = Gr + ring;
+    T* zg = GG + C * m * m;
+    T* fx = zg + C * L;
+    T* cs = fx + C * L;
+    T* gp = cs + cell_scratch_size(C, D);
+    int64_t act[kBlock];
+    int64_t my_rows = 0, my_steps = 0;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < ch.count;) {
+      const int64_t b0 = ch.begin(c), b1 = ch.begin(c + 1);
+      for (int64_t k = 0; k < a.max_iter; ++k) {
+        int64_t M = 0;  // the chunk's samples still moving at step k
+        for (int64_t b = b0; b < b1; ++b)
+          if (!cv[b]) act[M++] = b;
+        if (M == 0) break;
+        my_steps = std::max(my_steps, k + 1);
+        my_rows += M;
+        const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
+        const StepConst<T> sc{L, (int)m, slot, n, k, (T)a.beta, (T)a.lam, a.tol, a.stop_rel};
+        if (act[M - 1] - act[0] == M - 1) {
+          map(x + act[0] * L, fx, act[0], M, nullptr, cs);
         } else {
-          for (int64_t r = 0; r < M; ++r) std::copy(x + idx[r] * L, x + (idx[r] + 1) * L, zg + r * L);
-          map(zg, fx, 0, M, idx, cs);
+          for (int64_t r = 0; r < M; ++r) std::copy(x + act[r] * L, x + (act[r] + 1) * L, zg + r * L);
+          map(zg, fx, 0, M, act, cs);
         }
         for (int64_t r0 = 0; r0 < M; r0 += kStepRows) {  // the Anderson step, kStepRows samples at a time
           const int R = (int)std::min<int64_t>(kStepRows, M - r0);
           AndersonRow<T, T, T> rw[kStepRows];
           for (int q = 0; q < R; ++q) {
-            const int64_t r = r0 + q, b = idx[r];
-            rw[q] = {x + b * L, fx + r * L, X.get() + b * m * L, Gr.get() + b * m * L, GG.get() + b * m * m,
-                     o.best_x + b * L, o.best_res + b, cv + b, o.nstep + b, o.abs_trace + k * B + b,
-                     o.rel_trace + k * B + b};
+            const int64_t r = r0 + q, b = act[r], lb = b - b0;  // lb: the sample's place in the chunk's rings
+            rw[q] = {x + b * L, fx + r * L, X + lb * m * L, Gr + lb * m * L, GG + lb * m * m, o.best_x + b * L,
+                     o.best_res + b, cv + b, o.nstep + b, o.abs_trace + k * B + b, o.rel_trace + k * B + b};
           }
           anderson_rows<T, T, T>(rw, R, sc, gp);
         }
       }
-      barrier.wait(sense, [&] { next_step(k + 1); });  // one barrier per step
+    }
+    rows.fetch_add(my_rows, std::memory_order_relaxed);
+    for (int64_t s = steps.load(); s < my_steps && !steps.compare_exchange_weak(s, my_steps);) {
     }
   };
 #ifdef _OPENMP
   if (nt > 1) {
 #pragma omp parallel num_threads(nt)
-    {
-#pragma omp single
-      barrier.reset(omp_get_num_threads());  // the team may be smaller than nt (nested, thread limit)
-      body(omp_get_thread_num(), omp_get_num_threads());
-    }
+    body(omp_get_thread_num());  // a smaller team (nested, thread limit) takes the chunks all the same
   } else {
-    body(0, 1);
+    body(0);
   }
 #else
-  body(0, 1);
+  body(0);
 #endif
-  return {steps, rows};
+  return {steps.load(), rows.load()};
 }
 
 // The Results buffers the op updates in place (module comment).
@@ -244,7 +247,7 @@ template <typename T, typename Map>
 std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start, const SolveBuffers& out, int64_t B,
                                         int64_t L, int64_t D, const SolveArgs& a) {
   std::vector<T> it(start.data_ptr<T>(), start.data_ptr<T>() + B * L);
-  const auto r = solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, a);
+  const auto r = solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, map.row_bytes(), a);
   return {r.first, r.second};
 }
 

@@ -6,6 +6,7 @@ each sample needed; no ATen op per iteration; checked arguments."""
 import pytest
 import torch
 
+import deqfuse
 from deqfuse import DEQFusion, solvers
 from deqfuse.cell import ExtCellRows
 from deqfuse.reference.cell import fuse_inputs
@@ -231,9 +232,70 @@ def test_vjp_solve_checks_its_arguments():
         torch.ops.deqfuse.anderson_vjp_solve(g0, g0, [s[:, :2] if s.dim() == 3 else s for s in saved], p, 2, *tail)
 
 
+def _solve_all(f, B, N, D, dtype, runs=1):
+    x0 = torch.zeros(B, (N + 1) * D, dtype=dtype)
+    with torch.no_grad():
+        return [anderson(f, x0, max_iter=40, tol=1e-9 if dtype == torch.float64 else 1e-5, m=5)
+                for _ in range(runs)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunk_size_and_thread_order_do_not_change_the_answer(dtype, threads, monkeypatch):
+    """The solve runs chunk by chunk (solve_cpu.cpp, solve_chunks) and the threads take chunks in no fixed
+    order: a chunk of 1, 5 or 64 samples gives each sample the same trajectory, and repeated 2-thread
+    solves agree bit for bit. float32 at D = 16 runs the tile GEMMs (rows round alike whatever the call's row
+    count: bit for bit across chunk sizes); float64 goes through the BLAS, whose rows may round differently
+    with the row count (assert_same's tolerances)."""
+    B, N, D = 70, 2, 16
+    f, _ = cell_map(B, N, D, dtype, w_scale=0.5 if dtype == torch.float64 else 0.3)
+    runs = {}
+    for chunk in ("1", "5", "64"):
+        monkeypatch.setenv("DEQFUSE_SOLVE_CHUNK", chunk)
+        runs[chunk] = _solve_all(f, B, N, D, dtype, runs=3)
+        for z, st in runs[chunk][1:]:  # run to run: bit for bit
+            assert torch.equal(z, runs[chunk][0][0]) and torch.equal(st.abs_trace.nan_to_num(), runs[chunk][0][1].abs_trace.nan_to_num())
+    z_ref, st_ref = runs["64"][0]
+    assert 1 < len(set(st_ref.nstep.tolist()))  # samples freeze at different steps inside a chunk
+    tile = dtype == torch.float32 and deqfuse.extension_status()[0].cell_gemm_kernel(D) != "blas"
+    for chunk in ("1", "5"):
+        z, st = runs[chunk][0]
+        assert st.rows == st_ref.rows and st.steps == st_ref.steps
+        if tile:
+            assert torch.equal(z, z_ref) and torch.equal(st.nstep, st_ref.nstep)
+            assert torch.equal(st.abs_trace.nan_to_num(), st_ref.abs_trace.nan_to_num())
+        else:
+            assert_same(z, st, z_ref, st_ref, dtype)
+
+
+def test_adjoint_solve_does_not_depend_on_the_chunk_size(monkeypatch):
+    """anderson_vjp_solve runs chunk by chunk too: a training step's outputs and gradients with chunks of
+    1, 7 and 64 samples (2 threads; float32 tile GEMMs: bit for bit, else to the loop tests' tolerance)."""
+    torch.manual_seed(0)
+    B, N, D = 45, 2, 16
+    layer = contractive_layer(DEQFusion(D, N, groups=2, f_max_iter=40, b_max_iter=40), w_scale=0.3, gn3_scale=0.5)
+    feats = [torch.randn(B, D) * s for s in (0.5, 1.5)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    res = {}
+    try:
+        for chunk in ("1", "7", "64"):
+            monkeypatch.setenv("DEQFUSE_SOLVE_CHUNK", chunk)
+            layer.zero_grad(set_to_none=True)
+            out, info = layer(feats, return_info=True)
+            (out * torch.linspace(-1, 1, D)).sum().backward()
+            res[chunk] = [out.detach()] + [p.grad.clone() for p in layer.parameters()]
+            assert 1 < len(set(info.backward_stats[0].nstep.tolist()))
+    finally:
+        torch.set_num_threads(old)
+    tile = deqfuse.extension_status()[0].cell_gemm_kernel(D) != "blas"
+    for chunk in ("1", "7"):
+        for a, b in zip(res[chunk], res["64"]):
+            assert torch.equal(a, b) if tile else (a - b).abs().max() <= 1e-4 * (1 + b.abs().max())
+
+
 def test_whole_solve_with_a_smaller_openmp_team_than_asked():
-    """The solve's own step barrier counts the threads OpenMP really started (OMP_THREAD_LIMIT=1 gives a
-    team of one while torch asks for two): sized by the request it waited forever."""
+    """A team smaller than asked for (OMP_THREAD_LIMIT=1 gives one thread while torch asks for two) still
+    solves every chunk (once, with a per-step barrier sized by the request, it waited forever)."""
     import os
     import subprocess
     import sys
