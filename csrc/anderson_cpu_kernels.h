@@ -218,6 +218,48 @@ __attribute__((target("avx2,fma"))) inline void mix_row_avx2(float* xb, float* X
 }
 #endif
 
+#ifdef DEQFUSE_X86_TARGETS
+// mix_row_avx2 with 16-lane vectors where the CPU has AVX-512F: the mixing is elementwise (each element's
+// sum over the slots in slot order, the same two FMAs), so the lane width does not change a value; half the
+// instructions per element (on this step's L2-resident rings the AVX2 loop was issue-bound).
+template <int V>  // V 16-element vectors of x
+__attribute__((target("avx512f,avx2,fma"))) inline void mix_tile_avx512(float* xo, float* Xb, float* Gb,
+                                                                       const float* gp, const float* alpha,
+                                                                       int64_t L, int slot, int n, __m512 beta) {
+  __m512 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m512 a = _mm512_set1_ps(alpha[j]);
+    float *Xj = Xb + j * L, *Gj = Gb + j * L;
+    for (int v = 0; v < V; ++v) {
+      __m512 xv, gv;
+      if (j == slot) {
+        xv = _mm512_loadu_ps(xo + 16 * v);
+        gv = _mm512_loadu_ps(gp + 16 * v);
+        _mm512_storeu_ps(Xj + 16 * v, xv);
+        _mm512_storeu_ps(Gj + 16 * v, gv);
+      } else {
+        xv = _mm512_loadu_ps(Xj + 16 * v);
+        gv = _mm512_loadu_ps(Gj + 16 * v);
+      }
+      acc[v] = _mm512_fmadd_ps(a, _mm512_fmadd_ps(beta, gv, xv), acc[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) _mm512_storeu_ps(xo + 16 * v, acc[v]);
+}
+
+__attribute__((target("avx512f,avx2,fma"))) inline void mix_row_avx512(float* xb, float* Xb, float* Gb,
+                                                                      const float* gp, const float* alpha,
+                                                                      int64_t L, int slot, int n, float beta) {
+  const __m512 bv = _mm512_set1_ps(beta);
+  int64_t l0 = 0;
+  for (; l0 + 64 <= L; l0 += 64) mix_tile_avx512<4>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
+  for (; l0 + 16 <= L; l0 += 16) mix_tile_avx512<1>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
+  if (l0 < L)  // L % 8 == 0: one 8-element tail
+    mix_tile_avx2<1>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, _mm256_set1_ps(beta));
+}
+#endif
+
 // The bordered solves of kStepRows samples in SIMD lanes (anderson_common.h: bordered_solve_n's Cholesky
 // of H = GG + lam' I, a = y / (1^T y) with H y = 1, the same operations in the same order per lane).
 // H[i][j][r]: GG[i][j] of lane r (i, j < NC); alpha[i][r] out; bad[r]: a pivot was not positive (or NaN),
@@ -318,6 +360,7 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
   // the AVX2 dots and mixing (float, L % 8 == 0; the same values as the generic loops)
   constexpr bool f32 = std::is_same_v<scalar_t, float> && std::is_same_v<hist_t, float> && std::is_same_v<acc_t, float>;
   const bool avx2 = f32 && L % 8 == 0 && cpu_has_avx2_fma();
+  [[maybe_unused]] const bool avx512 = avx2 && cpu_has_avx512f();  // the mixing's 16-lane variant (same values)
   for (int r = 0; r < R; ++r) {
     const auto& a = rows[r];
     anderson_gram_row<scalar_t, hist_t, acc_t>(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r], !avx2);
@@ -341,6 +384,10 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
     const auto& a = rows[live[q]];
 #ifdef DEQFUSE_X86_TARGETS
     if constexpr (f32) {
+      if (avx512) {
+        mix_row_avx512(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
+        continue;
+      }
       if (avx2) {
         mix_row_avx2(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
         continue;

@@ -97,7 +97,7 @@ struct SolveArgs {
 // ~1 MB at B = 128, L = 192, m = 5 -- left L2 every step). Threads take chunks from a shared counter (no
 // barrier per step; a thread whose chunk converges early takes the next). Chunk size: the largest that keeps
 // a chunk's working set (row_bytes per sample) in half of L2, at most kBlock (one map call per step), at
-// least kStepRows; the count a multiple of the thread count, the sizes equal (+-1 sample). DEQFUSE_SOLVE_CHUNK
+// least 8; the count a multiple of the thread count, the sizes equal (+-1 sample). DEQFUSE_SOLVE_CHUNK
 // (read per call; tests, benchmarks) sets that largest size instead of the L2 rule.
 struct Chunks {
   int64_t count, B;
@@ -113,7 +113,7 @@ inline int64_t l2_bytes() {
 }
 
 inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int nt) {
-  int64_t rows = std::max<int64_t>(kStepRows, std::min<int64_t>(kBlock, l2_bytes() / 2 / std::max<int64_t>(1, row_bytes)));
+  int64_t rows = std::max<int64_t>(8, std::min<int64_t>(kBlock, l2_bytes() / 2 / std::max<int64_t>(1, row_bytes)));
   if (const char* e = std::getenv("DEQFUSE_SOLVE_CHUNK")) {
     const long v = std::atol(e);
     if (v > 0) rows = std::min<int64_t>(kBlock, v);
