@@ -202,7 +202,7 @@ __attribute__((target("avx512f,avx2,fma"))) inline __m512 lane_avx512(__m128 v, 
 
 // K rows side by side (1 or 4: the same arithmetic per row either way). The means and variances are the
 // group sums times 1/16 -- exactly the quotient by 16 (a power of two), without a divide's latency on the
-// row's dependency chain; a row's chain (sums, mean, squares, sums, 1/sqrt) is long, two rows interleaved
+// row's dependency chain; a row's chain (sums, mean, squares, sums, 1/sqrt) is long, four rows interleaved
 // hide it (perf, Zen 4, B=128 D=64 N=2 whole solve: GroupNorm time -26% against one row at a time).
 template <int K>
 __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const GnRow<float>* rw, const float* gamma,
