@@ -50,6 +50,10 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // rows per cell evaluation (cell_cpu_kernels.h: intermediates in cache)
 
+// The 2N + 2 D x D weights a map reads each step (the forward's transposed copies or the weights themselves).
+template <typename T>
+int64_t cell_weight_bytes(const Cell<T>& c) { return (int64_t)sizeof(T) * (2 * c.N + 2) * c.D * c.D; }
+
 // The forward map on a block of rows (see forward_block for zin / out / b0 / rows).
 template <typename T>
 struct CellMap {
@@ -59,6 +63,7 @@ struct CellMap {
     forward_block<T>(c, zin, xp, xfp, out, false, b0, M, rows, scratch);
   }
   int64_t row_bytes() const { return (int64_t)sizeof(T) * c.ZS; }  // x [N, D] and xf [D] per sample
+  int64_t weight_bytes() const { return cell_weight_bytes(c); }
 };
 
 // The adjoint map g -> J^T g + add on a block of rows.
@@ -71,6 +76,7 @@ struct VjpMap {
   }
   // per sample: the 13 saved tensors (5 [N, D], 3 [N, G], 4 [D], 1 [G]) and add [L]
   int64_t row_bytes() const { return (int64_t)sizeof(T) * ((5 * c.N + 4) * c.D + (3 * c.N + 1) * c.G + c.ZS); }
+  int64_t weight_bytes() const { return cell_weight_bytes(c); }
 };
 
 // The Results buffers of a solve (module comment) as raw pointers.
@@ -95,9 +101,9 @@ struct SolveArgs {
 // solved to the end before the next: its rings, Gram matrices and the map's intermediates stay in the
 // core's L2 for all its steps (step-major over the whole batch, the rings alone -- 2 m L values per sample,
 // ~1 MB at B = 128, L = 192, m = 5 -- left L2 every step). Threads take chunks from a shared counter (no
-// barrier per step; a thread whose chunk converges early takes the next). Chunk size: the largest that keeps
-// a chunk's working set (row_bytes per sample) in half of L2, at most kBlock (one map call per step), at
-// least 8; the count a multiple of the thread count, the sizes equal (+-1 sample). DEQFUSE_SOLVE_CHUNK
+// barrier per step; a thread whose chunk converges early takes the next). Chunk size: the largest whose
+// working set (row_bytes per sample) fits in half of what the cell's weights leave of L2 -- kBlock where
+// the weights take more than half of L2 or the GEMMs go through the BLAS --, at most kBlock (one map call per step), at least 8; the count a multiple of the thread count, the sizes equal (+-1 sample). DEQFUSE_SOLVE_CHUNK
 // (read per call; tests, benchmarks) sets that largest size instead of the L2 rule.
 struct Chunks {
   int64_t count, B;
@@ -112,8 +118,14 @@ inline int64_t l2_bytes() {
   return v;
 }
 
-inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int nt) {
-  int64_t rows = std::max<int64_t>(8, std::min<int64_t>(kBlock, l2_bytes() / 2 / std::max<int64_t>(1, row_bytes)));
+inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int64_t weight_bytes, bool tile_gemm, int nt) {
+  const int64_t l2 = l2_bytes();
+  // Weights that leave L2 little room are streamed once per chunk and step, and a BLAS GEMM packs its
+  // operands on every call: then the largest chunks amortise them (Zen 4, N=2, B=128: D=256 with 1.5 MB of
+  // weights, chunks of 8 samples 1.4x slower per step than 64; D=128 through MKL, chunks of 11 1.6x slower).
+  int64_t rows = !tile_gemm || weight_bytes > l2 / 2 ? kBlock
+                                                     : (l2 - weight_bytes) / 2 / std::max<int64_t>(1, row_bytes);
+  rows = std::max<int64_t>(8, std::min<int64_t>(kBlock, rows));
   if (const char* e = std::getenv("DEQFUSE_SOLVE_CHUNK")) {
     const long v = std::atol(e);
     if (v > 0) rows = std::min<int64_t>(kBlock, v);
@@ -128,10 +140,12 @@ template <typename T>
 T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~(uintptr_t)63); }
 
 // The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch);
-// row_bytes: what the map reads per sample besides the iterate and the Anderson state (saved tensors, inputs).
+// row_bytes: what the map reads per sample besides the iterate and the Anderson state (saved tensors, inputs);
+// weight_bytes: what it reads whatever the rows (the cell's weights); tile_gemm: its GEMMs run in the tile
+// kernels (Cell::kn), not the BLAS.
 template <typename T, typename Map>
 std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o, int64_t B, int64_t L, int64_t D,
-                                       int64_t row_bytes, const SolveArgs& a) {
+                                       int64_t row_bytes, int64_t weight_bytes, bool tile_gemm, const SolveArgs& a) {
   const int64_t m = a.m;
   bool* cv = o.converged;
   // BLAS GEMMs never throw: the region is entered only with them (the at::mm fallback may throw and must
@@ -142,7 +156,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 #endif
   // per sample: rings X, G and Gram, the iterate, f(x), best iterate, gathered copy, step scratch, cell scratch
   const int64_t state_bytes = (int64_t)sizeof(T) * ((2 * m + 5) * L + m * m + 5 * D);
-  const Chunks ch = solve_chunks(B, state_bytes + row_bytes, nt);
+  const Chunks ch = solve_chunks(B, state_bytes + row_bytes, weight_bytes, tile_gemm, nt);
   const int64_t C = (B + ch.count - 1) / ch.count;  // the largest chunk
   nt = (int)std::min<int64_t>(nt, ch.count);
   // per thread: rings X, G [C, m, L] and Gram [C, m, m] (uninitialised: a step reads only the n = min(k + 1,
@@ -247,7 +261,7 @@ template <typename T, typename Map>
 std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start, const SolveBuffers& out, int64_t B,
                                         int64_t L, int64_t D, const SolveArgs& a) {
   std::vector<T> it(start.data_ptr<T>(), start.data_ptr<T>() + B * L);
-  const auto r = solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, map.row_bytes(), a);
+  const auto r = solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, map.row_bytes(), map.weight_bytes(), map.c.kn(), a);
   return {r.first, r.second};
 }
 
