@@ -103,8 +103,9 @@ struct SolveArgs {
 // ~1 MB at B = 128, L = 192, m = 5 -- left L2 every step). Threads take chunks from a shared counter (no
 // barrier per step; a thread whose chunk converges early takes the next). Chunk size: the largest whose
 // working set (row_bytes per sample) fits in half of what the cell's weights leave of L2 -- kBlock where
-// the weights take more than half of L2 or the GEMMs go through the BLAS --, at most kBlock (one map call per step), at least 8; the count a multiple of the thread count, the sizes equal (+-1 sample). DEQFUSE_SOLVE_CHUNK
-// (read per call; tests, benchmarks) sets that largest size instead of the L2 rule.
+// the weights take more than half of L2 or the GEMMs go through the BLAS --, at most kBlock (one map call
+// per step), at least 8; the count a multiple of the thread count, the sizes equal (+-1 sample).
+// DEQFUSE_SOLVE_CHUNK (read per call; tests, benchmarks) sets that largest size instead of the L2 rule.
 struct Chunks {
   int64_t count, B;
   int64_t begin(int64_t c) const { return B * c / count; }
@@ -261,7 +262,8 @@ template <typename T, typename Map>
 std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start, const SolveBuffers& out, int64_t B,
                                         int64_t L, int64_t D, const SolveArgs& a) {
   std::vector<T> it(start.data_ptr<T>(), start.data_ptr<T>() + B * L);
-  const auto r = solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, map.row_bytes(), map.weight_bytes(), map.c.kn(), a);
+  const auto r =
+      solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, map.row_bytes(), map.weight_bytes(), map.c.kn(), a);
   return {r.first, r.second};
 }
 

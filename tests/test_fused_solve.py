@@ -252,8 +252,9 @@ def test_chunk_size_and_thread_order_do_not_change_the_answer(dtype, threads, mo
     for chunk in ("1", "5", "64"):
         monkeypatch.setenv("DEQFUSE_SOLVE_CHUNK", chunk)
         runs[chunk] = _solve_all(f, B, N, D, dtype, runs=3)
+        z0, st0 = runs[chunk][0]
         for z, st in runs[chunk][1:]:  # run to run: bit for bit
-            assert torch.equal(z, runs[chunk][0][0]) and torch.equal(st.abs_trace.nan_to_num(), runs[chunk][0][1].abs_trace.nan_to_num())
+            assert torch.equal(z, z0) and torch.equal(st.abs_trace.nan_to_num(), st0.abs_trace.nan_to_num())
     z_ref, st_ref = runs["64"][0]
     assert 1 < len(set(st_ref.nstep.tolist()))  # samples freeze at different steps inside a chunk
     tile = dtype == torch.float32 and deqfuse.extension_status()[0].cell_gemm_kernel(D) != "blas"
