@@ -105,8 +105,8 @@ struct SolveArgs {
 // working set (row_bytes per sample) fits in half of what the cell's weights leave of L2 -- kBlock where
 // the weights take more than half of L2 or the GEMMs go through the BLAS --, at most kBlock (one map call
 // per step), at least 8, in whole 8-sample units; the count a multiple of the thread count, the sizes equal
-// to a unit (threads that finish early take the next chunk).
-// DEQFUSE_SOLVE_CHUNK (read per call; tests, benchmarks) sets that largest size instead of the L2 rule.
+// to within a unit (threads that finish early take the next chunk). DEQFUSE_SOLVE_CHUNK (read per call;
+// tests, benchmarks) sets that largest size instead of the L2 rule (in units of 1 when not a multiple of 8).
 struct Chunks {
   int64_t count, B, unit;  // chunk c: samples [begin(c), begin(c + 1)), whole units but the batch's tail
   int64_t begin(int64_t c) const { return std::min(B, unit * (((B + unit - 1) / unit) * c / count)); }
