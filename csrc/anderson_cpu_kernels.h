@@ -385,29 +385,26 @@ __attribute__((noinline)) void anderson_weights_rows(acc_t* const* GGs, int na, 
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j)
       for (int r = 0; r < kStepRows; ++r) H[i][j][r] = r < na ? GGs[r][i * m + j] : (acc_t)(i == j);  // pad: I
+  auto solve = [&](auto nc) {
+    constexpr int NC = decltype(nc)::value;
 #if defined(__x86_64__)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    switch (n) {
-      case 1: cholesky_lanes_sse<1>(H, lam, al, bad); break;
-      case 2: cholesky_lanes_sse<2>(H, lam, al, bad); break;
-      case 3: cholesky_lanes_sse<3>(H, lam, al, bad); break;
-      case 4: cholesky_lanes_sse<4>(H, lam, al, bad); break;
-      case 5: cholesky_lanes_sse<5>(H, lam, al, bad); break;
-      case 6: cholesky_lanes_sse<6>(H, lam, al, bad); break;
-      case 7: cholesky_lanes_sse<7>(H, lam, al, bad); break;
-      default: cholesky_lanes_sse<8>(H, lam, al, bad); break;
-    }
-  } else
+    if constexpr (std::is_same_v<acc_t, float>) {
+      cholesky_lanes_sse<NC>(H, lam, al, bad);
+    } else
 #endif
+    {
+      cholesky_lanes<acc_t, NC>(H, lam, al, bad);
+    }
+  };
   switch (n) {
-    case 1: cholesky_lanes<acc_t, 1>(H, lam, al, bad); break;
-    case 2: cholesky_lanes<acc_t, 2>(H, lam, al, bad); break;
-    case 3: cholesky_lanes<acc_t, 3>(H, lam, al, bad); break;
-    case 4: cholesky_lanes<acc_t, 4>(H, lam, al, bad); break;
-    case 5: cholesky_lanes<acc_t, 5>(H, lam, al, bad); break;
-    case 6: cholesky_lanes<acc_t, 6>(H, lam, al, bad); break;
-    case 7: cholesky_lanes<acc_t, 7>(H, lam, al, bad); break;
-    default: cholesky_lanes<acc_t, 8>(H, lam, al, bad); break;  // n <= kMaxM = 8
+    case 1: solve(std::integral_constant<int, 1>()); break;
+    case 2: solve(std::integral_constant<int, 2>()); break;
+    case 3: solve(std::integral_constant<int, 3>()); break;
+    case 4: solve(std::integral_constant<int, 4>()); break;
+    case 5: solve(std::integral_constant<int, 5>()); break;
+    case 6: solve(std::integral_constant<int, 6>()); break;
+    case 7: solve(std::integral_constant<int, 7>()); break;
+    default: solve(std::integral_constant<int, 8>()); break;  // n <= kMaxM = 8
   }
   static_assert(kMaxM == 8, "anderson_weights_rows dispatches n = 1..8");
   for (int q = 0; q < na; ++q) {

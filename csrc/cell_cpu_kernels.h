@@ -197,11 +197,9 @@ __attribute__((target("avx512f,avx2,fma"))) inline __m256 halves_avx512(__m512 v
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(swapped));
 }
 
-// v[q] in all 16 lanes (q = 0..3), without a round trip through memory
+// v[q] in all 16 lanes (q = 0..3), without a round trip through memory (lane_avx2's permute, widened)
 __attribute__((target("avx512f,avx2,fma"))) inline __m512 lane_avx512(__m128 v, int q) {
-  const __m128 b = q == 0 ? _mm_permute_ps(v, 0x00) : q == 1 ? _mm_permute_ps(v, 0x55)
-                 : q == 2 ? _mm_permute_ps(v, 0xAA) : _mm_permute_ps(v, 0xFF);
-  return _mm512_broadcast_f32x4(b);
+  return _mm512_broadcast_f32x4(_mm256_castps256_ps128(lane_avx2(v, q)));
 }
 
 // K rows side by side (1 or 4: the same arithmetic per row either way). The means and variances are the

@@ -144,13 +144,12 @@ inline int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
 template <typename T>
 T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~(uintptr_t)63); }
 
-// The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch);
-// row_bytes: what the map reads per sample besides the iterate and the Anderson state (saved tensors, inputs);
-// weight_bytes: what it reads whatever the rows (the cell's weights); tile_gemm: its GEMMs run in the tile
-// kernels (Cell::kn), not the BLAS.
+// The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch).
+// The chunks are sized from the map: row_bytes (what it reads per sample besides the iterate and the
+// Anderson state), weight_bytes (what it reads whatever the rows) and its cell's GEMM kernel (Cell::kn).
 template <typename T, typename Map>
 std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o, int64_t B, int64_t L, int64_t D,
-                                       int64_t row_bytes, int64_t weight_bytes, bool tile_gemm, const SolveArgs& a) {
+                                       const SolveArgs& a) {
   const int64_t m = a.m;
   bool* cv = o.converged;
   // BLAS GEMMs never throw: the region is entered only with them (the at::mm fallback may throw and must
@@ -161,7 +160,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 #endif
   // per sample: rings X, G and Gram, the iterate, f(x), best iterate, gathered copy, step scratch, cell scratch
   const int64_t state_bytes = (int64_t)sizeof(T) * ((2 * m + 5) * L + m * m + 5 * D);
-  const Chunks ch = solve_chunks(B, state_bytes + row_bytes, weight_bytes, tile_gemm, nt);
+  const Chunks ch = solve_chunks(B, state_bytes + map.row_bytes(), map.weight_bytes(), map.c.kn(), nt);
   int64_t C = 0;  // the largest chunk
   for (int64_t c = 0; c < ch.count; ++c) C = std::max(C, ch.begin(c + 1) - ch.begin(c));
   nt = (int)std::min<int64_t>(nt, ch.count);
@@ -267,8 +266,7 @@ template <typename T, typename Map>
 std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start, const SolveBuffers& out, int64_t B,
                                         int64_t L, int64_t D, const SolveArgs& a) {
   std::vector<T> it(start.data_ptr<T>(), start.data_ptr<T>() + B * L);
-  const auto r =
-      solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, map.row_bytes(), map.weight_bytes(), map.c.kn(), a);
+  const auto r = solve_loop<T>(map, it.data(), out.ptrs<T>(), B, L, D, a);
   return {r.first, r.second};
 }
 
