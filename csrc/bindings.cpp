@@ -1,6 +1,6 @@
 // Python module deqfuse._C: importing it registers the torch.ops.deqfuse.* operators (schemas in the
 // TORCH_LIBRARY blocks of the .cpp files; fake kernels for torch.compile in deqfuse/ops.py):
-//   anderson_step (CPU, CUDA), cell_forward / cell_vjp / cell_backward (CPU),
+//   anderson_step (CPU, CUDA), cell_forward / cell_vjp / cell_backward / cell_jac_backward (CPU),
 //   anderson_cell_solve / anderson_vjp_solve (CPU: a whole Anderson solve of the cell or its adjoint),
 //   group_by_choice / gather_rows_multi / scatter_rows (CPU, CUDA).
 #include <torch/extension.h>
@@ -14,7 +14,7 @@ double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, cell_backward, "
-            "anderson_cell_solve, anderson_vjp_solve, group_by_choice, gather_rows_multi, scatter_rows}";
+            "cell_jac_backward, anderson_cell_solve, anderson_vjp_solve, group_by_choice, gather_rows_multi, scatter_rows}";
   m.def("has_cuda", []() {
 #ifdef WITH_CUDA
     return true;

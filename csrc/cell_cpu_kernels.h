@@ -745,5 +745,72 @@ void for_blocks(int64_t B, int64_t D, const F& fn) {
   });
 }
 
+// Parameter gradients over the whole batch (the cell's backward and its Jacobian-loss backward).
+
+// dW rows j0 .. j0 + w of a D x D weight gradient: C [w, D] = A^T X over the batch's B rows, A = dY at column
+// offset j0 (row stride lda), X [B, D] (row stride ldx), C at row stride D. The AVX2 tiles (gemm_tn_avx2)
+// where the cell's own GEMMs run in tiles (float, D % 8 == 0: Cell::kn; an AVX-512 CPU has AVX2 too),
+// else the BLAS.
+template <typename T>
+void weight_grad(const Cell<T>& c, int64_t w, const T* A, int64_t lda, const T* X, int64_t ldx, T* C) {
+#ifdef DEQFUSE_AVX2_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (c.kn() && c.B > 0) return gemm_tn_avx2(w, c.D, c.B, A, lda, X, ldx, C, c.D);
+  }
+#endif
+  gemm_tn<T>(w, c.D, c.B, A, lda, X, ldx, (T)0, C, c.D);
+}
+
+#ifdef DEQFUSE_X86_TARGETS
+// column_sums for float with AVX2: 16 columns' double sums in four registers (the generic loop kept them in
+// memory and split its float-to-double loads through the stack). Exactly the generic loop's values: each
+// column's sum from 0 in batch order, and a product of two floats is exact in double, so fma(a, b, acc)
+// rounds as acc + a * b does.
+__attribute__((target("avx2,fma"))) inline void column_sums_avx2(int64_t B, int64_t w, const float* a, int64_t sa,
+                                                                const float* b, int64_t sb, double* out) {
+  int64_t j = 0;
+  for (; j + 16 <= w; j += 16) {
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (int64_t r = 0; r < B; ++r) {
+      const float* ar = a + r * sa + j;
+      for (int v = 0; v < 4; ++v) {
+        const __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(ar + 4 * v));
+        acc[v] = b ? _mm256_fmadd_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(b + r * sb + j + 4 * v)), acc[v])
+                   : _mm256_add_pd(acc[v], x);
+      }
+    }
+    for (int v = 0; v < 4; ++v) _mm256_storeu_pd(out + j + 4 * v, acc[v]);
+  }
+  for (; j < w; ++j) {
+    double s = 0;
+    for (int64_t r = 0; r < B; ++r) s += b ? (double)a[r * sa + j] * (double)b[r * sb + j] : (double)a[r * sa + j];
+    out[j] = s;
+  }
+}
+#endif
+
+// out[j] = sum over the B rows of a[r, j] (* b[r, j] when b is non-null), j < w, in double from 0 in row
+// order (a at row stride sa, b at sb): the bias and GroupNorm-affine gradients, the same for any thread count.
+template <typename T>
+void column_sums(int64_t B, int64_t w, const T* a, int64_t sa, const T* b, int64_t sb, double* out) {
+#ifdef DEQFUSE_X86_TARGETS
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma()) return column_sums_avx2(B, w, a, sa, b, sb, out);
+  }
+#endif
+  std::fill(out, out + w, 0.0);
+  for (int64_t r = 0; r < B; ++r) {
+    const T* ar = a + r * sa;
+    if (b) {
+      const T* br = b + r * sb;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) out[j] += (double)ar[j] * (double)br[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) out[j] += (double)ar[j];
+    }
+  }
+}
+
 }  // namespace
 }  // namespace deqfuse

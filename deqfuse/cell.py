@@ -184,6 +184,46 @@ def ext_cell_with_grad(z, x, xf, params, groups: int):
     return out, saved
 
 
+class _ExtJacLoss(torch.autograd.Function):
+    """The Hutchinson Jacobian loss sum_k ||J^T v_k||^2 / (n numel) at a C++ forward's saved point, with
+    its gradient w.r.t. x, xf and the 16 parameters from torch.ops.deqfuse.cell_jac_backward (exact, ReLU
+    masks fixed: what autograd's double backward through the reference cell gives, without its graph of
+    small ops). vs: [n, B, N+1, D] probes; z: the point [B, N+1, D] (not differentiated: the layers pass
+    a detached fixed point). Once differentiable."""
+
+    @staticmethod
+    def forward(ctx, vs, z, x, xf, groups, saved, *params):
+        vjp, plist = torch.ops.deqfuse.cell_vjp.default, list(params)
+        ws = [vjp(v, saved, plist, groups) for v in vs]
+        scale = 1.0 / (len(ws) * z.numel())
+        ctx.save_for_backward(vs, z, *params, *ws, *saved)
+        ctx.groups, ctx.n_params, ctx.n_ws, ctx.scale = groups, len(params), len(ws), scale
+        return torch.stack([w.square().sum() for w in ws]).sum() * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gloss):
+        vs, z, *rest = ctx.saved_tensors
+        params, ws, saved = (rest[:ctx.n_params], rest[ctx.n_params:ctx.n_params + ctx.n_ws],
+                             rest[ctx.n_params + ctx.n_ws:])
+        op, c = torch.ops.deqfuse.cell_jac_backward.default, 2 * ctx.scale * gloss
+        dx = dxf = dp = None
+        for v, w in zip(vs, ws):
+            _, gx, gxf, gp = op(v, w * c, z, list(saved), list(params), ctx.groups)
+            dx, dxf = (gx, gxf) if dx is None else (dx + gx, dxf + gxf)
+            dp = gp if dp is None else [a + b for a, b in zip(dp, gp)]
+        return (None, None, dx, dxf, None, None, *dp)
+
+
+def ext_jacobian_reg(z, x, xf, params, groups: int, saved, n_samples: int = 1):
+    """implicit.jacobian_reg through the C++ ops: Hutchinson ||J||_F^2 / numel(z) with J = df/dz at z
+    ([B, N+1, D], detached), from the tensors a C++ cell_forward(save=True) at z saved. The probes are
+    drawn as jacobian_reg draws them (randn of z's flat shape, one after another), so both give the same
+    estimate from the same RNG state. Differentiable once, w.r.t. x, xf and params."""
+    vs = torch.stack([torch.randn_like(z.reshape(z.shape[0], -1)) for _ in range(n_samples)]).view(n_samples, *z.shape)
+    return _ExtJacLoss.apply(vs, z.detach(), x, xf, groups, list(saved), *params)
+
+
 def cell_apply(z, x, xf, p: CellParams, groups: int, backend: str = "reference", save: bool = False,
                triton_cell: str = "cublas"):
     """Dispatch the cell forward (the one place that maps a backend to a cell implementation). The

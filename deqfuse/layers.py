@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from . import profiling
-from .cell import ExtCellRows, FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad, ext_vjp_anderson_solve
+from .cell import (ExtCellRows, FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad, ext_jacobian_reg,
+                   ext_vjp_anderson_solve)
 from .graphs import GraphedSolves
 from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad, warn_if_not_converged
 from .reference.cell import fuse_inputs
@@ -94,6 +95,9 @@ class DEQFusion(nn.Module):
         check_float("phantom_lam", phantom_lam, 0, 1, lo_open=True)
         check_int("unrolled_steps", unrolled_steps, 1)
         check_int("jac_reg", jac_reg, 0)
+        if jac_reg > 0 and grad == "unrolled":
+            raise ValueError("jac_reg: the Jacobian loss is taken at the fixed point, and grad='unrolled' solves for "
+                             "none; use grad='implicit' or 'phantom' with it")
         check_bool("cuda_graph", cuda_graph)
         if solver_kw is not None and not isinstance(solver_kw, dict):
             raise ValueError(f"solver_kw must be a dict of solver options, got {type(solver_kw).__name__}")
@@ -208,21 +212,26 @@ class DEQFusion(nn.Module):
         """z_star with the training gradient attached, and the Jacobian loss (None when jac_reg = 0).
         ext: whether the cell runs as the C++ op here (cell_path(backend, z_star) == 'ext'; None: look it up)."""
         jac = None
-        if self.grad == "phantom":
-            return phantom_grad(self._flat_cell(x, xf), z_star, self.phantom_steps, self.phantom_lam), jac
-        z_star = z_star.detach().requires_grad_(self.jac_reg > 0)
-        zs = z_star.view(B, self.n + 1, self.dim)
+        zs = z_star.detach().view(B, self.n + 1, self.dim)
         if ext is None:
             ext = cell_path(self.backend, zs) == "ext"
-        if self.jac_reg == 0 and ext:
-            # C++ forward + backward for the parameter gradients; its saved tensors serve the adjoint
+        if self.grad == "phantom":
+            if self.jac_reg > 0:
+                jac = self._jacobian_loss(zs, x, xf, ext)
+            return phantom_grad(self._flat_cell(x, xf), z_star, self.phantom_steps, self.phantom_lam), jac
+        if ext:
+            # C++ forward + backward for the parameter gradients; its saved tensors serve the adjoint and
+            # the Jacobian loss (C++ VJP and its exact backward, no double backward through a graph)
             fz, ext_saved = ext_cell_with_grad(zs, x, xf, list(self.cell.params()), self.cell.groups)
             saved = dict(ext=ext_saved)
+            if self.jac_reg > 0:
+                jac = self._jacobian_loss(zs, x, xf, ext, ext_saved)
         else:  # reference autograd (double-differentiable: the Jacobian regulariser needs create_graph)
+            zs = zs.requires_grad_(self.jac_reg > 0)
             fz, saved = self.cell(zs, x, xf, "reference", save=True)
+            if self.jac_reg > 0:
+                jac = jacobian_reg(fz, zs, self.jac_reg)
         fz = fz.reshape(B, -1)
-        if self.jac_reg > 0:
-            jac = jacobian_reg(fz, z_star, self.jac_reg)
         if graphed:
             return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats,
                                                                   warn=self.on_nonconvergence == "warn")), jac
@@ -237,6 +246,21 @@ class DEQFusion(nn.Module):
             vjp = self.saved_vjp(z_star, x, xf)
         return implicit_grad(fz, vjp, self.solver, stats_box=bstats, warn=self.on_nonconvergence == "warn",
                              init=self.adjoint_init, **self._solve_kw(1, x)), jac
+
+    def _jacobian_loss(self, zs, x, xf, ext: bool, ext_saved=None):
+        """The Hutchinson Jacobian loss (jac_reg probes) at the fixed point zs ([B, N+1, D], detached):
+        through the C++ ops when the cell runs there (ext_saved: a C++ forward's saved tensors at zs, else
+        one no-grad C++ forward saves them), else by autograd's double backward through the reference cell."""
+        if ext:
+            p = list(self.cell.params())
+            if ext_saved is None:
+                with torch.no_grad():
+                    ext_saved = torch.ops.deqfuse.cell_forward.default(zs, x.detach(), xf.detach(), p,
+                                                                       self.cell.groups, True)[1]
+            return ext_jacobian_reg(zs, x, xf, p, self.cell.groups, ext_saved, self.jac_reg)
+        z = zs.detach().requires_grad_(True)
+        fz, _ = self.cell(z, x, xf, "reference", save=True)
+        return jacobian_reg(fz, z, self.jac_reg)
 
     # ---------------------------------------------------------------- the official code's semantics
     @classmethod

@@ -49,6 +49,13 @@ def _cell_backward_fake(gout, z, saved, params, groups):
             [torch.empty_like(p) for p in params])
 
 
+@torch.library.register_fake("deqfuse::cell_jac_backward")
+def _cell_jac_backward_fake(v, wbar, z, saved, params, groups):
+    _same_device("cell_jac_backward", dict(v=v, wbar=wbar, z=z, **{f"saved[{i}]": t for i, t in enumerate(saved)}))
+    B, N1, D = v.shape
+    return (torch.empty_like(v), v.new_empty(B, N1 - 1, D), v.new_empty(B, D), [torch.empty_like(p) for p in params])
+
+
 @torch.library.register_fake("deqfuse::group_by_choice")
 def _group_by_choice_fake(choice, num_groups):
     return choice.new_empty(choice.shape[0], dtype=torch.int64), choice.new_empty(num_groups, dtype=torch.int32)

@@ -2,7 +2,8 @@
 implementation against the plain-PyTorch reference (deqfuse/reference/cell.py), which is itself checked
 against a literal transcription of the official per-modality loop and against autograd.
 
-Implementations: 'cpp' (torch.ops.deqfuse.cell_forward / cell_vjp / cell_backward, CPU float32/float64),
+Implementations: 'cpp' (torch.ops.deqfuse.cell_forward / cell_vjp / cell_backward, and cell_jac_backward:
+the Jacobian loss's backward, against autograd through the reference VJP; CPU float32/float64),
 'triton/cublas' (kernels/cell.py) and 'triton/fused' (kernels/cell_fused.py), on a GPU or the CPU
 interpreter. Tolerances: deqfuse.testing.TOL per dtype; GroupNorm groups of two channels make every
 backward ill-conditioned, so those get the looser TOL_NARROW_GROUPS.
@@ -15,6 +16,7 @@ import deqfuse
 from deqfuse import DEQFusion
 from deqfuse.cell import FusionCell, cell_apply, cell_path, cell_vjp_apply, default_triton_cell, ext_cell_with_grad
 from deqfuse.reference import CellParams, cell_forward, cell_vjp, gn_backward, gn_forward
+from deqfuse.reference.cell import cell_jac_backward
 from conftest import contractive_layer, make_inputs, make_params, needs_triton, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,6 +24,8 @@ EXT = deqfuse.extension_status()[0] is not None
 needs_ext = pytest.mark.skipif(not EXT, reason="compiled extension not built")
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 TOL_NARROW_GROUPS = {torch.float64: 1e-10, torch.float32: 2e-2}
+# cell_jac_backward differentiates through GroupNorm twice: groups of <= 2 values amplify float32 rounding more
+JAC_TOL_NARROW_GROUPS = {torch.float64: 1e-9, torch.float32: 5e-2}
 
 
 # ------------------------------------------------------------------------------------------- reference
@@ -298,6 +302,14 @@ def test_forward_vjp_backward_match_reference(N, B, D, groups, dtype):
     for name, a, r in zip(["z", "x", "xf"] + list(CellParams._fields), [dz, dx, dxf, *dp], grads_r):
         assert a.shape == r.shape and a.dtype == dtype, name
         assert rel_err(a, r) < vtol, name
+    # the Jacobian loss's backward: d<wbar, J^T v> w.r.t. everything, against autograd through cell_vjp
+    w64 = torch.randn(B, N + 1, D, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    jz, jx, jxf, jp = cell_jac_backward(g64, w64, z64, x64, xf64, p64, groups)
+    got = torch.ops.deqfuse.cell_jac_backward(g, w64.to(dtype), z, saved, p, groups)
+    jtol = JAC_TOL_NARROW_GROUPS[dtype] if D // groups <= 2 else tol
+    for name, a, r in zip(["z", "x", "xf"] + list(CellParams._fields), [*got[:3], *got[3]], [jz, jx, jxf, *jp]):
+        assert a.shape == r.shape and a.dtype == dtype, name
+        assert rel_err(a, r) < jtol, name
 
 
 # (N, B, D): 16-column panels and an 8-column one (D = 40, 8), row tiles of 6 and their remainders (blocks
@@ -453,6 +465,11 @@ def test_vjp_and_backward_errors_name_the_argument():
         torch.ops.deqfuse.cell_vjp(z, saved, list(p), 4, z[:2])
     with pytest.raises(RuntimeError, match="cell_backward: z .* must be a CPU tensor of gbar's shape"):
         torch.ops.deqfuse.cell_backward(z, z[:2], saved, list(p), 4)
+    for args, name in [((z[:2], z), "wbar"), ((z, z.float()), "z")]:
+        with pytest.raises(RuntimeError, match=f"cell_jac_backward: {name} must be a CPU tensor of v's shape"):
+            torch.ops.deqfuse.cell_jac_backward(z, *args, saved, list(p), 4)
+    with pytest.raises(RuntimeError, match="cell_jac_backward: saved must hold the 13"):
+        torch.ops.deqfuse.cell_jac_backward(z, z, z, saved[:12], list(p), 4)
 
 
 @needs_ext
@@ -499,29 +516,52 @@ def test_cell_path_choice():
 
 
 @needs_ext
-@pytest.mark.parametrize("grad", ["implicit", "phantom", "unrolled"])
-def test_layer_on_the_cpp_path_matches_the_reference_path(grad):
-    """DEQFusion with backend='auto' (C++ cell forward, VJP and backward on the CPU) gives the outputs
-    and every gradient of backend='reference' (float64, fixed iterations)."""
+@pytest.mark.parametrize("grad,jac_reg", [("implicit", 0), ("phantom", 0), ("unrolled", 0), ("implicit", 2),
+                                          ("phantom", 1)])
+def test_layer_on_the_cpp_path_matches_the_reference_path(grad, jac_reg):
+    """DEQFusion with backend='auto' (C++ cell forward, VJP and backward on the CPU; with jac_reg, the
+    C++ Jacobian loss) gives the outputs and every gradient of backend='reference' (float64, fixed
+    iterations; the Jacobian loss's probes from the same RNG state)."""
     kw = dict(f_max_iter=40, b_max_iter=40, f_tol=1e-12, b_tol=1e-12, stop_mode="abs", grad=grad,
-              on_nonconvergence="ignore")
+              on_nonconvergence="ignore", jac_reg=jac_reg)
     layers = [contractive_layer(DEQFusion(12, 3, backend=b, **kw).double()) for b in ("auto", "reference")]
     feats = [torch.randn(7, 12, dtype=torch.float64) for _ in range(3)]
     res = []
     for ly in layers:
         xs = [t.clone().requires_grad_() for t in feats]
-        out = ly(xs)
-        (out * torch.linspace(-1, 1, 12, dtype=torch.float64)).sum().backward()
-        res.append([out.detach()] + [q.grad for q in ly.parameters()] + [t.grad for t in xs])
+        torch.manual_seed(11)
+        out, info = ly(xs, return_info=True)
+        assert (info.jac_loss > 0) == (jac_reg > 0)
+        ((out * torch.linspace(-1, 1, 12, dtype=torch.float64)).sum() + 3 * info.jac_loss).backward()
+        res.append([out.detach(), info.jac_loss.detach()] + [q.grad for q in ly.parameters()] + [t.grad for t in xs])
     for a, b in zip(*res):
         assert rel_err(a, b) < 1e-10
 
 
 @needs_ext
-def test_jacobian_regulariser_keeps_the_double_differentiable_path():
-    torch.manual_seed(0)
+def test_jacobian_loss_runs_on_the_cpp_ops_and_equals_the_double_backward():
+    """ext_jacobian_reg (C++ VJP + cell_jac_backward) gives implicit.jacobian_reg's value (same probes from
+    the same RNG state) and its gradients (autograd's double backward through the reference cell), float64;
+    and the layer's Jacobian loss is the C++ one on the C++ path."""
+    from deqfuse.cell import ext_jacobian_reg
+    from deqfuse.implicit import jacobian_reg
+    B, N, D = 7, 3, 16
+    p, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
+    leaves = [t.clone().requires_grad_() for t in (x, xf, *p)]
+    _, saved = torch.ops.deqfuse.cell_forward(z, x, xf, list(p), 4, True)
+    torch.manual_seed(5)
+    got = ext_jacobian_reg(z, *leaves[:2], leaves[2:], 4, saved, 2)
+    g_got = torch.autograd.grad(got, leaves)
+    torch.manual_seed(5)
+    zz = z.clone().requires_grad_()
+    ref = jacobian_reg(cell_forward(zz, *leaves[:2], CellParams(*leaves[2:])), zz, 2)
+    g_ref = torch.autograd.grad(ref, leaves, allow_unused=True)
+    assert rel_err(got, ref) < 1e-13
+    for a, r, t in zip(g_got, g_ref, leaves):
+        assert rel_err(a, torch.zeros_like(t) if r is None else r) < 1e-11
     ly = DEQFusion(8, 2, jac_reg=1, f_max_iter=8, b_max_iter=8, on_nonconvergence="ignore").double()
     out, info = ly([torch.randn(3, 8, dtype=torch.float64) for _ in range(2)], return_info=True)
+    assert type(info.jac_loss.grad_fn).__name__ == "_ExtJacLossBackward"
     (out.sum() + info.jac_loss).backward()
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in ly.parameters())
 
@@ -564,3 +604,18 @@ def test_backward_in_tiles_gives_the_same_gradients_on_any_thread_count(N, B, D)
     for other in res[1:]:
         for a, b in zip(res[0], other):
             assert torch.equal(a, b) if tiles else rel_err(a, b) < 1e-5
+
+
+@needs_ext
+def test_cell_ops_pass_opcheck():
+    """Schemas, fake kernels (deqfuse/ops.py: torch.compile traces through them) and autograd registration
+    of the C++ cell ops agree with the real kernels (torch.library.opcheck)."""
+    p, (z, x, xf) = list(make_params(2, 16)), make_inputs(5, 2, 16)
+    _, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, 4, True)
+    v = torch.randn_like(z)
+    ops = torch.ops.deqfuse
+    for op, args in [(ops.cell_forward.default, (z, x, xf, p, 4, True)), (ops.cell_vjp.default, (v, saved, p, 4, z)),
+                     (ops.cell_backward.default, (v, z, saved, p, 4)),
+                     (ops.cell_jac_backward.default, (v, v, z, saved, p, 4))]:
+        res = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        assert set(res.values()) == {"SUCCESS"}, (op, res)

@@ -132,6 +132,7 @@ def test_deepcopy_and_pickle_after_training_forward():
     (dict(solver="newton"), "solver must be one of"), (dict(backend="gpu"), "backend must be one of"),
     (dict(grad="magic"), "grad must be one of"), (dict(phantom_steps=0), "phantom_steps must be >= 1"),
     (dict(phantom_lam=0.0), "phantom_lam must be in"), (dict(jac_reg=-1), "jac_reg must be >= 0"),
+    (dict(jac_reg=1, grad="unrolled"), "jac_reg: the Jacobian loss is taken at the fixed point"),
     (dict(unrolled_steps=0), "unrolled_steps must be >= 1"), (dict(cuda_graph=1), "cuda_graph must be a bool"),
     (dict(solver_kw=dict(beta=0.0)), r"solver_kw\['beta'\] must be > 0"),
     (dict(solver_kw=dict(beta=float("nan"))), r"solver_kw\['beta'\] must be a finite"),

@@ -89,3 +89,18 @@ def cell_vjp(gbar, saved, p: CellParams, groups: int = 4):
     da1 = gn_backward(dh, p.gn1_w, saved["s1"], groups)
     dzm = du + torch.einsum("bnd,ndk->bnk", da1, p.w1)
     return torch.cat([dzm, dzf.unsqueeze(1)], 1)
+
+
+def cell_jac_backward(v, wbar, z, x, xf, p: CellParams, groups: int = 4):
+    """The gradients of <wbar, J^T v> w.r.t. (z, x, xf, the 16 parameters), J = df/dz at (z, x): what the
+    Jacobian loss ||J^T v||^2 needs (its gradient is this with wbar = 2 J^T v times the loss's cotangent).
+    Autograd through cell_vjp of a differentiable cell_forward(save=True); the ReLU masks are constants,
+    as autograd differentiates them. v, wbar, z: [B, N+1, D] -> (dz, dx, dxf, CellParams of gradients)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (z, x, xf, *p)]
+        zz, xx, xxf, *pp = leaves
+        _, saved = cell_forward(zz, xx, xxf, CellParams(*pp), groups, save=True)
+        w = cell_vjp(v, saved, CellParams(*pp), groups)
+        grads = torch.autograd.grad((w * wbar).sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    return grads[0], grads[1], grads[2], CellParams(*grads[3:])
