@@ -50,7 +50,9 @@ class DEQFusion(nn.Module):
         the loss's, so an absolute rule would make the gradient depend on how the loss is scaled.
       grad: 'implicit' (adjoint fixed point) | 'phantom' (k damped steps) | 'unrolled' (no solve:
         `unrolled_steps` weight-tied applications with full backprop; the paper's ablation).
-      jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off).
+      jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off; info.jac_loss), taken at
+        the fixed point (grad='implicit' or 'phantom'; 'unrolled' has none and raises). On the C++ CPU path
+        its gradient is one exact op (cell_jac_backward), else autograd's double backward.
       backend: 'auto' | 'triton' | 'cuda' | 'reference' for the kernels used inside the solves.
       solver_kw: further options of the solver, for both solves (e.g. m, lam, beta for Anderson;
         check_every / compact for adaptive compute: by default a solve stops once every sample has
