@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._validate import check_choice
 from .dynamic import DynamicFusion, GumbelSchedule, SubsetExpert
 from .layers import DEQFusion
-from .train import f1_scores, plot_residual_band, train_epoch
+from .train import adam, f1_scores, plot_residual_band, train_epoch
 
 DATASETS = ("brca", "digits")
 
@@ -188,7 +188,7 @@ def fit(method: str, data: dict, hp: HParams, seed: int, cheap: int = 0, progres
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["val"], data["test"]
     classes, dims = data["classes"], data["dims"]
     model = build(method, dims, classes, hp, cheap)
-    opt = torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    opt = adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     sched = GumbelSchedule(1.0, 0.9, 0.1)
     net = ddp.wrap(model)  # DDP under torchrun (every rank then sees identical models and scores)
     extra = model.resource_loss if isinstance(model, DynamicFusion) else model.extra_loss
