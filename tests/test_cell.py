@@ -619,3 +619,21 @@ def test_cell_ops_pass_opcheck():
                      (ops.cell_jac_backward.default, (v, v, z, saved, p, 4))]:
         res = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
         assert set(res.values()) == {"SUCCESS"}, (op, res)
+
+
+@needs_ext
+def test_jacobian_loss_gradient_passes_gradcheck():
+    """The C++ Jacobian loss's gradient (cell_jac_backward) against finite differences of the loss itself
+    (float64): the saved tensors recomputed at every perturbed point, the probes fixed."""
+    from deqfuse.cell import ext_jacobian_reg
+    B, N, D = 3, 2, 8
+    p, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
+
+    def loss(x, xf, w1, gn2_w, wf):
+        q = list(p)
+        q[0], q[6], q[12] = w1, gn2_w, wf
+        saved = torch.ops.deqfuse.cell_forward(z, x.detach(), xf.detach(), [t.detach() for t in q], 2, True)[1]
+        torch.manual_seed(3)  # the same probes at every point
+        return ext_jacobian_reg(z, x, xf, q, 2, saved, 1)
+    args = [t.clone().requires_grad_() for t in (x, xf, p.w1, p.gn2_w, p.wf)]
+    assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-7, rtol=1e-5)
