@@ -52,9 +52,10 @@ inline void check_cell_args(const at::Tensor& z, const at::Tensor& x, const at::
 }
 
 // gbar [B, N+1, D] and the 13 tensors a cell_forward(save=True) of the same batch returned.
+// gname: how the op names its gbar argument in messages.
 inline void check_saved(const at::Tensor& gbar, const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& params,
-                 int64_t groups, const char* op) {
-  check_cell_args(gbar, at::Tensor(), at::Tensor(), params, groups, op, "gbar");
+                 int64_t groups, const char* op, const char* gname = "gbar") {
+  check_cell_args(gbar, at::Tensor(), at::Tensor(), params, groups, op, gname);
   const int64_t B = gbar.size(0), N = gbar.size(1) - 1, D = gbar.size(2), G = groups;
   TORCH_CHECK((int64_t)saved.size() == kNumSaved, op, ": saved must hold the 13 tensors cell_forward(save=True) "
               "returns, got ", std::to_string(saved.size()));
@@ -67,7 +68,7 @@ inline void check_saved(const at::Tensor& gbar, const std::vector<at::Tensor>& s
                   " (from a forward of the same batch), got ", shape_str(saved[i].sizes()));
     }
     TORCH_CHECK(saved[i].scalar_type() == gbar.scalar_type() && saved[i].device().is_cpu(), op, ": saved[",
-                std::to_string(i), "] must be a CPU tensor of gbar's dtype");
+                std::to_string(i), "] must be a CPU tensor of ", gname, "'s dtype");
   }
 }
 

@@ -386,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cell_jac
     const at::Tensor& v, const at::Tensor& wbar, const at::Tensor& z, const std::vector<at::Tensor>& saved,
     const std::vector<at::Tensor>& params, int64_t groups) {
   const char* op = "cell_jac_backward";
-  check_saved(v, saved, params, groups, op);
+  check_saved(v, saved, params, groups, op, "v");
   auto like_v = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.sizes() == v.sizes() && t.scalar_type() == v.scalar_type() && t.device().is_cpu(), op, ": ", name,
                 " must be a CPU tensor of v's shape ", shape_str(v.sizes()), " and dtype, got ", shape_str(t.sizes()),

@@ -470,6 +470,8 @@ def test_vjp_and_backward_errors_name_the_argument():
             torch.ops.deqfuse.cell_jac_backward(z, *args, saved, list(p), 4)
     with pytest.raises(RuntimeError, match="cell_jac_backward: saved must hold the 13"):
         torch.ops.deqfuse.cell_jac_backward(z, z, z, saved[:12], list(p), 4)
+    with pytest.raises(RuntimeError, match=r"cell_jac_backward: v must be \[B, N\+1, D\]"):
+        torch.ops.deqfuse.cell_jac_backward(z[0], z, z, saved, list(p), 4)
 
 
 @needs_ext
