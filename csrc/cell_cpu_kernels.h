@@ -242,6 +242,22 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const
 #pragma GCC diagnostic pop
 #endif
 
+// kernel(rows, std::integral_constant<int, K>()) over the M rows row_of(0 .. M-1) (each a Row): K = 4 rows
+// at a time, then the rest one by one. The GroupNorm row kernels do the same arithmetic per row for either K,
+// so a row's result does not depend on its neighbours.
+template <typename Row, typename RowOf, typename Kernel>
+DEQFUSE_INLINE void by_four_rows(int64_t M, const RowOf& row_of, const Kernel& kernel) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) {
+    const Row rw[4] = {row_of(r), row_of(r + 1), row_of(r + 2), row_of(r + 3)};
+    kernel(rw, std::integral_constant<int, 4>());
+  }
+  for (; r < M; ++r) {
+    const Row rw[1] = {row_of(r)};
+    kernel(rw, std::integral_constant<int, 1>());
+  }
+}
+
 // GroupNorm of one row y [D] (G groups): yhat = (y - mean) * rstd, out = yhat * gamma + beta.
 // yhat / rstd [G] are written when non-null (saved for the VJP); out may alias y.
 template <typename T>
@@ -260,37 +276,25 @@ DEQFUSE_INLINE void gn_row(const T* y, const T* gamma, const T* beta, int64_t D,
 // where it applies (float; gn_rows_avx2), else row by row.
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G, const RowOf& row_of) {
-  int64_t r = 0;
 #ifdef DEQFUSE_AVX512_GN
   if constexpr (std::is_same_v<T, float>) {
     if (G % 4 == 0 && D / G == 16 && cpu_has_avx512f()) {
-      for (; r + 4 <= M; r += 4) {
-        const GnRow<float> rw[4] = {row_of(r), row_of(r + 1), row_of(r + 2), row_of(r + 3)};
-        gn_rows_w16_avx512<4>(rw, gamma, beta, G);
-      }
-      for (; r < M; ++r) {
-        const GnRow<float> rw[1] = {row_of(r)};
-        gn_rows_w16_avx512<1>(rw, gamma, beta, G);
-      }
-      return;
+      return by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
+        gn_rows_w16_avx512<decltype(k)::value>(rw, gamma, beta, G);
+      });
     }
   }
 #endif
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
     if (G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma()) {
-      for (; r + 4 <= M; r += 4) {
-        const GnRow<float> rw[4] = {row_of(r), row_of(r + 1), row_of(r + 2), row_of(r + 3)};
-        gn_rows_avx2_any<4>(rw, gamma, beta, D, G);
-      }
-      for (; r < M; ++r) {
-        const GnRow<float> rw[1] = {row_of(r)};
-        gn_rows_avx2_any<1>(rw, gamma, beta, D, G);
-      }
+      return by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
+        gn_rows_avx2_any<decltype(k)::value>(rw, gamma, beta, D, G);
+      });
     }
   }
 #endif
-  for (; r < M; ++r) {
+  for (int64_t r = 0; r < M; ++r) {
     const GnRow<T> p = row_of(r);
     gn_row<T>(p.y, gamma, beta, D, G, p.out, p.yhat, p.rstd);
   }
@@ -407,22 +411,16 @@ inline void gn_rows_backward_avx2_any(const GnBackRow<float>* rw, const float* g
 // with AVX2 where it applies (float; gn_rows_backward_avx2), else row by row (gn_row_backward).
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64_t G, const RowOf& row_of) {
-  int64_t r = 0;
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
     if (G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma()) {
-      for (; r + 4 <= M; r += 4) {
-        const GnBackRow<float> rw[4] = {row_of(r), row_of(r + 1), row_of(r + 2), row_of(r + 3)};
-        gn_rows_backward_avx2_any<4>(rw, gamma, D, G);
-      }
-      for (; r < M; ++r) {
-        const GnBackRow<float> rw[1] = {row_of(r)};
-        gn_rows_backward_avx2_any<1>(rw, gamma, D, G);
-      }
+      return by_four_rows<GnBackRow<float>>(M, row_of, [&](const GnBackRow<float>* rw, auto k) {
+        gn_rows_backward_avx2_any<decltype(k)::value>(rw, gamma, D, G);
+      });
     }
   }
 #endif
-  for (; r < M; ++r) {
+  for (int64_t r = 0; r < M; ++r) {
     const GnBackRow<T> p = row_of(r);
     gn_row_backward<T>(p.dout, gamma, p.yhat, p.rstd, D, G, p.dy);
   }

@@ -106,10 +106,10 @@ struct JacKeep {
   T *pf, *rds, *gab, *s, *da3, *rdq, *a3b, *q, *pgf, *sb;            // [B, D]
 };
 
-// Scratch values per row of a block: the fusion branch's 6 vectors, per modality 3 (its yhat cotangents)
-// plus 3 G (its rstd cotangents), and 6 temporaries.
+// Scratch values per row of a block (jac_block's layout): 5 vectors of the fusion branch (dq, ds, rds, rga,
+// rzf) and 7 temporaries (t0 .. t6), per modality 3 yhat cotangents and 3 G rstd cotangents, and G for GNf's.
 inline int64_t jac_scratch_size(int64_t M, int64_t N, int64_t D, int64_t G) {
-  return M * ((12 + 3 * N) * D + 3 * N * G + 4 * G);
+  return M * ((12 + 3 * N) * D + 3 * N * G + G);
 }
 
 // The row pass for M samples b0 .. b0 + M - 1: v, wbar, z [B, N+1, D] at the op's offsets, dz / dx the
