@@ -10,6 +10,7 @@
 
 namespace deqfuse {
 double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas);
+std::string cell_rows_kernel(int64_t D, int64_t G);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,6 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("D"),
         "the kernel of the C++ CPU cell ops' float32 D x D GEMMs on this CPU: 'avx512', 'avx2' or 'blas' "
         "(DEQFUSE_CPU_GEMM forces one where the CPU allows; float64 always takes the BLAS)");
+  m.def("cell_rows_kernel", &deqfuse::cell_rows_kernel, pybind11::arg("D"), pybind11::arg("G"),
+        "the variant of the C++ CPU cell ops' float32 row passes (bias, GroupNorm, ReLU, residual, gate) for "
+        "width D in G groups on this CPU: 'zmm' (512-bit, Intel CPUs with AVX-512, where it gives the same floats) "
+        "or 'ymm' (AVX2 + FMA, or the baseline ISA); DEQFUSE_CPU_ROWS=zmm|ymm forces one where the CPU allows");
   m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),
         pybind11::arg("reps"), pybind11::arg("blas") = false,
         "benchmarks: wall seconds per cell evaluation of its 2N + 2 GEMMs alone (z [B, (N+1) D], the 16 CellParams "

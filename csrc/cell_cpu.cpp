@@ -257,6 +257,13 @@ double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor
   return sec;
 }
 
+// bindings: which variant runs the float32 row passes of a cell of width D in G groups ("zmm" or "ymm").
+std::string cell_rows_kernel(int64_t D, int64_t G) {
+  TORCH_CHECK(D > 0 && G > 0 && D % G == 0, "cell_rows_kernel: D must be a positive multiple of G, got D=",
+              std::to_string(D), " G=", std::to_string(G));
+  return rows_zmm<float>(D, G) ? "zmm" : "ymm";
+}
+
 }  // namespace deqfuse
 
 TORCH_LIBRARY_FRAGMENT(deqfuse, m) {

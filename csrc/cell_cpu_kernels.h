@@ -77,6 +77,10 @@ struct GnRow {
 
 #ifdef DEQFUSE_X86_TARGETS
 #define DEQFUSE_AVX2_GN 1
+// Whether float GroupNorms of width D in G groups run in the row kernels below (gn_rows_avx2 and its
+// backward; gn_rows_w16_avx512), whose lanes are fixed, rather than gn_row's `omp simd` reductions, whose
+// summation order follows the vector width the function was compiled for.
+inline bool gn_float_kernels(int64_t D, int64_t G) { return G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma(); }
 // float GroupNorm of rows with AVX2 + FMA (G % 4 == 0, group width n a multiple of 8), four
 // groups at a time: a group's partial sums in one 8-lane register, a row's four horizontal sums by one
 // hadd tree, its four 1/sqrt(var + eps) by one vector sqrt and divide, and four rows' chains side by side.
@@ -88,11 +92,10 @@ __attribute__((target("avx2,fma"))) inline __m128 hsum4_avx2(__m256 a, __m256 b,
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));  // [sum a, sum b, sum c, sum d]
 }
 
-// v[q] in all 8 lanes (q = 0..3)
+// v[q] in all 8 lanes (q = 0..3): one vpermps (a permute + 128-bit insert took two shuffle uops; the
+// GroupNorm kernels are bound by the shuffle port on Intel)
 __attribute__((target("avx2,fma"))) inline __m256 lane_avx2(__m128 v, int q) {
-  const __m128 b = q == 0 ? _mm_permute_ps(v, 0x00) : q == 1 ? _mm_permute_ps(v, 0x55)
-                 : q == 2 ? _mm_permute_ps(v, 0xAA) : _mm_permute_ps(v, 0xFF);
-  return _mm256_set_m128(b, b);
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(q));
 }
 
 // K rows (1 or 4: the same arithmetic per row either way, so a row's result does not depend on its
@@ -197,9 +200,9 @@ __attribute__((target("avx512f,avx2,fma"))) inline __m256 halves_avx512(__m512 v
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(swapped));
 }
 
-// v[q] in all 16 lanes (q = 0..3), without a round trip through memory (lane_avx2's permute, widened)
+// v[q] in all 16 lanes (q = 0..3): one vpermps, as lane_avx2
 __attribute__((target("avx512f,avx2,fma"))) inline __m512 lane_avx512(__m128 v, int q) {
-  return _mm512_broadcast_f32x4(_mm256_castps256_ps128(lane_avx2(v, q)));
+  return _mm512_permutexvar_ps(_mm512_set1_epi32(q), _mm512_castps128_ps512(v));
 }
 
 // K rows side by side (1 or 4: the same arithmetic per row either way). The means and variances are the
@@ -287,7 +290,7 @@ DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D,
 #endif
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma()) {
+    if (gn_float_kernels(D, G)) {
       return by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
         gn_rows_avx2_any<decltype(k)::value>(rw, gamma, beta, D, G);
       });
@@ -413,7 +416,7 @@ template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64_t G, const RowOf& row_of) {
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma()) {
+    if (gn_float_kernels(D, G)) {
       return by_four_rows<GnBackRow<float>>(M, row_of, [&](const GnBackRow<float>* rw, auto k) {
         gn_rows_backward_avx2_any<decltype(k)::value>(rw, gamma, D, G);
       });
@@ -508,7 +511,7 @@ DEQFUSE_INLINE int64_t sample_of(const int64_t* rows, int64_t b0, int64_t r) { r
 // per-sample inputs x [B, N, D], xf [B, D] and the saved tensors are indexed by sample_of(rows, b0, r)
 // (rows null: samples b0 .. b0 + M - 1, i.e. z / out of the op offset by b0). scratch: 5 * M * D values.
 template <typename T>
-DEQFUSE_SIMD_CLONES void forward_block(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save,
+DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save,
                                        int64_t b0, int64_t M, const int64_t* rows, T* scratch) {
   const int64_t B = c.B, N = c.N, D = c.D, G = c.G, ZS = c.ZS;
   const T *w1 = c.w1, *b1 = c.b1, *w2 = c.w2, *b2 = c.b2, *g1w = c.g1w, *g1b = c.g1b, *g2w = c.g2w, *g2b = c.g2b;
@@ -629,7 +632,7 @@ DEQFUSE_INLINE void keep_row(T* dst, int64_t row, int64_t D, const T* src) {
 // the saved tensors indexed by sample_of(rows, b0, r); scratch: 5 * M * D values. Keep (parameter
 // backward) only with rows null.
 template <typename T>
-DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
+DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
                                    const int64_t* rows, T* scratch, const Keep<T>& kp) {
   const int64_t B = c.B, N = c.N, D = c.D, G = c.G, ZS = c.ZS;
   const T *w1 = c.w1, *w2 = c.w2, *g1w = c.g1w, *g2w = c.g2w, *g3w = c.g3w, *wg = c.wg, *wf = c.wf, *gfw = c.gfw;
@@ -728,6 +731,65 @@ DEQFUSE_SIMD_CLONES void vjp_block(const Cell<T>& c, const T* gp, const T* addp,
     }
     cell_gemm<T>(c, M, da, D, w1 + i * D * D, w1 + i * D * D, false, 1, outp + i * D, ZS);
   }
+}
+
+// forward_block / vjp_block: the bodies above compiled for the running CPU's vectors -- 512-bit x86-64-v4
+// code where rows_zmm (below; cpu_simd.h's cpu_rows_zmm: Intel with AVX-512), else the DEQFUSE_SIMD_CLONES
+// pair (AVX2 + FMA or the baseline).
+template <typename T>
+DEQFUSE_SIMD_CLONES void forward_block_ymm(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp,
+                                           bool save, int64_t b0, int64_t M, const int64_t* rows, T* scratch) {
+  forward_block_body<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
+}
+
+template <typename T>
+DEQFUSE_SIMD_CLONES void vjp_block_ymm(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
+                                       const int64_t* rows, T* scratch, const Keep<T>& kp) {
+  vjp_block_body<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
+}
+
+#ifdef DEQFUSE_X86_TARGETS
+template <typename T>
+DEQFUSE_ZMM_ROWS void forward_block_zmm(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save,
+                                        int64_t b0, int64_t M, const int64_t* rows, T* scratch) {
+  forward_block_body<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
+}
+
+template <typename T>
+DEQFUSE_ZMM_ROWS void vjp_block_zmm(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
+                                    const int64_t* rows, T* scratch, const Keep<T>& kp) {
+  vjp_block_body<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
+}
+#endif
+
+// The zmm variant where it gives the AVX2 variant's floats: float cells whose GroupNorms run in the row
+// kernels (gn_float_kernels); every other pass is elementwise. float64 and other group widths: ymm.
+template <typename T>
+inline bool rows_zmm(int64_t D, int64_t G) {
+#ifdef DEQFUSE_X86_TARGETS
+  return std::is_same_v<T, float> && cpu_rows_zmm() && gn_float_kernels(D, G);
+#else
+  (void)D, (void)G;
+  return false;
+#endif
+}
+
+template <typename T>
+inline void forward_block(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save, int64_t b0,
+                          int64_t M, const int64_t* rows, T* scratch) {
+#ifdef DEQFUSE_X86_TARGETS
+  if (rows_zmm<T>(c.D, c.G)) return forward_block_zmm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
+#endif
+  forward_block_ymm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
+}
+
+template <typename T>
+inline void vjp_block(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
+                      const int64_t* rows, T* scratch, const Keep<T>& kp) {
+#ifdef DEQFUSE_X86_TARGETS
+  if (rows_zmm<T>(c.D, c.G)) return vjp_block_zmm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
+#endif
+  vjp_block_ymm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
 }
 
 // Scratch values forward_block / vjp_block need for M rows of width D.

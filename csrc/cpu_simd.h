@@ -6,6 +6,9 @@
 // per-row work lives in such functions, not in the at::parallel_for lambdas.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && !defined(DEQFUSE_NO_CLONES)
 #define DEQFUSE_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -37,9 +40,27 @@ inline bool cpu_has_avx512f() {
   static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
   return v;
 }
+// The cell's row passes (forward_block, vjp_block) in 512-bit vectors: on Intel CPUs with AVX-512
+// (x86-64-v4), which run them at full width (Emerald Rapids, B=128 D=64 N=2: the forward_block's share of a
+// solve 14% -> 9%); not on AMD's, whose Zen 4 splits 512-bit operations (an x86-64-v4 forward_block measured
+// 0.90x there). DEQFUSE_CPU_ROWS=zmm|ymm forces the choice (read once; zmm still needs x86-64-v4, and
+// cell_cpu_kernels.h's rows_zmm takes it only where the floats stay those of the ymm variant).
+inline bool cpu_rows_zmm() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    const bool can = __builtin_cpu_supports("x86-64-v4");
+    const char* e = std::getenv("DEQFUSE_CPU_ROWS");
+    if (e && !std::strcmp(e, "zmm")) return can;
+    if (e && !std::strcmp(e, "ymm")) return false;
+    return can && __builtin_cpu_is("intel");
+  }();
+  return v;
+}
+#define DEQFUSE_ZMM_ROWS __attribute__((target("arch=x86-64-v4")))
 #else
 inline bool cpu_has_avx2_fma() { return false; }
 inline bool cpu_has_avx512f() { return false; }
+inline bool cpu_rows_zmm() { return false; }
 #endif
 }  // namespace
 }  // namespace deqfuse

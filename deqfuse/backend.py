@@ -21,6 +21,9 @@ BACKENDS = ("auto", "triton", "cuda", "reference")
 # DEQFUSE_CPU_GEMM: the kernel of the C++ CPU cell ops' float32 GEMMs (csrc/gemm_small.h), read once by the
 # extension; unset or 'auto' lets it choose by CPU and D (deqfuse._C.cell_gemm_kernel(D) says which).
 CPU_GEMMS = ("", "auto", "avx512", "avx2", "blas")
+# DEQFUSE_CPU_ROWS: the vectors of their row passes (csrc/cpu_simd.h: 512-bit on Intel CPUs with AVX-512),
+# read once; deqfuse._C.cell_rows_kernel(D, G) says which runs.
+CPU_ROWS = ("", "auto", "zmm", "ymm")
 
 
 @functools.lru_cache(None)
@@ -33,10 +36,11 @@ def extension_status():
     except ImportError as e:
         return None, f"extension not built ({e}); reinstall without DEQFUSE_NO_EXT=1"
     from . import ops  # noqa: F401  fake kernels for torch.compile
-    forced = os.environ.get("DEQFUSE_CPU_GEMM", "")
-    if forced not in CPU_GEMMS:
-        warnings.warn(f"DEQFUSE_CPU_GEMM={forced!r} is not one of {CPU_GEMMS[1:]}: ignored (the C++ CPU cell ops "
-                      "pick their GEMM kernel themselves)", RuntimeWarning, stacklevel=2)
+    for var, allowed, what in (("DEQFUSE_CPU_GEMM", CPU_GEMMS, "GEMM kernel"), ("DEQFUSE_CPU_ROWS", CPU_ROWS, "row passes' vectors")):
+        forced = os.environ.get(var, "")
+        if forced not in allowed:
+            warnings.warn(f"{var}={forced!r} is not one of {allowed[1:]}: ignored (the C++ CPU cell ops pick their "
+                          f"{what} themselves)", RuntimeWarning, stacklevel=2)
     return _C, "ok (cuda kernels: %s; CPU cell GEMMs: %s)" % ("yes" if _C.has_cuda() else "no, CPU build",
                                                                _C.blas_backend())
 

@@ -83,3 +83,14 @@ def test_bench_small_smoke_reports_per_iteration_times_and_no_op_per_iteration(t
     assert got[("aten_ops_per_eval_iteration", "solver_iteration")] == 0
     if deqfuse.extension_status()[0] is not None:  # the floor timed inside the extension, beside torch.mm's
         assert rows[0]["kernel_floor_ms"] > 0 and rows[0]["train_x_kernel_floor"] > 0
+
+
+@pytest.mark.skipif(deqfuse.extension_status()[0] is None, reason="compiled extension not built")
+def test_bench_op_iter_smoke_reports_an_iteration_beside_the_floor(capsys):
+    sys.path.insert(0, BENCH)
+    import bench_op_iter
+    rows = bench_op_iter.main(["--B", "9", "--D", "16", "--N", "1,2", "--reps", "3", "--lo", "1", "--hi", "3",
+                               "--threads", "1"])
+    assert [(r["B"], r["D"], r["N"]) for r in rows] == [(9, 16, 1), (9, 16, 2)]
+    assert all(r["floor_us"] > 0 for r in rows)  # iteration differences may be noise-negative at this size
+    assert "x floor" in capsys.readouterr().out

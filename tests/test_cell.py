@@ -391,6 +391,73 @@ def test_unknown_cpu_gemm_value_warns_with_the_variable_name(monkeypatch):
         backend.extension_status()
 
 
+# (N, B, D, groups, dtype): group widths 16 (the AVX-512 GroupNorm), 8 and 32 (AVX2), 12 (groups of 3: the
+# generic GroupNorm, whose omp simd reductions follow the vector width) and float64 -- the last two stay ymm
+ROWS_SHAPES = [(2, 37, 64, 4, "float32"), (3, 21, 32, 4, "float32"), (1, 11, 128, 4, "float32"),
+               (2, 9, 36, 3, "float32"), (2, 19, 64, 4, "float64")]
+_ROWS_CHILD = """
+import sys, torch, deqfuse
+from deqfuse.solvers import Results
+from deqfuse.testing import make_inputs, make_params
+ext, out, ops = deqfuse.extension_status()[0], {}, torch.ops.deqfuse
+for N, B, D, G, dt in %r:
+    dt = getattr(torch, dt)
+    p = [t.to(dt) for t in make_params(N, D)]
+    z, x, xf = (t.to(dt) for t in make_inputs(B, N, D))
+    g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5)).to(dt)
+    f, saved = ops.cell_forward(z, x, xf, p, G, True)
+    res = [f, ops.cell_forward(z, x, xf, p, G, False)[0], ops.cell_vjp(g, saved, p, G, z)]
+    dz, dx, dxf, dp = ops.cell_backward(g, z, saved, p, G)
+    jz, jx, jxf, jp = ops.cell_jac_backward(g, 0.3 * z, z, saved, p, G)
+    res += [dz, dx, dxf, *dp, jz, jx, jxf, *jp]
+    z0 = torch.zeros(B, (N + 1) * D, dtype=dt)
+    for solve, args in ((ops.anderson_cell_solve, (z0, x, xf)), (ops.anderson_vjp_solve, (z0, g.reshape(B, -1), saved))):
+        r = Results(z0, 12)
+        solve(*args, p, G, *r.buffers(), 5, 1.0, 1e-4, 1e-30, True, 12)
+        res += list(r.buffers())
+    out[(N, B, D)] = (ext.cell_rows_kernel(D, G), res)
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_ext
+def test_row_pass_variants_give_the_same_floats(tmp_path):
+    """The C++ cell's row passes (forward_block / vjp_block) compiled for 512-bit vectors (Intel CPUs with
+    AVX-512, DEQFUSE_CPU_ROWS=zmm) and for AVX2 (ymm): the cell ops, the Jacobian loss's backward and both whole
+    solves equal bit for bit; zmm is taken only where that holds (float32, GroupNorms in the row kernels)."""
+    import os
+    import subprocess
+    import sys
+    res = {}
+    for rows in ("zmm", "ymm"):
+        path = tmp_path / f"{rows}.pt"
+        r = subprocess.run([sys.executable, "-c", _ROWS_CHILD % (ROWS_SHAPES,), str(path)],
+                           env=dict(os.environ, DEQFUSE_CPU_ROWS=rows), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[rows] = torch.load(path)
+    v4 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    for N, B, D, G, dt in ROWS_SHAPES:
+        eligible = G % 4 == 0 and (D // G) % 8 == 0  # cell_rows_kernel reports float32's (float64: always ymm)
+        assert res["ymm"][(N, B, D)][0] == "ymm"
+        assert res["zmm"][(N, B, D)][0] == ("zmm" if eligible and v4 else "ymm"), (N, B, D, G, dt)
+        for i, (a, b) in enumerate(zip(res["zmm"][(N, B, D)][1], res["ymm"][(N, B, D)][1])):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (N, B, D, G, dt, i)
+
+
+@needs_ext
+def test_unknown_cpu_rows_value_warns_with_the_variable_name(monkeypatch):
+    from deqfuse import backend
+    monkeypatch.setenv("DEQFUSE_CPU_ROWS", "avx512")
+    backend.extension_status.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="DEQFUSE_CPU_ROWS='avx512' is not one of"):
+            assert backend.extension_status()[0] is not None
+    finally:
+        monkeypatch.delenv("DEQFUSE_CPU_ROWS")
+        backend.extension_status.cache_clear()
+        backend.extension_status()
+
+
 @needs_ext
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_result_does_not_depend_on_threads_or_blocking(threads):
