@@ -36,7 +36,8 @@ def extension_status():
     except ImportError as e:
         return None, f"extension not built ({e}); reinstall without DEQFUSE_NO_EXT=1"
     from . import ops  # noqa: F401  fake kernels for torch.compile
-    for var, allowed, what in (("DEQFUSE_CPU_GEMM", CPU_GEMMS, "GEMM kernel"), ("DEQFUSE_CPU_ROWS", CPU_ROWS, "row passes' vectors")):
+    for var, allowed, what in (("DEQFUSE_CPU_GEMM", CPU_GEMMS, "GEMM kernel"),
+                               ("DEQFUSE_CPU_ROWS", CPU_ROWS, "row passes' vectors")):
         forced = os.environ.get(var, "")
         if forced not in allowed:
             warnings.warn(f"{var}={forced!r} is not one of {allowed[1:]}: ignored (the C++ CPU cell ops pick their "

@@ -378,15 +378,16 @@ def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_ot
 
 
 @needs_ext
-def test_unknown_cpu_gemm_value_warns_with_the_variable_name(monkeypatch):
+@pytest.mark.parametrize("var, value", [("DEQFUSE_CPU_GEMM", "avx3"), ("DEQFUSE_CPU_ROWS", "avx512")])
+def test_unknown_cpu_kernel_value_warns_with_the_variable_name(monkeypatch, var, value):
     from deqfuse import backend
-    monkeypatch.setenv("DEQFUSE_CPU_GEMM", "avx3")
+    monkeypatch.setenv(var, value)
     backend.extension_status.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="DEQFUSE_CPU_GEMM='avx3' is not one of"):
+        with pytest.warns(RuntimeWarning, match=f"{var}='{value}' is not one of"):
             assert backend.extension_status()[0] is not None
     finally:
-        monkeypatch.delenv("DEQFUSE_CPU_GEMM")
+        monkeypatch.delenv(var)
         backend.extension_status.cache_clear()
         backend.extension_status()
 
@@ -411,7 +412,8 @@ for N, B, D, G, dt in %r:
     jz, jx, jxf, jp = ops.cell_jac_backward(g, 0.3 * z, z, saved, p, G)
     res += [dz, dx, dxf, *dp, jz, jx, jxf, *jp]
     z0 = torch.zeros(B, (N + 1) * D, dtype=dt)
-    for solve, args in ((ops.anderson_cell_solve, (z0, x, xf)), (ops.anderson_vjp_solve, (z0, g.reshape(B, -1), saved))):
+    for solve, args in ((ops.anderson_cell_solve, (z0, x, xf)),
+                        (ops.anderson_vjp_solve, (z0, g.reshape(B, -1), saved))):
         r = Results(z0, 12)
         solve(*args, p, G, *r.buffers(), 5, 1.0, 1e-4, 1e-30, True, 12)
         res += list(r.buffers())
@@ -442,20 +444,6 @@ def test_row_pass_variants_give_the_same_floats(tmp_path):
         assert res["zmm"][(N, B, D)][0] == ("zmm" if eligible and v4 else "ymm"), (N, B, D, G, dt)
         for i, (a, b) in enumerate(zip(res["zmm"][(N, B, D)][1], res["ymm"][(N, B, D)][1])):
             assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (N, B, D, G, dt, i)
-
-
-@needs_ext
-def test_unknown_cpu_rows_value_warns_with_the_variable_name(monkeypatch):
-    from deqfuse import backend
-    monkeypatch.setenv("DEQFUSE_CPU_ROWS", "avx512")
-    backend.extension_status.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="DEQFUSE_CPU_ROWS='avx512' is not one of"):
-            assert backend.extension_status()[0] is not None
-    finally:
-        monkeypatch.delenv("DEQFUSE_CPU_ROWS")
-        backend.extension_status.cache_clear()
-        backend.extension_status()
 
 
 @needs_ext
