@@ -748,7 +748,7 @@ DEQFUSE_SIMD_CLONES void vjp_block_ymm(const Cell<T>& c, const T* gp, const T* a
   vjp_block_body<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
 }
 
-#ifdef DEQFUSE_X86_TARGETS
+#ifdef DEQFUSE_ZMM_ROWS
 template <typename T>
 DEQFUSE_ZMM_ROWS void forward_block_zmm(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save,
                                         int64_t b0, int64_t M, const int64_t* rows, T* scratch) {
@@ -766,7 +766,7 @@ DEQFUSE_ZMM_ROWS void vjp_block_zmm(const Cell<T>& c, const T* gp, const T* addp
 // kernels (gn_float_kernels); every other pass is elementwise. float64 and other group widths: ymm.
 template <typename T>
 inline bool rows_zmm(int64_t D, int64_t G) {
-#ifdef DEQFUSE_X86_TARGETS
+#ifdef DEQFUSE_ZMM_ROWS
   return std::is_same_v<T, float> && cpu_rows_zmm() && gn_float_kernels(D, G);
 #else
   (void)D, (void)G;
@@ -777,7 +777,7 @@ inline bool rows_zmm(int64_t D, int64_t G) {
 template <typename T>
 inline void forward_block(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save, int64_t b0,
                           int64_t M, const int64_t* rows, T* scratch) {
-#ifdef DEQFUSE_X86_TARGETS
+#ifdef DEQFUSE_ZMM_ROWS
   if (rows_zmm<T>(c.D, c.G)) return forward_block_zmm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
 #endif
   forward_block_ymm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
@@ -786,7 +786,7 @@ inline void forward_block(const Cell<T>& c, const T* zp, const T* xp, const T* x
 template <typename T>
 inline void vjp_block(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
                       const int64_t* rows, T* scratch, const Keep<T>& kp) {
-#ifdef DEQFUSE_X86_TARGETS
+#ifdef DEQFUSE_ZMM_ROWS
   if (rows_zmm<T>(c.D, c.G)) return vjp_block_zmm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
 #endif
   vjp_block_ymm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);

@@ -45,10 +45,14 @@ inline bool cpu_has_avx512f() {
 // solve 14% -> 9%); not on AMD's, whose Zen 4 splits 512-bit operations (an x86-64-v4 forward_block measured
 // 0.90x there). DEQFUSE_CPU_ROWS=zmm|ymm forces the choice (read once; zmm still needs x86-64-v4, and
 // cell_cpu_kernels.h's rows_zmm takes it only where the floats stay those of the ymm variant).
+#if __GNUC__ >= 11  // target("arch=x86-64-v4")
+#define DEQFUSE_ZMM_ROWS __attribute__((target("arch=x86-64-v4")))
 inline bool cpu_rows_zmm() {
   static const bool v = [] {
-    __builtin_cpu_init();
-    const bool can = __builtin_cpu_supports("x86-64-v4");
+    __builtin_cpu_init();  // x86-64-v4's AVX-512 subsets (every CPU with them has x86-64-v3)
+    const bool can = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                     __builtin_cpu_supports("avx512cd");
     const char* e = std::getenv("DEQFUSE_CPU_ROWS");
     if (e && !std::strcmp(e, "zmm")) return can;
     if (e && !std::strcmp(e, "ymm")) return false;
@@ -56,7 +60,9 @@ inline bool cpu_rows_zmm() {
   }();
   return v;
 }
-#define DEQFUSE_ZMM_ROWS __attribute__((target("arch=x86-64-v4")))
+#else
+inline bool cpu_rows_zmm() { return false; }
+#endif
 #else
 inline bool cpu_has_avx2_fma() { return false; }
 inline bool cpu_has_avx512f() { return false; }
