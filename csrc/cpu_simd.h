@@ -40,12 +40,17 @@ inline bool cpu_has_avx512f() {
   static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
   return v;
 }
+#else
+inline bool cpu_has_avx2_fma() { return false; }
+inline bool cpu_has_avx512f() { return false; }
+#endif
+
 // The cell's row passes (forward_block, vjp_block) in 512-bit vectors: on Intel CPUs with AVX-512
 // (x86-64-v4), which run them at full width (Emerald Rapids, B=128 D=64 N=2: the forward_block's share of a
 // solve 14% -> 9%); not on AMD's, whose Zen 4 splits 512-bit operations (an x86-64-v4 forward_block measured
 // 0.90x there). DEQFUSE_CPU_ROWS=zmm|ymm forces the choice (read once; zmm still needs x86-64-v4, and
 // cell_cpu_kernels.h's rows_zmm takes it only where the floats stay those of the ymm variant).
-#if __GNUC__ >= 11  // target("arch=x86-64-v4")
+#if defined(DEQFUSE_X86_TARGETS) && __GNUC__ >= 11  // target("arch=x86-64-v4")
 #define DEQFUSE_ZMM_ROWS __attribute__((target("arch=x86-64-v4")))
 inline bool cpu_rows_zmm() {
   static const bool v = [] {
@@ -61,11 +66,6 @@ inline bool cpu_rows_zmm() {
   return v;
 }
 #else
-inline bool cpu_rows_zmm() { return false; }
-#endif
-#else
-inline bool cpu_has_avx2_fma() { return false; }
-inline bool cpu_has_avx512f() { return false; }
 inline bool cpu_rows_zmm() { return false; }
 #endif
 }  // namespace

@@ -331,18 +331,22 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _cell_results_with_gemm(kernel, tmp_path):
-    """{(N, B, D): (kernel name the op reports, float32 [forward, VJP + z, cell_backward's grads])} from a
-    fresh process with DEQFUSE_CPU_GEMM=kernel (the extension reads it once)."""
+def _child_results(code, path, var, value):
+    """What `code` saves to `path` (its argv[1]) run in a fresh process with the environment variable var=value
+    (the extension reads its DEQFUSE_CPU_* choices once per process)."""
     import os
     import subprocess
     import sys
-    env = dict(os.environ, DEQFUSE_CPU_GEMM=kernel)
-    path = tmp_path / f"{kernel or 'auto'}.pt"
-    r = subprocess.run([sys.executable, "-c", _GEMM_CHILD % (GEMM_SHAPES,), str(path)], env=env,
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=dict(os.environ, **{var: value}),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(path)
+
+
+def _cell_results_with_gemm(kernel, tmp_path):
+    """{(N, B, D): (kernel name the op reports, float32 [forward, VJP + z, cell_backward's grads])} from a
+    fresh process with DEQFUSE_CPU_GEMM=kernel."""
+    return _child_results(_GEMM_CHILD % (GEMM_SHAPES,), tmp_path / f"{kernel or 'auto'}.pt", "DEQFUSE_CPU_GEMM", kernel)
 
 
 @needs_ext
@@ -427,16 +431,8 @@ def test_row_pass_variants_give_the_same_floats(tmp_path):
     """The C++ cell's row passes (forward_block / vjp_block) compiled for 512-bit vectors (Intel CPUs with
     AVX-512, DEQFUSE_CPU_ROWS=zmm) and for AVX2 (ymm): the cell ops, the Jacobian loss's backward and both whole
     solves equal bit for bit; zmm is taken only where that holds (float32, GroupNorms in the row kernels)."""
-    import os
-    import subprocess
-    import sys
-    res = {}
-    for rows in ("zmm", "ymm"):
-        path = tmp_path / f"{rows}.pt"
-        r = subprocess.run([sys.executable, "-c", _ROWS_CHILD % (ROWS_SHAPES,), str(path)],
-                           env=dict(os.environ, DEQFUSE_CPU_ROWS=rows), capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:]
-        res[rows] = torch.load(path)
+    res = {rows: _child_results(_ROWS_CHILD % (ROWS_SHAPES,), tmp_path / f"{rows}.pt", "DEQFUSE_CPU_ROWS", rows)
+           for rows in ("zmm", "ymm")}
     v4 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     for N, B, D, G, dt in ROWS_SHAPES:
         eligible = G % 4 == 0 and (D // G) % 8 == 0  # cell_rows_kernel reports float32's (float64: always ymm)
