@@ -55,13 +55,17 @@ struct StepConst {
   acc_t beta, lam;
   double tol;
   bool stop_rel;
+  // The caller owns the rings (the whole solves): where the float AVX2 mixing runs, ring X may hold
+  // X_j + beta G_j instead of X_j (mix_row_avx2's MIXED). The step op's rings are the caller's tensors in
+  // reference/anderson.py's layout: false there.
+  bool own_rings = false;
 };
 
 // Pass 1 of one sample: gp = f(x) - x ([L] scratch, rounded to hist_t's precision), s = (|g|^2, |f(x)|^2,
-// |gp|^2, then, when `dots`, the Gram row <G_j, gp> of the filled slots j != slot; 0 elsewhere).
+// |gp|^2, then the Gram row <G_j, gp> of the filled slots j != slot; 0 elsewhere).
 template <typename scalar_t, typename hist_t, typename acc_t>
 DEQFUSE_SIMD_CLONES void anderson_gram_row(const scalar_t* xb, const scalar_t* fb, const hist_t* Gb, acc_t* gp,
-                                           int64_t L, int m, int slot, int n, acc_t* s, bool dots) {
+                                           int64_t L, int m, int slot, int n, acc_t* s) {
   acc_t g2 = 0, f2 = 0, gr2 = 0;
 #pragma omp simd reduction(+ : g2, f2)
   for (int64_t l = 0; l < L; ++l) {
@@ -80,7 +84,6 @@ DEQFUSE_SIMD_CLONES void anderson_gram_row(const scalar_t* xb, const scalar_t* f
   s[0] = g2;
   s[1] = f2;
   s[2] = gr2;
-  if (!dots) return;
   for (int j = 0; j < m; ++j) {
     acc_t d = 0;
     if (j < n && j != slot) {
@@ -127,25 +130,34 @@ DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, 
 }
 
 #ifdef DEQFUSE_X86_TARGETS
-// float, L % 8 == 0, with AVX2 + FMA: the two loops of the step that were latency-bound (perf, Zen 3).
-// Each computes exactly what the generic loops above compute in the x86-64-v3 clone (GCC's `omp simd`
-// code), so the step's values do not depend on which one ran:
-//   gram_dots_avx2: <G_j, gp> for ND slots, a slot's sum in 8 lanes (lane q: the elements l = q mod 8, in
-//     order, one FMA each), the lanes then added to 0 in lane order -- the generic loop's reduction; the
-//     ND chains side by side and gp loaded once (slot by slot each sum was a chain of L / 8 dependent FMAs);
+// float, L % 8 == 0, with AVX2 + FMA: the two passes of the step over the ring (perf: latency-bound on Zen 3,
+// bandwidth-bound on Intel). Each computes exactly what the generic loops above compute in the x86-64-v3
+// clone (GCC's `omp simd` code), so the step's values do not depend on which one ran:
+//   gram_row_avx2: g = f(x) - x (stored to gp), |g|^2, |f(x)|^2 and <G_j, g> for ND slots in one pass, each
+//     sum in 8 lanes (lane q: the elements l = q mod 8, in order, one FMA each), the lanes then added to 0 in
+//     lane order -- the generic loops' reductions; the ND + 2 chains side by side, x, f(x) and g loaded once
+//     (anderson_gram_row's reductions, then slot by slot, were chains of L / 8 dependent FMAs each);
 //   mix_row_avx2: x = sum_j alpha_j (X_j + beta G_j) per element in slot order, t = fma(beta, G_j, X_j) then
 //     acc = fma(alpha_j, t, acc) from acc = 0 (the contraction GCC makes of the generic loop), 32 elements'
 //     sums in registers (the generic loop's tile array lived on the stack, zeroed by `rep stos`).
+//     MIXED (the whole solves, whose rings live inside the op): ring X holds t_j itself, written once when
+//     slot j is filled, so the mixing reads one ring instead of two -- the same t, so the same values.
 template <int ND>
-__attribute__((target("avx2,fma"))) inline void gram_dots_avx2(const float* const* Gj, const float* gp, int64_t L,
-                                                              float* out) {
-  __m256 acc[ND > 0 ? ND : 1];
-  for (int i = 0; i < ND; ++i) acc[i] = _mm256_setzero_ps();
+__attribute__((target("avx2,fma"))) inline void gram_row_avx2(const float* xb, const float* fb,
+                                                             const float* const* Gj, float* gp, int64_t L,
+                                                             float* out) {
+  __m256 acc[ND + 2];  // |g|^2, |f(x)|^2, then the ND dots
+  const float* Gl[ND > 0 ? ND : 1];  // local copies: the stores to gp cannot alias them
+  for (int i = 0; i < ND; ++i) Gl[i] = Gj[i];
+  for (int i = 0; i < ND + 2; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t l = 0; l < L; l += 8) {
-    const __m256 g = _mm256_loadu_ps(gp + l);
-    for (int i = 0; i < ND; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(Gj[i] + l), g, acc[i]);
+    const __m256 f = _mm256_loadu_ps(fb + l), g = _mm256_sub_ps(f, _mm256_loadu_ps(xb + l));
+    _mm256_storeu_ps(gp + l, g);
+    acc[0] = _mm256_fmadd_ps(g, g, acc[0]);
+    acc[1] = _mm256_fmadd_ps(f, f, acc[1]);
+    for (int i = 0; i < ND; ++i) acc[2 + i] = _mm256_fmadd_ps(_mm256_loadu_ps(Gl[i] + l), g, acc[2 + i]);
   }
-  for (int i = 0; i < ND; ++i) {
+  for (int i = 0; i < ND + 2; ++i) {
     alignas(32) float v[8];
     _mm256_store_ps(v, acc[i]);
     float d = 0;
@@ -154,8 +166,10 @@ __attribute__((target("avx2,fma"))) inline void gram_dots_avx2(const float* cons
   }
 }
 
-// s[3 + j] = <G_j, gp> for the filled slots j != slot, 0 elsewhere (anderson_gram_row's dots).
-inline void gram_row_dots_avx2(const float* Gb, const float* gp, int64_t L, int m, int slot, int n, float* s) {
+// anderson_gram_row for float (L % 8 == 0): s[0..2] = |g|^2, |f(x)|^2, |gp|^2 (= |g|^2: the ring holds
+// float), s[3 + j] = <G_j, gp> for the filled slots j != slot, 0 elsewhere.
+inline void gram_row_sums_avx2(const float* xb, const float* fb, const float* Gb, float* gp, int64_t L, int m,
+                               int slot, int n, float* s) {
   const float* Gj[kMaxM];
   int js[kMaxM], nd = 0;
   for (int j = 0; j < m; ++j) {
@@ -165,22 +179,25 @@ inline void gram_row_dots_avx2(const float* Gb, const float* gp, int64_t L, int 
       Gj[nd++] = Gb + j * L;
     }
   }
-  float d[kMaxM] = {};
+  float d[kMaxM + 2] = {};
   switch (nd) {
-    case 0: return;
-    case 1: gram_dots_avx2<1>(Gj, gp, L, d); break;
-    case 2: gram_dots_avx2<2>(Gj, gp, L, d); break;
-    case 3: gram_dots_avx2<3>(Gj, gp, L, d); break;
-    case 4: gram_dots_avx2<4>(Gj, gp, L, d); break;
-    case 5: gram_dots_avx2<5>(Gj, gp, L, d); break;
-    case 6: gram_dots_avx2<6>(Gj, gp, L, d); break;
-    default: gram_dots_avx2<7>(Gj, gp, L, d); break;  // nd <= kMaxM - 1 = 7
+    case 0: gram_row_avx2<0>(xb, fb, Gj, gp, L, d); break;
+    case 1: gram_row_avx2<1>(xb, fb, Gj, gp, L, d); break;
+    case 2: gram_row_avx2<2>(xb, fb, Gj, gp, L, d); break;
+    case 3: gram_row_avx2<3>(xb, fb, Gj, gp, L, d); break;
+    case 4: gram_row_avx2<4>(xb, fb, Gj, gp, L, d); break;
+    case 5: gram_row_avx2<5>(xb, fb, Gj, gp, L, d); break;
+    case 6: gram_row_avx2<6>(xb, fb, Gj, gp, L, d); break;
+    default: gram_row_avx2<7>(xb, fb, Gj, gp, L, d); break;  // nd <= kMaxM - 1 = 7
   }
-  static_assert(kMaxM == 8, "gram_row_dots_avx2 dispatches 1..7 slots");
-  for (int i = 0; i < nd; ++i) s[3 + js[i]] = d[i];
+  static_assert(kMaxM == 8, "gram_row_sums_avx2 dispatches 0..7 slots");
+  s[0] = d[0];
+  s[1] = d[1];
+  s[2] = d[0];
+  for (int i = 0; i < nd; ++i) s[3 + js[i]] = d[2 + i];
 }
 
-template <int V>  // V 8-element vectors of x
+template <int V, bool MIXED>  // V 8-element vectors of x
 __attribute__((target("avx2,fma"))) inline void mix_tile_avx2(float* xo, float* Xb, float* Gb, const float* gp,
                                                              const float* alpha, int64_t L, int slot, int n,
                                                              __m256 beta) {
@@ -190,31 +207,33 @@ __attribute__((target("avx2,fma"))) inline void mix_tile_avx2(float* xo, float* 
     const __m256 a = _mm256_set1_ps(alpha[j]);
     float *Xj = Xb + j * L, *Gj = Gb + j * L;
     for (int v = 0; v < V; ++v) {
-      __m256 xv, gv;
+      __m256 t;
       if (j == slot) {  // the new entry: read from x and g, and written into the ring here (no copy pass)
-        xv = _mm256_loadu_ps(xo + 8 * v);
-        gv = _mm256_loadu_ps(gp + 8 * v);
-        _mm256_storeu_ps(Xj + 8 * v, xv);
+        const __m256 xv = _mm256_loadu_ps(xo + 8 * v), gv = _mm256_loadu_ps(gp + 8 * v);
+        t = _mm256_fmadd_ps(beta, gv, xv);
+        _mm256_storeu_ps(Xj + 8 * v, MIXED ? t : xv);
         _mm256_storeu_ps(Gj + 8 * v, gv);
+      } else if (MIXED) {
+        t = _mm256_loadu_ps(Xj + 8 * v);
       } else {
-        xv = _mm256_loadu_ps(Xj + 8 * v);
-        gv = _mm256_loadu_ps(Gj + 8 * v);
+        t = _mm256_fmadd_ps(beta, _mm256_loadu_ps(Gj + 8 * v), _mm256_loadu_ps(Xj + 8 * v));
       }
-      acc[v] = _mm256_fmadd_ps(a, _mm256_fmadd_ps(beta, gv, xv), acc[v]);
+      acc[v] = _mm256_fmadd_ps(a, t, acc[v]);
     }
   }
   for (int v = 0; v < V; ++v) _mm256_storeu_ps(xo + 8 * v, acc[v]);  // after every read of this tile's x
 }
 
-// anderson_mix_row for float: ring slot `slot` = (x, gp), then the mixing into x -- in one pass (slot < n:
+// anderson_mix_row for float: ring slot `slot` = (x or t, gp), then the mixing into x -- in one pass (slot < n:
 // the slot being written is always one of the n mixed).
+template <bool MIXED>
 __attribute__((target("avx2,fma"))) inline void mix_row_avx2(float* xb, float* Xb, float* Gb, const float* gp,
                                                             const float* alpha, int64_t L, int slot, int n,
                                                             float beta) {
   const __m256 bv = _mm256_set1_ps(beta);
   int64_t l0 = 0;
-  for (; l0 + 32 <= L; l0 += 32) mix_tile_avx2<4>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
-  for (; l0 < L; l0 += 8) mix_tile_avx2<1>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
+  for (; l0 + 32 <= L; l0 += 32) mix_tile_avx2<4, MIXED>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
+  for (; l0 < L; l0 += 8) mix_tile_avx2<1, MIXED>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
 }
 #endif
 
@@ -223,7 +242,7 @@ __attribute__((target("avx2,fma"))) inline void mix_row_avx2(float* xb, float* X
 // sum over the slots in slot order, the same two FMAs), so the lane width does not change a value; half the
 // instructions per element (measured: no clear change in the mixing's share of a solve on Zen 4, which splits
 // 512-bit operations; kept for CPUs with full-width AVX-512 units).
-template <int V>  // V 16-element vectors of x
+template <int V, bool MIXED>  // V 16-element vectors of x
 __attribute__((target("avx512f,avx2,fma"))) inline void mix_tile_avx512(float* xo, float* Xb, float* Gb,
                                                                        const float* gp, const float* alpha,
                                                                        int64_t L, int slot, int n, __m512 beta) {
@@ -233,31 +252,35 @@ __attribute__((target("avx512f,avx2,fma"))) inline void mix_tile_avx512(float* x
     const __m512 a = _mm512_set1_ps(alpha[j]);
     float *Xj = Xb + j * L, *Gj = Gb + j * L;
     for (int v = 0; v < V; ++v) {
-      __m512 xv, gv;
+      __m512 t;
       if (j == slot) {
-        xv = _mm512_loadu_ps(xo + 16 * v);
-        gv = _mm512_loadu_ps(gp + 16 * v);
-        _mm512_storeu_ps(Xj + 16 * v, xv);
+        const __m512 xv = _mm512_loadu_ps(xo + 16 * v), gv = _mm512_loadu_ps(gp + 16 * v);
+        t = _mm512_fmadd_ps(beta, gv, xv);
+        _mm512_storeu_ps(Xj + 16 * v, MIXED ? t : xv);
         _mm512_storeu_ps(Gj + 16 * v, gv);
+      } else if (MIXED) {
+        t = _mm512_loadu_ps(Xj + 16 * v);
       } else {
-        xv = _mm512_loadu_ps(Xj + 16 * v);
-        gv = _mm512_loadu_ps(Gj + 16 * v);
+        t = _mm512_fmadd_ps(beta, _mm512_loadu_ps(Gj + 16 * v), _mm512_loadu_ps(Xj + 16 * v));
       }
-      acc[v] = _mm512_fmadd_ps(a, _mm512_fmadd_ps(beta, gv, xv), acc[v]);
+      acc[v] = _mm512_fmadd_ps(a, t, acc[v]);
     }
   }
   for (int v = 0; v < V; ++v) _mm512_storeu_ps(xo + 16 * v, acc[v]);
 }
 
+template <bool MIXED>
 __attribute__((target("avx512f,avx2,fma"))) inline void mix_row_avx512(float* xb, float* Xb, float* Gb,
                                                                       const float* gp, const float* alpha,
                                                                       int64_t L, int slot, int n, float beta) {
   const __m512 bv = _mm512_set1_ps(beta);
   int64_t l0 = 0;
-  for (; l0 + 64 <= L; l0 += 64) mix_tile_avx512<4>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
-  for (; l0 + 16 <= L; l0 += 16) mix_tile_avx512<1>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
+  for (; l0 + 64 <= L; l0 += 64)
+    mix_tile_avx512<4, MIXED>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
+  for (; l0 + 16 <= L; l0 += 16)
+    mix_tile_avx512<1, MIXED>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, bv);
   if (l0 < L)  // L % 8 == 0: one 8-element tail
-    mix_tile_avx2<1>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, _mm256_set1_ps(beta));
+    mix_tile_avx2<1, MIXED>(xb + l0, Xb + l0, Gb + l0, gp + l0, alpha, L, slot, n, _mm256_set1_ps(beta));
 }
 #endif
 
@@ -431,11 +454,12 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
   [[maybe_unused]] const bool avx512 = avx2 && cpu_has_avx512f();  // the mixing's 16-lane variant (same values)
   for (int r = 0; r < R; ++r) {
     const auto& a = rows[r];
-    anderson_gram_row<scalar_t, hist_t, acc_t>(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r], !avx2);
 #ifdef DEQFUSE_X86_TARGETS
-    if constexpr (f32)
-      if (avx2) gram_row_dots_avx2(a.G, gp + r * L, L, m, slot, n, sums[r]);
+    if constexpr (f32) {
+      if (avx2) gram_row_sums_avx2(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r]);
+    }
 #endif
+    if (!avx2) anderson_gram_row<scalar_t, hist_t, acc_t>(a.x, a.f, a.G, gp + r * L, L, m, slot, n, sums[r]);
     const int fl = record_residual<acc_t>(sums[r][0], sums[r][1], c.stop_rel, c.tol, c.k, a.ab, a.rb, a.br, a.ns, a.cv);
     if (fl & 1) std::copy(a.x, a.x + L, a.bx);
     if (fl & 2) continue;  // converged now: frozen, no history update
@@ -452,12 +476,15 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
     const auto& a = rows[live[q]];
 #ifdef DEQFUSE_X86_TARGETS
     if constexpr (f32) {
+      const float* g = gp + live[q] * L;
       if (avx512) {
-        mix_row_avx512(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
+        c.own_rings ? mix_row_avx512<true>(a.x, a.X, a.G, g, alpha[q], L, slot, n, c.beta)
+                    : mix_row_avx512<false>(a.x, a.X, a.G, g, alpha[q], L, slot, n, c.beta);
         continue;
       }
       if (avx2) {
-        mix_row_avx2(a.x, a.X, a.G, gp + live[q] * L, alpha[q], L, slot, n, c.beta);
+        c.own_rings ? mix_row_avx2<true>(a.x, a.X, a.G, g, alpha[q], L, slot, n, c.beta)
+                    : mix_row_avx2<false>(a.x, a.X, a.G, g, alpha[q], L, slot, n, c.beta);
         continue;
       }
     }

@@ -67,13 +67,41 @@ DEQFUSE_INLINE void gn_row_n(const T* y, const T* gamma, const T* beta, int64_t 
 }
 
 // Where one GroupNorm row writes: out, and when non-null the normalised values yhat and the rstd per group.
+// The store's epilogue (the cell's passes after a GroupNorm, folded into its last pass over the row), on the
+// output v = yhat * gamma + beta: when add, v += add[j] first; out[j] = v (skipped when out == relu); when
+// acc, acc[j] += v; when relu, relu[j] = (v < 0 ? 0 : v) (NaN stays NaN). The same operations as the passes
+// they replace, so the same values.
 template <typename T>
 struct GnRow {
   const T* y;
   T* out;
   T* yhat;
   T* rstd;
+  const T* add = nullptr;
+  T* acc = nullptr;
+  T* relu = nullptr;
 };
+
+// GnRow's epilogue as a pass over a row whose GroupNorm output gn_row wrote to p.out (the kernels without it).
+template <typename T>
+DEQFUSE_INLINE void gn_post_row(const GnRow<T>& p, int64_t D) {
+  T* o = p.out;
+  if (p.add) {
+    const T* a = p.add;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) o[j] += a[j];
+  }
+  if (p.acc) {
+    T* s = p.acc;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) s[j] += o[j];
+  }
+  if (p.relu) {
+    T* h = p.relu;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) h[j] = o[j] < 0 ? (T)0 : o[j];
+  }
+}
 
 #ifdef DEQFUSE_X86_TARGETS
 #define DEQFUSE_AVX2_GN 1
@@ -98,6 +126,36 @@ __attribute__((target("avx2,fma"))) inline __m256 lane_avx2(__m128 v, int q) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(q));
 }
 
+// A GnRow's epilogue pointers, read into locals once per row (the kernels' intrinsic stores may alias
+// anything: read through the row, they were reloaded and tested at every store -- callgrind: 3x the AVX2
+// GroupNorm's own instructions). Copied field by field where a row is taken, not as a whole struct: the caller
+// has just written the rows with 8-byte stores, and a struct copy GCC made of vector loads waited for them
+// (a store-forwarding stall, perf: a quarter of the GroupNorm's time).
+struct GnEpi {
+  float* out;
+  const float* add;
+  float* acc;
+  float* relu;
+  bool store_out;  // out != relu
+};
+
+DEQFUSE_INLINE GnEpi gn_epi(const GnRow<float>& p) {
+  float *out = p.out, *acc = p.acc, *relu = p.relu;
+  const float* add = p.add;
+  return GnEpi{out, add, acc, relu, out != relu};
+}
+
+// Stores one 8-lane vector v of a GroupNorm output at column j with e's epilogue (GnRow).
+__attribute__((target("avx2,fma"))) inline void gn_store_avx2(const GnEpi& e, int64_t j, __m256 v) {
+  if (e.add) v = _mm256_add_ps(v, _mm256_loadu_ps(e.add + j));
+  if (e.store_out) _mm256_storeu_ps(e.out + j, v);
+  if (e.acc) _mm256_storeu_ps(e.acc + j, _mm256_add_ps(_mm256_loadu_ps(e.acc + j), v));
+  if (e.relu) {
+    const __m256 neg = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+    _mm256_storeu_ps(e.relu + j, _mm256_andnot_ps(neg, v));
+  }
+}
+
 // K rows (1 or 4: the same arithmetic per row either way, so a row's result does not depend on its
 // neighbours in the batch). W: 8-lane vectors per group (n = 8 W) as a compile-time constant, or 0 (read
 // from D / G); SAVE: write yhat and rstd (every row of a call has both or neither: forward_block). With W
@@ -114,10 +172,9 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>*
   // divide on the row's dependency chain
   auto div_n = [&](__m128 v) { return W > 0 ? _mm_mul_ps(v, inv_n) : _mm_div_ps(v, nv); };
   const float* y[K];
-  float *out[K], *yh[K], *rs[K];
+  float *yh[K], *rs[K];
   for (int p = 0; p < K; ++p) {
     y[p] = rw[p].y;
-    out[p] = rw[p].out;
     yh[p] = rw[p].yhat;
     rs[p] = rw[p].rstd;
   }
@@ -150,6 +207,7 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>*
     }
     for (int p = 0; p < K; ++p) {
       if (SAVE) _mm_storeu_ps(rs[p] + g0, r[p]);
+      const GnEpi e = gn_epi(rw[p]);
       for (int q = 0; q < 4; ++q) {
         const int64_t o = (g0 + q) * n;
         const __m256 m = lane_avx2(mean[p], q), rq = lane_avx2(r[p], q);
@@ -157,7 +215,7 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>*
           const int64_t j = o + 8 * v;
           const __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(y[p] + j), m), rq);
           if (SAVE) _mm256_storeu_ps(yh[p] + j, h);
-          _mm256_storeu_ps(out[p] + j, _mm256_fmadd_ps(h, _mm256_loadu_ps(gamma + j), _mm256_loadu_ps(beta + j)));
+          gn_store_avx2(e, j, _mm256_fmadd_ps(h, _mm256_loadu_ps(gamma + j), _mm256_loadu_ps(beta + j)));
         }
       }
     }
@@ -205,6 +263,14 @@ __attribute__((target("avx512f,avx2,fma"))) inline __m512 lane_avx512(__m128 v, 
   return _mm512_permutexvar_ps(_mm512_set1_epi32(q), _mm512_castps128_ps512(v));
 }
 
+// gn_store_avx2 for a 16-lane vector.
+__attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const GnEpi& e, int64_t j, __m512 v) {
+  if (e.add) v = _mm512_add_ps(v, _mm512_loadu_ps(e.add + j));
+  if (e.store_out) _mm512_storeu_ps(e.out + j, v);
+  if (e.acc) _mm512_storeu_ps(e.acc + j, _mm512_add_ps(_mm512_loadu_ps(e.acc + j), v));
+  if (e.relu) _mm512_storeu_ps(e.relu + j, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ), v));
+}
+
 // K rows side by side (1 or 4: the same arithmetic per row either way). The means and variances are the
 // group sums times 1/16 -- exactly the quotient by 16 (a power of two), without a divide's latency on the
 // row's dependency chain; a row's chain (sums, mean, squares, sums, 1/sqrt) is long, four rows interleaved
@@ -233,11 +299,13 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const
     }
     for (int p = 0; p < K; ++p) {
       if (rw[p].rstd) _mm_storeu_ps(rw[p].rstd + g0, r[p]);
+      const GnEpi e = gn_epi(rw[p]);
+      float* yh = rw[p].yhat;
       for (int q = 0; q < 4; ++q) {
         const int64_t j = o + 16 * q;
         const __m512 h = _mm512_mul_ps(d[p][q], lane_avx512(r[p], q));
-        if (rw[p].yhat) _mm512_storeu_ps(rw[p].yhat + j, h);
-        _mm512_storeu_ps(rw[p].out + j, _mm512_fmadd_ps(h, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j)));
+        if (yh) _mm512_storeu_ps(yh + j, h);
+        gn_store_avx512(e, j, _mm512_fmadd_ps(h, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j)));
       }
     }
   }
@@ -274,8 +342,8 @@ DEQFUSE_INLINE void gn_row(const T* y, const T* gamma, const T* beta, int64_t D,
   }
 }
 
-// GroupNorm of M rows, row r as row_of(r) says (a GnRow; out may alias y, rows must not overlap each
-// other): with AVX-512 for group width 16 (float; gn_rows_w16_avx512, four at a time), else four at a time with AVX2
+// GroupNorm of M rows, row r as row_of(r) says (a GnRow with its epilogue; out and relu may alias y, rows
+// must not overlap each other): with AVX-512 for group width 16 (float; gn_rows_w16_avx512, four at a time), else four at a time with AVX2
 // where it applies (float; gn_rows_avx2), else row by row.
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G, const RowOf& row_of) {
@@ -300,6 +368,7 @@ DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D,
   for (int64_t r = 0; r < M; ++r) {
     const GnRow<T> p = row_of(r);
     gn_row<T>(p.y, gamma, beta, D, G, p.out, p.yhat, p.rstd);
+    gn_post_row(p, D);
   }
 }
 
@@ -432,13 +501,15 @@ DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64
 template <typename T>
 const T* ptr(const at::Tensor& t) { return t.data_ptr<T>(); }
 
+constexpr int64_t kMaxBlockRows = 64;  // rows per forward_block / vjp_block call, at most
+
 // Rows per parallel task: the whole cell runs block by block in one parallel region, each block's
 // intermediates staying in cache. Blocks of at most 64 rows, their count a multiple of the thread count
 // and their sizes equal (+-1 row): at::parallel_for hands each thread an equal share of blocks, so a
 // batch that is not a multiple of 64 (e.g. after compaction) still splits evenly.
 inline int64_t block_rows(int64_t B) {
   const int64_t t = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nblocks = t * std::max<int64_t>(1, (B + 64 * t - 1) / (64 * t));
+  const int64_t nblocks = t * std::max<int64_t>(1, (B + kMaxBlockRows * t - 1) / (kMaxBlockRows * t));
   return std::max<int64_t>(1, (B + nblocks - 1) / nblocks);
 }
 
@@ -495,13 +566,29 @@ struct Cell {
 // C[M, D] (row stride ldc) = (beta ? C : 0) + A[M, D] (row stride lda) op(W), beta 0 or 1: the cell's
 // GEMMs. op(W) = W^T (a Linear's forward; Wt: its [K][Nc] copy, Cell::w1t ...) or W (the VJP; Wt = W).
 // The cell's tile kernel (gemm_small) when it has kn layouts (Wt non-null), else the BLAS.
+// epi: added as C is stored (gemm_small.h: GemmEpi) by the tile kernels, by a pass over C after the BLAS.
 template <typename T>
 DEQFUSE_INLINE void cell_gemm(const Cell<T>& c, int64_t M, const T* A, int64_t lda, const T* W, const T* Wt,
-                              bool trans_w, T beta, T* C, int64_t ldc) {
+                              bool trans_w, T beta, T* C, int64_t ldc, const GemmEpi<T>& epi = {}) {
   if constexpr (std::is_same_v<T, float>) {
-    if (c.kn() && Wt) return gemm_small(c.gemm, M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc);
+    if (c.kn() && Wt) return gemm_small(c.gemm, M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc, epi);
   }
   gemm_rows<T>(M, c.D, c.D, A, lda, W, trans_w, beta, C, ldc);
+  if (!epi.bias) return;
+  const int64_t D = c.D;
+  const T* bias = epi.bias;
+  for (int64_t r = 0; r < M; ++r) {
+    T* cr = C + r * ldc;
+    if (epi.rows) {
+      const T* xr = epi.rows[r];
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) cr[j] += bias[j] + xr[j];
+    } else {
+      const T scale = epi.scale;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) cr[j] += scale * bias[j];
+    }
+  }
 }
 
 // Sample index of a block's local row r: rows[r] when the block is a gathered set of samples, else b0 + r.
@@ -519,6 +606,8 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
   T *yh1 = c.yh1, *rs1 = c.rs1, *g1s = c.g1s, *yh2 = c.yh2, *rs2 = c.rs2, *us = c.us, *yh3 = c.yh3, *rs3 = c.rs3;
   T *zfs = c.zfs, *gas = c.gas, *a3s = c.a3s, *yhf = c.yhf, *rsf = c.rsf;
   T *a = scratch, *h = a + M * D, *s = h + M * D, *ga = s + M * D, *t = ga + M * D;
+  const T* xrows[kMaxBlockRows];  // the GEMM epilogues' per-row addends (x_i, x_f rows of the block's samples)
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(M <= kMaxBlockRows);  // block_rows and the solves' chunks (kBlock) keep to it
   // s = N z_f, then += each modality's new state
   for (int64_t r = 0; r < M; ++r) {
     const T* zf = zp + r * ZS + N * D;
@@ -527,81 +616,47 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
   }
   for (int64_t i = 0; i < N; ++i) {
     // a1 = z_i W1_i^T ; + b1, GN1 (g1 saved), h = ReLU
-    cell_gemm<T>(c, M, zp + i * D, ZS, w1 + i * D * D, c.w1t ? c.w1t + i * D * D : nullptr, true, 0, a, D);
-    const T *bi1 = b1 + i * D, *bi2 = b2 + i * D;
-    for (int64_t r = 0; r < M; ++r) {
-      T* ar = a + r * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) ar[j] += bi1[j];
-    }
-    gn_rows<T>(M, g1w + i * D, g1b + i * D, D, G, [&](int64_t r) {
+    cell_gemm<T>(c, M, zp + i * D, ZS, w1 + i * D * D, c.w1t ? c.w1t + i * D * D : nullptr, true, 0, a, D,
+                 GemmEpi<T>{b1 + i * D});
+    gn_rows<T>(M, g1w + i * D, g1b + i * D, D, G, [&](int64_t r) {  // g1 (saved), h = ReLU(g1)
       const int64_t row = i * B + sample_of(rows, b0, r);  // row of the [N, B, .] saved buffers
       return GnRow<T>{a + r * D, save ? g1s + row * D : h + r * D, save ? yh1 + row * D : nullptr,
-                      save ? rs1 + row * G : nullptr};
+                      save ? rs1 + row * G : nullptr, nullptr, nullptr, h + r * D};
     });
-    for (int64_t r = 0; r < M; ++r) {
-      T* hr = h + r * D;
-      const T* g = save ? g1s + (i * B + sample_of(rows, b0, r)) * D : hr;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) hr[j] = g[j] < 0 ? (T)0 : g[j];
-    }
     // a2 = h W2_i^T ; + b2 + x_i, GN2, u = . + z_i (saved), ReLU, GN3 -> out_i ; s += out_i
-    cell_gemm<T>(c, M, h, D, w2 + i * D * D, c.w2t ? c.w2t + i * D * D : nullptr, true, 0, a, D);
-    for (int64_t r = 0; r < M; ++r) {
-      T* ar = a + r * D;
-      const T* xi = xp + (sample_of(rows, b0, r) * N + i) * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) ar[j] += bi2[j] + xi[j];
-    }
+    for (int64_t r = 0; r < M; ++r) xrows[r] = xp + (sample_of(rows, b0, r) * N + i) * D;
+    cell_gemm<T>(c, M, h, D, w2 + i * D * D, c.w2t ? c.w2t + i * D * D : nullptr, true, 0, a, D,
+                 GemmEpi<T>{b2 + i * D, xrows});
     auto u_of = [&](int64_t r) { return save ? us + (i * B + sample_of(rows, b0, r)) * D : t + r * D; };
-    gn_rows<T>(M, g2w + i * D, g2b + i * D, D, G, [&](int64_t r) {
+    gn_rows<T>(M, g2w + i * D, g2b + i * D, D, G, [&](int64_t r) {  // u = GN2 + z_i, a2's row = ReLU(u)
       const int64_t row = i * B + sample_of(rows, b0, r);
-      return GnRow<T>{a + r * D, u_of(r), save ? yh2 + row * D : nullptr, save ? rs2 + row * G : nullptr};
+      return GnRow<T>{a + r * D, u_of(r), save ? yh2 + row * D : nullptr, save ? rs2 + row * G : nullptr,
+                      zp + r * ZS + i * D, nullptr, a + r * D};
     });
-    for (int64_t r = 0; r < M; ++r) {
-      T *ar = a + r * D, *u = u_of(r);
-      const T* zi = zp + r * ZS + i * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) {
-        u[j] += zi[j];
-        ar[j] = u[j] < 0 ? (T)0 : u[j];  // ReLU(u) (NaN stays NaN), reusing a2's row
-      }
-    }
-    gn_rows<T>(M, g3w + i * D, g3b + i * D, D, G, [&](int64_t r) {
+    gn_rows<T>(M, g3w + i * D, g3b + i * D, D, G, [&](int64_t r) {  // out_i, s += out_i
       const int64_t row = i * B + sample_of(rows, b0, r);
-      return GnRow<T>{a + r * D, outp + r * ZS + i * D, save ? yh3 + row * D : nullptr, save ? rs3 + row * G : nullptr};
+      return GnRow<T>{a + r * D, outp + r * ZS + i * D, save ? yh3 + row * D : nullptr,
+                      save ? rs3 + row * G : nullptr, nullptr, s + r * D};
     });
-    for (int64_t r = 0; r < M; ++r) {
-      const T* o = outp + r * ZS + i * D;
-      T* sr = s + r * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) sr[j] += o[j];
-    }
   }
   // gate: ga = s Wg^T + N bg ; q = z_f * ga ; a3 = q Wf^T + bf + x_f (saved) ; out_f = GN_f(ReLU(a3))
-  cell_gemm<T>(c, M, s, D, wg, c.wgt, true, 0, ga, D);
+  cell_gemm<T>(c, M, s, D, wg, c.wgt, true, 0, ga, D, GemmEpi<T>{bg, nullptr, (T)N});
   for (int64_t r = 0; r < M; ++r) {
     const int64_t b = sample_of(rows, b0, r);
     const T* zf = zp + r * ZS + N * D;
     T *gr = ga + r * D, *q = h + r * D;
 #pragma omp simd
-    for (int64_t j = 0; j < D; ++j) {
-      gr[j] += (T)N * bg[j];
-      q[j] = zf[j] * gr[j];
-    }
+    for (int64_t j = 0; j < D; ++j) q[j] = zf[j] * gr[j];
     if (save) {
       std::copy(zf, zf + D, zfs + b * D);
       std::copy(gr, gr + D, gas + b * D);
     }
   }
-  cell_gemm<T>(c, M, h, D, wf, c.wft, true, 0, a, D);
+  for (int64_t r = 0; r < M; ++r) xrows[r] = xfp + sample_of(rows, b0, r) * D;
+  cell_gemm<T>(c, M, h, D, wf, c.wft, true, 0, a, D, GemmEpi<T>{bf, xrows});
   for (int64_t r = 0; r < M; ++r) {
-    const int64_t b = sample_of(rows, b0, r);
     T* ar = a + r * D;
-    const T* xr = xfp + b * D;
-#pragma omp simd
-    for (int64_t j = 0; j < D; ++j) ar[j] += bf[j] + xr[j];
-    if (save) std::copy(ar, ar + D, a3s + b * D);
+    if (save) std::copy(ar, ar + D, a3s + sample_of(rows, b0, r) * D);
     relu_inplace(ar, D);
   }
   gn_rows<T>(M, gfw, gfb, D, G, [&](int64_t r) {

@@ -22,9 +22,12 @@ namespace deqfuse {
 namespace {
 
 // R rows x V 8-column vectors of C. TA: A is stored transposed, [K, M] at row stride lda (A^T Bk: gemm_tn_avx2).
+// bias / rows / col: the store's epilogue, as gemm_tile_avx512's.
 template <int R, int V, bool TA = false>
 __attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t K, const float* A, int64_t lda, const float* Bk,
-                                                              int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+                                                              int64_t ldb, bool accumulate, float* C, int64_t ldc,
+                                                              const float* bias, const float* const* rows,
+                                                              int64_t col, float scale) {
   __m256 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
@@ -38,24 +41,36 @@ __attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t K, const 
     }
   } while (++k < K);
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
+    for (int v = 0; v < V; ++v) {
+      __m256 c = acc[r][v];
+      if (bias) {  // the epilogue, as gemm_tile_avx512's
+        const __m256 b = _mm256_loadu_ps(bias + 8 * v);
+        c = rows ? _mm256_add_ps(c, _mm256_add_ps(b, _mm256_loadu_ps(rows[r] + col + 8 * v)))
+                 : _mm256_fmadd_ps(_mm256_set1_ps(scale), b, c);
+      }
+      _mm256_storeu_ps(C + r * ldc + 8 * v, c);
+    }
 }
 
 template <int V, bool TA>
 __attribute__((target("avx2,fma"))) inline void gemm_cols_avx2(int64_t M, int64_t K, const float* A, int64_t lda,
                                                               const float* Bk, int64_t ldb, bool accumulate, float* C,
-                                                              int64_t ldc) {
+                                                              int64_t ldc, const float* bias, const float* const* rows,
+                                                              int64_t col, float scale) {
   int64_t r = 0;
   const int64_t ra = TA ? 1 : lda;  // A's stride between rows of C
-  for (; r + 6 <= M; r += 6) gemm_tile_avx2<6, V, TA>(K, A + r * ra, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+  auto rw = [&](int64_t q) { return rows ? rows + q : nullptr; };
+  for (; r + 6 <= M; r += 6)
+    gemm_tile_avx2<6, V, TA>(K, A + r * ra, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
   A += r * ra;
   C += r * ldc;
+  const float* const* rr = rw(r);
   switch (M - r) {
-    case 5: return gemm_tile_avx2<5, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 4: return gemm_tile_avx2<4, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 3: return gemm_tile_avx2<3, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 2: return gemm_tile_avx2<2, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
-    case 1: return gemm_tile_avx2<1, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc);
+    case 5: return gemm_tile_avx2<5, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
+    case 4: return gemm_tile_avx2<4, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
+    case 3: return gemm_tile_avx2<3, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
+    case 2: return gemm_tile_avx2<2, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
+    case 1: return gemm_tile_avx2<1, V, TA>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
     default: return;
   }
 }
@@ -64,10 +79,13 @@ __attribute__((target("avx2,fma"))) inline void gemm_cols_avx2(int64_t M, int64_
 template <bool TA = false>
 __attribute__((target("avx2,fma"))) inline void gemm_avx2(int64_t M, int64_t Nc, int64_t K, const float* A,
                                                          int64_t lda, const float* Bk, int64_t ldb, bool accumulate,
-                                                         float* C, int64_t ldc) {
+                                                         float* C, int64_t ldc, const float* bias = nullptr,
+                                                         const float* const* rows = nullptr, float scale = 1.0f) {
   int64_t n0 = 0;
-  for (; n0 + 16 <= Nc; n0 += 16) gemm_cols_avx2<2, TA>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
-  if (n0 < Nc) gemm_cols_avx2<1, TA>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc);
+  auto bn = [&](int64_t c) { return bias ? bias + c : nullptr; };
+  for (; n0 + 16 <= Nc; n0 += 16)
+    gemm_cols_avx2<2, TA>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc, bn(n0), rows, n0, scale);
+  if (n0 < Nc) gemm_cols_avx2<1, TA>(M, K, A, lda, Bk + n0, ldb, accumulate, C + n0, ldc, bn(n0), rows, n0, scale);
 }
 
 // C[M, Nc] = A^T Bk (Nc % 8 == 0, K >= 1) with A stored [K, M] at row stride lda and Bk [K, Nc] at row stride

@@ -28,11 +28,13 @@ namespace {
 // B = 128, one thread), at D = 256 more so.
 constexpr int64_t kAvx512GemmMaxD = 64;
 
-// R rows x V 16-column vectors of C.
+// R rows x V 16-column vectors of C. bias / rows: the store's epilogue (gemm_small.h: GemmEpi), bias offset to
+// the tile's first column, rows to its first row, col the tile's first column within rows[r].
 template <int R, int V>
 __attribute__((target("avx512f"))) inline void gemm_tile_avx512(int64_t K, const float* A, int64_t lda,
                                                                 const float* Bk, int64_t ldb, bool accumulate,
-                                                                float* C, int64_t ldc) {
+                                                                float* C, int64_t ldc, const float* bias,
+                                                                const float* const* rows, int64_t col, float scale) {
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
@@ -45,35 +47,48 @@ __attribute__((target("avx512f"))) inline void gemm_tile_avx512(int64_t K, const
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+    for (int v = 0; v < V; ++v) {
+      __m512 c = acc[r][v];
+      if (bias) {
+        const __m512 b = _mm512_loadu_ps(bias + 16 * v);
+        c = rows ? _mm512_add_ps(c, _mm512_add_ps(b, _mm512_loadu_ps(rows[r] + col + 16 * v)))
+                 : _mm512_fmadd_ps(_mm512_set1_ps(scale), b, c);
+      }
+      _mm512_storeu_ps(C + r * ldc + 16 * v, c);
+    }
 }
 
 template <int V>
 __attribute__((target("avx512f"))) inline void gemm_cols_avx512(int64_t M, int64_t K, const float* A, int64_t lda,
                                                                 const float* Bk, int64_t ldb, bool accumulate,
-                                                                float* C, int64_t ldc) {
+                                                                float* C, int64_t ldc, const float* bias,
+                                                                const float* const* rows, int64_t col, float scale) {
   int64_t r = 0;
-  for (; r + 4 <= M; r += 4) gemm_tile_avx512<4, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+  auto rw = [&](int64_t q) { return rows ? rows + q : nullptr; };
+  for (; r + 4 <= M; r += 4)
+    gemm_tile_avx512<4, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
   switch (M - r) {
-    case 3: return gemm_tile_avx512<3, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
-    case 2: return gemm_tile_avx512<2, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
-    case 1: return gemm_tile_avx512<1, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc);
+    case 3: return gemm_tile_avx512<3, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
+    case 2: return gemm_tile_avx512<2, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
+    case 1: return gemm_tile_avx512<1, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
     default: return;
   }
 }
 
-// The GEMM of the module comment (Nc % 16 == 0).
+// The GEMM of the module comment (Nc % 16 == 0), with the store epilogue (bias, rows) of gemm_small.h's GemmEpi.
 __attribute__((target("avx512f"))) inline void gemm_avx512(int64_t M, int64_t Nc, int64_t K, const float* A,
                                                            int64_t lda, const float* Bk, int64_t ldb, bool accumulate,
-                                                           float* C, int64_t ldc) {
+                                                           float* C, int64_t ldc, const float* bias = nullptr,
+                                                           const float* const* rows = nullptr, float scale = 1.0f) {
   for (int64_t n0 = 0; n0 < Nc; n0 += 64) {
     const float* B = Bk + n0;
     float* Cn = C + n0;
+    const float* bn = bias ? bias + n0 : nullptr;
     switch (std::min<int64_t>(4, (Nc - n0) / 16)) {
-      case 4: gemm_cols_avx512<4>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
-      case 3: gemm_cols_avx512<3>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
-      case 2: gemm_cols_avx512<2>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
-      default: gemm_cols_avx512<1>(M, K, A, lda, B, ldb, accumulate, Cn, ldc); break;
+      case 4: gemm_cols_avx512<4>(M, K, A, lda, B, ldb, accumulate, Cn, ldc, bn, rows, n0, scale); break;
+      case 3: gemm_cols_avx512<3>(M, K, A, lda, B, ldb, accumulate, Cn, ldc, bn, rows, n0, scale); break;
+      case 2: gemm_cols_avx512<2>(M, K, A, lda, B, ldb, accumulate, Cn, ldc, bn, rows, n0, scale); break;
+      default: gemm_cols_avx512<1>(M, K, A, lda, B, ldb, accumulate, Cn, ldc, bn, rows, n0, scale); break;
     }
   }
 }

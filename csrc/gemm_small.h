@@ -66,16 +66,29 @@ inline const char* small_gemm_name(SmallGemm k) {
   return k == SmallGemm::kAvx512 ? "avx512" : k == SmallGemm::kAvx2 ? "avx2" : "blas";
 }
 
-// C[M, Nc] = (accumulate ? C : 0) + A[M, K] Bk[K, Nc] with a tile kernel (k != kBlas, as small_gemm_for chose).
+// What the GEMM adds to each output as it stores it (the cell's bias passes folded into the GEMM: one pass
+// over C fewer): C[r][j] = fma(scale, bias[j], acc), or acc + (bias[j] + rows[r][j]) when rows is given -- the
+// roundings of the passes `c += s * b` (contracted by GCC where it has FMA; s = 1: c + b) and `c += b + x` they
+// replace, so the same values. bias null: none.
+template <typename T>
+struct GemmEpi {
+  const T* bias = nullptr;         // [Nc]
+  const T* const* rows = nullptr;  // [M] row pointers, each [Nc] (row r of the call's C)
+  T scale = 1;                     // bias's factor (without rows)
+};
+
+// C[M, Nc] = (accumulate ? C : 0) + A[M, K] Bk[K, Nc] (+ epi) with a tile kernel (k != kBlas, as small_gemm_for
+// chose).
 inline void gemm_small(SmallGemm k, int64_t M, int64_t Nc, int64_t K, const float* A, int64_t lda, const float* Bk,
-                       int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+                       int64_t ldb, bool accumulate, float* C, int64_t ldc, const GemmEpi<float>& epi = {}) {
 #ifdef DEQFUSE_AVX512_GEMM
-  if (k == SmallGemm::kAvx512) return gemm_avx512(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc);
+  if (k == SmallGemm::kAvx512) return gemm_avx512(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc, epi.bias, epi.rows, epi.scale);
 #endif
 #ifdef DEQFUSE_AVX2_GEMM
-  if (k == SmallGemm::kAvx2) return gemm_avx2(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc);
+  if (k == SmallGemm::kAvx2) return gemm_avx2(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc, epi.bias, epi.rows, epi.scale);
 #endif
-  (void)k, (void)M, (void)Nc, (void)K, (void)A, (void)lda, (void)Bk, (void)ldb, (void)accumulate, (void)C, (void)ldc;
+  (void)k, (void)M, (void)Nc, (void)K, (void)A, (void)lda, (void)Bk, (void)ldb, (void)accumulate, (void)C, (void)ldc,
+      (void)epi;
 }
 
 }  // namespace

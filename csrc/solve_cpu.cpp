@@ -48,7 +48,7 @@
 namespace deqfuse {
 namespace {
 
-constexpr int64_t kBlock = 64;  // rows per cell evaluation (cell_cpu_kernels.h: intermediates in cache)
+constexpr int64_t kBlock = kMaxBlockRows;  // rows per cell evaluation (cell_cpu_kernels.h: intermediates in cache)
 
 // The 2N + 2 D x D weights a map reads each step (the forward's transposed copies or the weights themselves).
 template <typename T>
@@ -196,7 +196,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
         my_steps = std::max(my_steps, k + 1);
         my_rows += M;
         const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
-        const StepConst<T> sc{L, (int)m, slot, n, k, (T)a.beta, (T)a.lam, a.tol, a.stop_rel};
+        const StepConst<T> sc{L, (int)m, slot, n, k, (T)a.beta, (T)a.lam, a.tol, a.stop_rel, true};  // own rings
         if (act[M - 1] - act[0] == M - 1) {
           map(x + act[0] * L, fx, act[0], M, nullptr, cs);
         } else {

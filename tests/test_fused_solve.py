@@ -96,6 +96,30 @@ def test_cell_solve_equals_per_iteration_loop(B, N, D, dtype, threads, per_itera
     assert B == 1 or 1 < len(set(st.nstep.tolist())), "the problem must spread the samples' step counts"
 
 
+@pytest.mark.parametrize("D,groups", [(64, 4), (64, 2), (32, 4)])
+def test_whole_solve_equals_the_loop_bit_for_bit_with_tile_gemms(D, groups, threads, per_iteration):
+    """float32 with the tile GEMMs (a row's value does not depend on the other rows of its block): the whole
+    solve -- its ring holding X + beta G, the Gram row in one pass, bias and GroupNorm epilogues -- gives the
+    per-iteration loop's iterate, steps and traces exactly (group width 16: the AVX-512 GroupNorm kernel)."""
+    if deqfuse._C.cell_gemm_kernel(D) == "blas":
+        pytest.skip("no tile GEMM kernel for this width on this CPU")
+    B, N = 70, 2
+    layer = contractive_layer(DEQFusion(D, N, groups=groups), w_scale=0.3, gn3_scale=0.3, seed=0)
+    _, x, _ = make_inputs(B, N, D, torch.float32, seed=1)
+    x = x * torch.linspace(0.05, 3, B)[:, None, None]
+    with torch.no_grad():
+        f = layer._flat_cell(x, fuse_inputs(x, layer.weights, layer.bias))
+        kw = dict(max_iter=40, tol=1e-5, m=5)
+        z, st = anderson(f, torch.zeros(B, (N + 1) * D), **kw)
+        with per_iteration:
+            z_ref, st_ref = anderson(f, torch.zeros(B, (N + 1) * D), compact=0, **kw)
+    assert 1 < len(set(st.nstep.tolist())), "the problem must spread the samples' step counts"
+    assert torch.equal(z, z_ref)
+    assert torch.equal(st.nstep, st_ref.nstep) and torch.equal(st.converged, st_ref.converged)
+    for name in ("abs_trace", "rel_trace", "best_res"):
+        assert torch.equal(getattr(st, name).nan_to_num(-1), getattr(st_ref, name).nan_to_num(-1)), name
+
+
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_reported_steps_follow_the_check_interval(check_every, per_iteration):
     f, _ = cell_map(9, 2, 8, torch.float64)
