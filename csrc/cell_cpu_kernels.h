@@ -82,14 +82,20 @@ struct GnRow {
   T* relu = nullptr;
 };
 
-// GnRow's epilogue as a pass over a row whose GroupNorm output gn_row wrote to p.out (the kernels without it).
+// GnRow's epilogue as a pass over a row whose GroupNorm output a kernel without it wrote to p.out (gn_row, the
+// AVX2 kernels). Inlined into the caller's row passes, so it runs at their vector width.
 template <typename T>
 DEQFUSE_INLINE void gn_post_row(const GnRow<T>& p, int64_t D) {
   T* o = p.out;
-  if (p.add) {
+  if (p.add) {  // u = out + add, relu = ReLU(u) (the cell's only use of add)
     const T* a = p.add;
+    T* h = p.relu;
 #pragma omp simd
-    for (int64_t j = 0; j < D; ++j) o[j] += a[j];
+    for (int64_t j = 0; j < D; ++j) {
+      o[j] += a[j];
+      h[j] = o[j] < 0 ? (T)0 : o[j];
+    }
+    return;
   }
   if (p.acc) {
     T* s = p.acc;
@@ -124,36 +130,6 @@ __attribute__((target("avx2,fma"))) inline __m128 hsum4_avx2(__m256 a, __m256 b,
 // GroupNorm kernels are bound by the shuffle port on Intel)
 __attribute__((target("avx2,fma"))) inline __m256 lane_avx2(__m128 v, int q) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(q));
-}
-
-// A GnRow's epilogue pointers, read into locals once per row (the kernels' intrinsic stores may alias
-// anything: read through the row, they were reloaded and tested at every store -- callgrind: 3x the AVX2
-// GroupNorm's own instructions). Copied field by field where a row is taken, not as a whole struct: the caller
-// has just written the rows with 8-byte stores, and a struct copy GCC made of vector loads waited for them
-// (a store-forwarding stall, perf: a quarter of the GroupNorm's time).
-struct GnEpi {
-  float* out;
-  const float* add;
-  float* acc;
-  float* relu;
-  bool store_out;  // out != relu
-};
-
-DEQFUSE_INLINE GnEpi gn_epi(const GnRow<float>& p) {
-  float *out = p.out, *acc = p.acc, *relu = p.relu;
-  const float* add = p.add;
-  return GnEpi{out, add, acc, relu, out != relu};
-}
-
-// Stores one 8-lane vector v of a GroupNorm output at column j with e's epilogue (GnRow).
-__attribute__((target("avx2,fma"))) inline void gn_store_avx2(const GnEpi& e, int64_t j, __m256 v) {
-  if (e.add) v = _mm256_add_ps(v, _mm256_loadu_ps(e.add + j));
-  if (e.store_out) _mm256_storeu_ps(e.out + j, v);
-  if (e.acc) _mm256_storeu_ps(e.acc + j, _mm256_add_ps(_mm256_loadu_ps(e.acc + j), v));
-  if (e.relu) {
-    const __m256 neg = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
-    _mm256_storeu_ps(e.relu + j, _mm256_andnot_ps(neg, v));
-  }
 }
 
 // K rows (1 or 4: the same arithmetic per row either way, so a row's result does not depend on its
@@ -207,7 +183,7 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>*
     }
     for (int p = 0; p < K; ++p) {
       if (SAVE) _mm_storeu_ps(rs[p] + g0, r[p]);
-      const GnEpi e = gn_epi(rw[p]);
+      float* out = rw[p].out;
       for (int q = 0; q < 4; ++q) {
         const int64_t o = (g0 + q) * n;
         const __m256 m = lane_avx2(mean[p], q), rq = lane_avx2(r[p], q);
@@ -215,7 +191,7 @@ __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>*
           const int64_t j = o + 8 * v;
           const __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(y[p] + j), m), rq);
           if (SAVE) _mm256_storeu_ps(yh[p] + j, h);
-          gn_store_avx2(e, j, _mm256_fmadd_ps(h, _mm256_loadu_ps(gamma + j), _mm256_loadu_ps(beta + j)));
+          _mm256_storeu_ps(out + j, _mm256_fmadd_ps(h, _mm256_loadu_ps(gamma + j), _mm256_loadu_ps(beta + j)));
         }
       }
     }
@@ -263,7 +239,26 @@ __attribute__((target("avx512f,avx2,fma"))) inline __m512 lane_avx512(__m128 v, 
   return _mm512_permutexvar_ps(_mm512_set1_epi32(q), _mm512_castps128_ps512(v));
 }
 
-// gn_store_avx2 for a 16-lane vector.
+// A GnRow's epilogue pointers, read into locals once per row (the kernel's intrinsic stores may alias
+// anything: read through the row, they were reloaded and tested at every store). Copied field by field where
+// a row is taken, not as a whole struct: the caller has just written the rows with 8-byte stores, and a struct
+// copy GCC made of vector loads waited for them (a store-forwarding stall, perf: a quarter of the
+// GroupNorm's time).
+struct GnEpi {
+  float* out;
+  const float* add;
+  float* acc;
+  float* relu;
+  bool store_out;  // out != relu
+};
+
+DEQFUSE_INLINE GnEpi gn_epi(const GnRow<float>& p) {
+  float *out = p.out, *acc = p.acc, *relu = p.relu;
+  const float* add = p.add;
+  return GnEpi{out, add, acc, relu, out != relu};
+}
+
+// Stores one 16-lane vector v of a GroupNorm output at column j with e's epilogue (GnRow).
 __attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const GnEpi& e, int64_t j, __m512 v) {
   if (e.add) v = _mm512_add_ps(v, _mm512_loadu_ps(e.add + j));
   if (e.store_out) _mm512_storeu_ps(e.out + j, v);
@@ -342,8 +337,8 @@ DEQFUSE_INLINE void gn_row(const T* y, const T* gamma, const T* beta, int64_t D,
   }
 }
 
-// GroupNorm of M rows, row r as row_of(r) says (a GnRow with its epilogue; out and relu may alias y, rows
-// must not overlap each other): with AVX-512 for group width 16 (float; gn_rows_w16_avx512, four at a time), else four at a time with AVX2
+// GroupNorm of M rows, row r as row_of(r) says (a GnRow with its epilogue: in the AVX-512 kernel's stores,
+// else a pass after the rows; out and relu may alias y, rows must not overlap each other): with AVX-512 for group width 16 (float; gn_rows_w16_avx512, four at a time), else four at a time with AVX2
 // where it applies (float; gn_rows_avx2), else row by row.
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G, const RowOf& row_of) {
@@ -359,9 +354,13 @@ DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D,
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
     if (gn_float_kernels(D, G)) {
-      return by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
+      by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
         gn_rows_avx2_any<decltype(k)::value>(rw, gamma, beta, D, G);
       });
+      // the epilogue at the row passes' width (in the AVX2 kernel's 8 lanes it cost the 512-bit row builds:
+      // D = 32 forward solve 7% slower)
+      for (int64_t r = 0; r < M; ++r) gn_post_row(row_of(r), D);
+      return;
     }
   }
 #endif
