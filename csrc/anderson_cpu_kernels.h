@@ -3,13 +3,15 @@
 //
 // anderson_rows steps up to kStepRows samples together (the contract of reference/anderson.py per
 // sample), in three passes:
-//   1. per sample (anderson_gram_row): g = f(x) - x once (its norms, then the history-rounded copy the
-//      Gram row is taken from) and the Gram row, one contiguous dot product per ring slot;
+//   1. per sample (anderson_gram_row; float with AVX2: gram_row_avx2, one pass): g = f(x) - x once (its
+//      norms, then the history-rounded copy the Gram row is taken from) and the Gram row, one contiguous dot
+//      product per ring slot;
 //   2. the bookkeeping (record_residual, best iterate) and the mixing weights of all of them at once
 //      (anderson_weights_rows: the bordered solves with the samples in SIMD lanes -- a sample's weights are a
 //      chain of dependent divides and square roots, which one sample at a time left the core waiting);
 //   3. per sample (anderson_mix_row): the new ring slot and the mixing straight into x (per element in slot
-//      order: the sum order of the reference).
+//      order: the sum order of the reference; in the whole solves ring X may hold X + beta G instead,
+//      StepConst::own_rings).
 // A sample's arithmetic does not depend on which samples share its group or on its lane, so the step op
 // and the whole solves give the same iterate bit for bit (tests/test_fused_solve.py).
 #pragma once

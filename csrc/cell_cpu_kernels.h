@@ -263,7 +263,10 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const Gn
   if (e.add) v = _mm512_add_ps(v, _mm512_loadu_ps(e.add + j));
   if (e.store_out) _mm512_storeu_ps(e.out + j, v);
   if (e.acc) _mm512_storeu_ps(e.acc + j, _mm512_add_ps(_mm512_loadu_ps(e.acc + j), v));
-  if (e.relu) _mm512_storeu_ps(e.relu + j, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ), v));
+  if (e.relu) {  // v unless v < 0 (NaN kept)
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ);
+    _mm512_storeu_ps(e.relu + j, _mm512_maskz_mov_ps(keep, v));
+  }
 }
 
 // K rows side by side (1 or 4: the same arithmetic per row either way). The means and variances are the
@@ -338,8 +341,9 @@ DEQFUSE_INLINE void gn_row(const T* y, const T* gamma, const T* beta, int64_t D,
 }
 
 // GroupNorm of M rows, row r as row_of(r) says (a GnRow with its epilogue: in the AVX-512 kernel's stores,
-// else a pass after the rows; out and relu may alias y, rows must not overlap each other): with AVX-512 for group width 16 (float; gn_rows_w16_avx512, four at a time), else four at a time with AVX2
-// where it applies (float; gn_rows_avx2), else row by row.
+// else a pass after the rows; out and relu may alias y, rows must not overlap each other): with AVX-512 for
+// group width 16 (float; gn_rows_w16_avx512, four at a time), else four at a time with AVX2 where it applies
+// (float; gn_rows_avx2), else row by row.
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G, const RowOf& row_of) {
 #ifdef DEQFUSE_AVX512_GN

@@ -67,10 +67,13 @@ __attribute__((target("avx512f"))) inline void gemm_cols_avx512(int64_t M, int64
   auto rw = [&](int64_t q) { return rows ? rows + q : nullptr; };
   for (; r + 4 <= M; r += 4)
     gemm_tile_avx512<4, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
+  A += r * lda;
+  C += r * ldc;
+  const float* const* rr = rw(r);
   switch (M - r) {
-    case 3: return gemm_tile_avx512<3, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
-    case 2: return gemm_tile_avx512<2, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
-    case 1: return gemm_tile_avx512<1, V>(K, A + r * lda, lda, Bk, ldb, accumulate, C + r * ldc, ldc, bias, rw(r), col, scale);
+    case 3: return gemm_tile_avx512<3, V>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
+    case 2: return gemm_tile_avx512<2, V>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
+    case 1: return gemm_tile_avx512<1, V>(K, A, lda, Bk, ldb, accumulate, C, ldc, bias, rr, col, scale);
     default: return;
   }
 }

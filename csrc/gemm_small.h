@@ -82,10 +82,12 @@ struct GemmEpi {
 inline void gemm_small(SmallGemm k, int64_t M, int64_t Nc, int64_t K, const float* A, int64_t lda, const float* Bk,
                        int64_t ldb, bool accumulate, float* C, int64_t ldc, const GemmEpi<float>& epi = {}) {
 #ifdef DEQFUSE_AVX512_GEMM
-  if (k == SmallGemm::kAvx512) return gemm_avx512(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc, epi.bias, epi.rows, epi.scale);
+  if (k == SmallGemm::kAvx512)
+    return gemm_avx512(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc, epi.bias, epi.rows, epi.scale);
 #endif
 #ifdef DEQFUSE_AVX2_GEMM
-  if (k == SmallGemm::kAvx2) return gemm_avx2(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc, epi.bias, epi.rows, epi.scale);
+  if (k == SmallGemm::kAvx2)
+    return gemm_avx2(M, Nc, K, A, lda, Bk, ldb, accumulate, C, ldc, epi.bias, epi.rows, epi.scale);
 #endif
   (void)k, (void)M, (void)Nc, (void)K, (void)A, (void)lda, (void)Bk, (void)ldb, (void)accumulate, (void)C, (void)ldc,
       (void)epi;
