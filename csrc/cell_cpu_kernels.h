@@ -224,19 +224,54 @@ inline void gn_rows_avx2_any(const GnRow<float>* rw, const float* gamma, const f
 
 #if defined(DEQFUSE_AVX2_GN) && defined(DEQFUSE_AVX512_GEMM)
 #define DEQFUSE_AVX512_GN 1
-// float GroupNorm of rows with AVX-512 for group width 16 (G % 4 == 0; D = 64 with 4 groups, the
-// common case): a group is one register, loaded once; four groups' sums by one hadd tree (their 256-bit
-// halves added first).
+// float GroupNorm (forward and backward) of rows with AVX-512 for group width 16 (G % 4 == 0; D = 64 with 4
+// groups, the common case): a group is one register, loaded once; the sums of four rows' four groups by one
+// transposed tree (tree_pair_avx512, tree_join_avx512).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's AVX-512 intrinsics (_mm512_undefined_ps)
-__attribute__((target("avx512f,avx2,fma"))) inline __m256 halves_avx512(__m512 v) {
-  const __m512 swapped = _mm512_shuffle_f32x4(v, v, 0x4E);  // 128-bit lanes 2, 3, 0, 1: the upper half first
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(swapped));
+// Level 1 of the sums tree (tree_pair_avx512): [a's 8-lane partial | b's], each the sum of its vector's 256-bit halves
+// (lane l: v[l] + v[l + 8]).
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 halves2_avx512(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
 }
 
-// v[q] in all 16 lanes (q = 0..3): one vpermps, as lane_avx2
-__attribute__((target("avx512f,avx2,fma"))) inline __m512 lane_avx512(__m128 v, int q) {
-  return _mm512_permutexvar_ps(_mm512_set1_epi32(q), _mm512_castps128_ps512(v));
+// [a's upper 256 bits | b's]: level 1 where the 8-lane partials were formed in the upper halves.
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 uppers2_avx512(__m512 a, __m512 b) {
+  return _mm512_shuffle_f32x4(a, b, 0xEE);
+}
+
+// Adjacent lanes of a and b added per 128-bit lane: [a0 + a1, a2 + a3, b0 + b1, b2 + b3] (hadd's pattern).
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 hadd_avx512(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+}
+
+// The horizontal sums of 16 8-lane partials, 4 rows x 4 groups, as one vector (lane 4 p + q = row p's group
+// q), in two steps: tree_pair_avx512 per pair of rows, pr[q] = [partial of the pair's first row, group q | of
+// its second row], then tree_join_avx512 of the pairs (rows 0, 1) and (2, 3). Each sum is ((a0 + a1) + (a2 +
+// a3)) + ((a4 + a5) + (a6 + a7)), hsum4_avx2's tree, so the values of the AVX2 kernels. Transposed, every shuffle
+// and add serves 16 sums, not 4: 14 shuffles and 7 adds where four hsum4_avx2 took 28 and 16 (the GroupNorm
+// kernels are bound by the shuffle port on Intel).
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 tree_pair_avx512(const __m512 (&pr)[4]) {
+  // 128-bit lanes: the first row's two halves of each sum (lanes 0, 1), the second row's (lanes 2, 3)
+  return hadd_avx512(hadd_avx512(pr[0], pr[1]), hadd_avx512(pr[2], pr[3]));
+}
+
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 tree_join_avx512(__m512 r01, __m512 r23) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
+}
+
+// v with its 256-bit halves swapped
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 swap_halves_avx512(__m512 v) {
+  return _mm512_shuffle_f32x4(v, v, 0x4E);
+}
+
+// Stores the 16 statistics v (lane 4 p + q: row p's group q) to a, whose elements the kernels then broadcast with
+// loads (vbroadcastss from memory: a load port, where a vpermps and its index vector took two uops of the shuffle
+// port). The empty asm hides the stored values from the compiler, which otherwise turns the loads back into
+// vpermps of v.
+__attribute__((target("avx512f,avx2,fma"))) inline void spill16_avx512(float (&a)[16], __m512 v) {
+  _mm512_store_ps(a, v);
+  asm("" : "+m"(a));
 }
 
 // A GnRow's epilogue pointers, read into locals once per row (the kernel's intrinsic stores may alias
@@ -269,39 +304,54 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const Gn
   }
 }
 
-// K rows side by side (1 or 4: the same arithmetic per row either way). The means and variances are the
-// group sums times 1/16 -- exactly the quotient by 16 (a power of two), without a divide's latency on the
-// row's dependency chain; a row's chain (sums, mean, squares, sums, 1/sqrt) is long, four rows interleaved
-// hide it (perf, Zen 4, B=128 D=64 N=2 whole solve: GroupNorm time -26% against one row at a time).
+// K rows side by side (1 or 4: the same arithmetic per row either way; with K = 1 the tree's other rows are
+// zeros). The means and variances are the group sums times 1/16 -- exactly the quotient by 16 (a power of two),
+// without a divide's latency on the row's dependency chain; a row's chain (sums, mean, squares, sums, 1/sqrt)
+// is long, four rows interleaved hide it (perf, Zen 4, B=128 D=64 N=2 whole solve: GroupNorm time -26%
+// against one row at a time). The values of gn_rows_avx2 (same sums, same tree, same lane operations).
 template <int K>
 __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const GnRow<float>* rw, const float* gamma,
                                                                            const float* beta, int64_t G) {
-  const __m128 inv_n = _mm_set1_ps(1.0f / 16.0f), eps = _mm_set1_ps((float)kGnEps), one = _mm_set1_ps(1.0f);
+  const __m512 inv_n = _mm512_set1_ps(1.0f / 16.0f), eps = _mm512_set1_ps((float)kGnEps), one = _mm512_set1_ps(1.0f);
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
     const int64_t o = g0 * 16;
-    __m512 d[K][4];
-    __m128 mean[K], r[K];
-    for (int p = 0; p < K; ++p) {
-      for (int q = 0; q < 4; ++q) d[p][q] = _mm512_loadu_ps(rw[p].y + o + 16 * q);
-      mean[p] = _mm_mul_ps(hsum4_avx2(halves_avx512(d[p][0]), halves_avx512(d[p][1]), halves_avx512(d[p][2]),
-                                      halves_avx512(d[p][3])), inv_n);
-    }
-    for (int p = 0; p < K; ++p) {
-      __m256 sq[4];
+    __m512 d[4][4], rp[2];  // rows p >= K: not read (their lanes of the sums are zeros)
+#pragma GCC unroll 2
+    for (int a = 0; a < 2; ++a) {
+      __m512 pr[4];
+#pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
-        d[p][q] = _mm512_sub_ps(d[p][q], lane_avx512(mean[p], q));
-        sq[q] = halves_avx512(_mm512_mul_ps(d[p][q], d[p][q]));
+        for (int p = 2 * a; p < 2 * a + 2; ++p) d[p][q] = p < K ? _mm512_loadu_ps(rw[p].y + o + 16 * q) : zero;
+        pr[q] = halves2_avx512(d[2 * a][q], d[2 * a + 1][q]);
       }
-      const __m128 var = _mm_add_ps(_mm_mul_ps(hsum4_avx2(sq[0], sq[1], sq[2], sq[3]), inv_n), eps);
-      r[p] = _mm_div_ps(one, _mm_sqrt_ps(var));
+      rp[a] = 2 * a < K ? tree_pair_avx512(pr) : zero;
     }
+    alignas(64) float mean[16], r[16];  // broadcast by loads (spill16_avx512)
+    spill16_avx512(mean, _mm512_mul_ps(tree_join_avx512(rp[0], rp[1]), inv_n));
+#pragma GCC unroll 2
+    for (int a = 0; a < 2; ++a) {
+      __m512 pr[4];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        __m512 sq[2];
+        for (int p = 2 * a; p < 2 * a + 2; ++p) {
+          d[p][q] = p < K ? _mm512_sub_ps(d[p][q], _mm512_set1_ps(mean[4 * p + q])) : zero;
+          sq[p - 2 * a] = p < K ? _mm512_mul_ps(d[p][q], d[p][q]) : zero;
+        }
+        pr[q] = halves2_avx512(sq[0], sq[1]);
+      }
+      rp[a] = 2 * a < K ? tree_pair_avx512(pr) : zero;
+    }
+    const __m512 var = _mm512_add_ps(_mm512_mul_ps(tree_join_avx512(rp[0], rp[1]), inv_n), eps);
+    spill16_avx512(r, _mm512_div_ps(one, _mm512_sqrt_ps(var)));
     for (int p = 0; p < K; ++p) {
-      if (rw[p].rstd) _mm_storeu_ps(rw[p].rstd + g0, r[p]);
+      if (rw[p].rstd) _mm_storeu_ps(rw[p].rstd + g0, _mm_load_ps(r + 4 * p));
       const GnEpi e = gn_epi(rw[p]);
       float* yh = rw[p].yhat;
       for (int q = 0; q < 4; ++q) {
         const int64_t j = o + 16 * q;
-        const __m512 h = _mm512_mul_ps(d[p][q], lane_avx512(r[p], q));
+        const __m512 h = _mm512_mul_ps(d[p][q], _mm512_set1_ps(r[4 * p + q]));
         if (yh) _mm512_storeu_ps(yh + j, h);
         gn_store_avx512(e, j, _mm512_fmadd_ps(h, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j)));
       }
@@ -409,14 +459,73 @@ DEQFUSE_INLINE void gn_row_backward(const T* dout, const T* gamma, const T* yhat
   }
 }
 
-// Where one GroupNorm-backward row reads and writes: dy = GN^T(dout) (dy may alias dout).
+// Where one GroupNorm-backward row reads and writes: dy = GN^T(g) (dy may alias dout), with the cell's passes
+// around it (folded into the AVX-512 kernel's loads and stores, else passes over the row; the same operations,
+// so the same values). The incoming gradient g is dout, plus dout_add[j] when given, then 0 where in_gate[j] is
+// not > 0 when given (a ReLU's backward); dy is then 0 where out_gate[j] is not > 0 when given; when copy,
+// copy[j] = dy[j] (+ copy_add[j] when given).
 template <typename T>
 struct GnBackRow {
   const T* dout;
   const T* yhat;
   const T* rstd;
   T* dy;
+  const T* dout_add = nullptr;
+  const T* in_gate = nullptr;
+  const T* out_gate = nullptr;
+  T* copy = nullptr;
+  const T* copy_add = nullptr;
 };
+
+// GnBackRow's operations before the GroupNorm as a pass writing g to dy (for the kernels without them, which
+// then read the row gn_back_g_row gives).
+template <typename T>
+DEQFUSE_INLINE void gn_back_pre_row(const GnBackRow<T>& p, int64_t D) {
+  const T* s = p.dout;
+  T* d = p.dy;
+  if (p.dout_add) {
+    const T* a = p.dout_add;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) d[j] = s[j] + a[j];
+    s = d;
+  }
+  if (p.in_gate) {
+    const T* g = p.in_gate;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) d[j] = g[j] > 0 ? s[j] : (T)0;
+  }
+}
+
+// The row after gn_back_pre_row: g read from dy.
+template <typename T>
+DEQFUSE_INLINE GnBackRow<T> gn_back_g_row(const GnBackRow<T>& p) {
+  if (!p.dout_add && !p.in_gate) return p;
+  GnBackRow<T> q = p;
+  q.dout = p.dy;
+  q.dout_add = q.in_gate = nullptr;
+  return q;
+}
+
+// GnBackRow's operations after the GroupNorm as a pass over dy.
+template <typename T>
+DEQFUSE_INLINE void gn_back_post_row(const GnBackRow<T>& p, int64_t D) {
+  T* d = p.dy;
+  if (p.out_gate) {
+    const T* g = p.out_gate;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) d[j] = g[j] > 0 ? d[j] : (T)0;
+  }
+  if (p.copy) {
+    T* c = p.copy;
+    if (p.copy_add) {
+      const T* a = p.copy_add;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) c[j] = d[j] + a[j];
+    } else {
+      std::copy(d, d + D, c);
+    }
+  }
+}
 
 #ifdef DEQFUSE_AVX2_GN
 // float GroupNorm backward of K rows (1 or 4) with AVX2 + FMA, four groups at a time (G % 4 == 0, group
@@ -482,22 +591,120 @@ inline void gn_rows_backward_avx2_any(const GnBackRow<float>* rw, const float* g
 }
 #endif
 
-// GroupNorm backward of M rows, row r as row_of(r) says (a GnBackRow; dy may alias dout): four at a time
-// with AVX2 where it applies (float; gn_rows_backward_avx2), else row by row (gn_row_backward).
+#ifdef DEQFUSE_AVX512_GN
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // as above
+// float GroupNorm backward of K rows (1 or 4) with AVX-512 for group width 16 (G % 4 == 0), the GnBackRow's
+// passes in its loads and stores (ADD, IGATE, OGATE: whether the rows have dout_add, in_gate, out_gate -- every
+// row of a call alike): a group is one register, loaded once (with dout_add and in_gate applied); the sums of
+// four rows' four groups by one transposed tree (tree_pair_avx512). The values of gn_rows_backward_avx2<K, 2>
+// and the passes: there a group's partial sums start from zero and add its two 8-lane halves in turn,
+// a1 = (0 + d_lo) + d_hi and a2 = fma(d_hi, yhat_hi, fma(d_lo, yhat_lo, 0)); here a1 = (d_lo + d_hi) + 0, the
+// same value (d_lo + d_hi is -0 only when both are, where the other order gives +0 too), and a2 by the same two
+// fmas, the second in the upper lanes.
+template <int K, bool ADD, bool IGATE, bool OGATE>
+__attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_backward_w16_avx512(const GnBackRow<float>* rw,
+                                                                                    const float* gamma, int64_t G) {
+  const __m512 inv_n = _mm512_set1_ps(1.0f / 16.0f), zero = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int64_t o = g0 * 16;
+    __m512 v[4][4], r1[2], r2[2];  // rows p >= K: not read (their lanes of the sums are zeros)
+#pragma GCC unroll 2
+    for (int a = 0; a < 2; ++a) {
+      __m512 p1[4], p2[4];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const int64_t j = o + 16 * q;
+        __m512 s1[2], s2[2];
+        for (int p = 2 * a; p < 2 * a + 2; ++p) {
+          if (p >= K) {
+            s1[p - 2 * a] = s2[p - 2 * a] = zero;
+            continue;
+          }
+          __m512 x = _mm512_loadu_ps(rw[p].dout + j);
+          if (ADD) x = _mm512_add_ps(x, _mm512_loadu_ps(rw[p].dout_add + j));
+          if (IGATE) x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(rw[p].in_gate + j), zero, _CMP_GT_OQ), x);
+          v[p][q] = x;
+          const __m512 d = _mm512_mul_ps(x, _mm512_loadu_ps(gamma + j)), h = _mm512_loadu_ps(rw[p].yhat + j);
+          s1[p - 2 * a] = d;
+          s2[p - 2 * a] = _mm512_fmadd_ps(d, h, swap_halves_avx512(_mm512_fmadd_ps(d, h, zero)));  // upper: a2
+        }
+        p1[q] = _mm512_add_ps(halves2_avx512(s1[0], s1[1]), zero);
+        p2[q] = uppers2_avx512(s2[0], s2[1]);
+      }
+      r1[a] = 2 * a < K ? tree_pair_avx512(p1) : zero;
+      r2[a] = 2 * a < K ? tree_pair_avx512(p2) : zero;
+    }
+    alignas(64) float m1[16], m2[16];  // broadcast by loads (spill16_avx512)
+    spill16_avx512(m1, _mm512_mul_ps(tree_join_avx512(r1[0], r1[1]), inv_n));
+    spill16_avx512(m2, _mm512_mul_ps(tree_join_avx512(r2[0], r2[1]), inv_n));
+    for (int p = 0; p < K; ++p) {
+      // the row's pointers read field by field into locals (see GnEpi)
+      const float *yh = rw[p].yhat, *rs = rw[p].rstd, *gate = rw[p].out_gate, *cadd = rw[p].copy_add;
+      float *dy = rw[p].dy, *copy = rw[p].copy;
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const int64_t j = o + 16 * q;
+        const __m512 a = _mm512_set1_ps(m1[4 * p + q]), b = _mm512_set1_ps(m2[4 * p + q]), r = _mm512_set1_ps(rs[g0 + q]);
+        // t = d - a - yhat b as gn_rows_backward_avx2 forms it
+        const __m512 da = _mm512_fmsub_ps(v[p][q], _mm512_loadu_ps(gamma + j), a);
+        __m512 y = _mm512_mul_ps(r, _mm512_fnmadd_ps(_mm512_loadu_ps(yh + j), b, da));
+        if (OGATE) y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(gate + j), zero, _CMP_GT_OQ), y);
+        _mm512_storeu_ps(dy + j, y);
+        if (copy) _mm512_storeu_ps(copy + j, cadd ? _mm512_add_ps(y, _mm512_loadu_ps(cadd + j)) : y);
+      }
+    }
+  }
+}
+
+// gn_rows_backward_w16_avx512 with ADD, IGATE, OGATE from rw[0] (all K rows alike).
+template <int K>
+inline void gn_rows_backward_w16_any(const GnBackRow<float>* rw, const float* gamma, int64_t G) {
+  const bool add = rw[0].dout_add, ig = rw[0].in_gate, og = rw[0].out_gate;
+  auto run = [&](auto a, auto i) {
+    constexpr bool A = decltype(a)::value, I = decltype(i)::value;
+    og ? gn_rows_backward_w16_avx512<K, A, I, true>(rw, gamma, G) : gn_rows_backward_w16_avx512<K, A, I, false>(rw, gamma, G);
+  };
+  using t = std::true_type;
+  using f = std::false_type;
+  add ? (ig ? run(t(), t()) : run(t(), f())) : (ig ? run(f(), t()) : run(f(), f()));
+}
+#pragma GCC diagnostic pop
+#endif
+
+// GroupNorm backward of M rows, row r as row_of(r) says (a GnBackRow with its passes: in the AVX-512 kernel's
+// loads and stores, else passes before and after; dy may alias dout, rows must not overlap each other): with
+// AVX-512 for group width 16 (float; gn_rows_backward_w16_avx512, four at a time), else four at a time with
+// AVX2 where it applies (float; gn_rows_backward_avx2), else row by row (gn_row_backward).
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64_t G, const RowOf& row_of) {
-#ifdef DEQFUSE_AVX2_GN
+#ifdef DEQFUSE_AVX512_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (gn_float_kernels(D, G)) {
+    if (G % 4 == 0 && D / G == 16 && cpu_has_avx512f()) {
       return by_four_rows<GnBackRow<float>>(M, row_of, [&](const GnBackRow<float>* rw, auto k) {
-        gn_rows_backward_avx2_any<decltype(k)::value>(rw, gamma, D, G);
+        gn_rows_backward_w16_any<decltype(k)::value>(rw, gamma, G);
       });
     }
   }
 #endif
+#ifdef DEQFUSE_AVX2_GN
+  if constexpr (std::is_same_v<T, float>) {
+    if (gn_float_kernels(D, G)) {
+      for (int64_t r = 0; r < M; ++r) gn_back_pre_row(row_of(r), D);  // here, at the row passes' width
+      by_four_rows<GnBackRow<float>>(M, [&](int64_t r) DEQFUSE_LAMBDA_INLINE { return gn_back_g_row(row_of(r)); },
+                                     [&](const GnBackRow<float>* rw, auto k) {
+                                       gn_rows_backward_avx2_any<decltype(k)::value>(rw, gamma, D, G);
+                                     });
+      for (int64_t r = 0; r < M; ++r) gn_back_post_row(row_of(r), D);
+      return;
+    }
+  }
+#endif
   for (int64_t r = 0; r < M; ++r) {
-    const GnBackRow<T> p = row_of(r);
-    gn_row_backward<T>(p.dout, gamma, p.yhat, p.rstd, D, G, p.dy);
+    const GnBackRow<T> p = row_of(r), q = gn_back_g_row(p);
+    gn_back_pre_row(p, D);
+    gn_row_backward<T>(q.dout, gamma, q.yhat, q.rstd, D, G, q.dy);
+    gn_back_post_row(p, D);
   }
 }
 
@@ -621,7 +828,7 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
     // a1 = z_i W1_i^T ; + b1, GN1 (g1 saved), h = ReLU
     cell_gemm<T>(c, M, zp + i * D, ZS, w1 + i * D * D, c.w1t ? c.w1t + i * D * D : nullptr, true, 0, a, D,
                  GemmEpi<T>{b1 + i * D});
-    gn_rows<T>(M, g1w + i * D, g1b + i * D, D, G, [&](int64_t r) {  // g1 (saved), h = ReLU(g1)
+    gn_rows<T>(M, g1w + i * D, g1b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // g1 (saved), h = ReLU(g1)
       const int64_t row = i * B + sample_of(rows, b0, r);  // row of the [N, B, .] saved buffers
       return GnRow<T>{a + r * D, save ? g1s + row * D : h + r * D, save ? yh1 + row * D : nullptr,
                       save ? rs1 + row * G : nullptr, nullptr, nullptr, h + r * D};
@@ -630,13 +837,13 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
     for (int64_t r = 0; r < M; ++r) xrows[r] = xp + (sample_of(rows, b0, r) * N + i) * D;
     cell_gemm<T>(c, M, h, D, w2 + i * D * D, c.w2t ? c.w2t + i * D * D : nullptr, true, 0, a, D,
                  GemmEpi<T>{b2 + i * D, xrows});
-    auto u_of = [&](int64_t r) { return save ? us + (i * B + sample_of(rows, b0, r)) * D : t + r * D; };
-    gn_rows<T>(M, g2w + i * D, g2b + i * D, D, G, [&](int64_t r) {  // u = GN2 + z_i, a2's row = ReLU(u)
+    auto u_of = [&](int64_t r) DEQFUSE_LAMBDA_INLINE { return save ? us + (i * B + sample_of(rows, b0, r)) * D : t + r * D; };
+    gn_rows<T>(M, g2w + i * D, g2b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // u = GN2 + z_i, a2's row = ReLU(u)
       const int64_t row = i * B + sample_of(rows, b0, r);
       return GnRow<T>{a + r * D, u_of(r), save ? yh2 + row * D : nullptr, save ? rs2 + row * G : nullptr,
                       zp + r * ZS + i * D, nullptr, a + r * D};
     });
-    gn_rows<T>(M, g3w + i * D, g3b + i * D, D, G, [&](int64_t r) {  // out_i, s += out_i
+    gn_rows<T>(M, g3w + i * D, g3b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // out_i, s += out_i
       const int64_t row = i * B + sample_of(rows, b0, r);
       return GnRow<T>{a + r * D, outp + r * ZS + i * D, save ? yh3 + row * D : nullptr,
                       save ? rs3 + row * G : nullptr, nullptr, s + r * D};
@@ -662,7 +869,7 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
     if (save) std::copy(ar, ar + D, a3s + sample_of(rows, b0, r) * D);
     relu_inplace(ar, D);
   }
-  gn_rows<T>(M, gfw, gfb, D, G, [&](int64_t r) {
+  gn_rows<T>(M, gfw, gfb, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
     const int64_t b = sample_of(rows, b0, r);
     return GnRow<T>{a + r * D, outp + r * ZS + N * D, save ? yhf + b * D : nullptr, save ? rsf + b * G : nullptr};
   });
@@ -698,18 +905,12 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
   const T *rs3 = c.rs3, *zfs = c.zfs, *gas = c.gas, *a3s = c.a3s, *yhf = c.yhf, *rsf = c.rsf;
   T *da = scratch, *dq = da + M * D, *ds = dq + M * D, *du = ds + M * D, *t = du + M * D;
   // fusion branch: da3 = GN_f^T(gbar_f) * (a3 > 0) ; dq = da3 Wf ; ds = (dq * z_f) Wg
-  gn_rows_backward<T>(M, gfw, D, G, [&](int64_t r) {
+  gn_rows_backward<T>(M, gfw, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
     const int64_t b = sample_of(rows, b0, r);
-    return GnBackRow<T>{gp + r * ZS + N * D, yhf + b * D, rsf + b * G, da + r * D};
+    return GnBackRow<T>{gp + r * ZS + N * D, yhf + b * D, rsf + b * G, da + r * D, nullptr, nullptr, a3s + b * D};
   });
-  for (int64_t r = 0; r < M; ++r) {
-    const int64_t b = sample_of(rows, b0, r);
-    T* d = da + r * D;
-    const T* a3 = a3s + b * D;
-#pragma omp simd
-    for (int64_t j = 0; j < D; ++j) d[j] = a3[j] > 0 ? d[j] : (T)0;
-    keep_row(kp.da3, b, D, d);
-  }
+  if (kp.da3)
+    for (int64_t r = 0; r < M; ++r) keep_row(kp.da3, sample_of(rows, b0, r), D, da + r * D);
   cell_gemm<T>(c, M, da, D, wf, wf, false, 0, dq, D);
   for (int64_t r = 0; r < M; ++r) {
     const int64_t b = sample_of(rows, b0, r);
@@ -733,28 +934,25 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
     }
   }
   for (int64_t i = 0; i < N; ++i) {
-    // du = GN3^T(gbar_i + ds) * (u > 0) ; da2 = GN2^T(du)
-    auto row_of = [&](int64_t r) { return i * B + sample_of(rows, b0, r); };  // of the [N, B, .] saved
-    for (int64_t r = 0; r < M; ++r) {
-      const T *gi = gp + r * ZS + i * D, *sr = ds + r * D;
-      T* tr = t + r * D;
+    // du = GN3^T(gbar_i + ds) * (u > 0), dz_i = du (+ add_i) ; da2 = GN2^T(du)
+    auto row_of = [&](int64_t r) DEQFUSE_LAMBDA_INLINE { return i * B + sample_of(rows, b0, r); };  // of the [N, B, .] saved
+    if (kp.dzn)  // kept: gbar_i + ds formed in a pass (else in the GroupNorm's loads)
+      for (int64_t r = 0; r < M; ++r) {
+        const T *gi = gp + r * ZS + i * D, *sr = ds + r * D;
+        T* tr = t + r * D;
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) tr[j] = gi[j] + sr[j];
-      keep_row(kp.dzn, row_of(r), D, tr);
-    }
-    gn_rows_backward<T>(M, g3w + i * D, D, G, [&](int64_t r) {
+        for (int64_t j = 0; j < D; ++j) tr[j] = gi[j] + sr[j];
+        keep_row(kp.dzn, row_of(r), D, tr);
+      }
+    gn_rows_backward<T>(M, g3w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = row_of(r);
-      return GnBackRow<T>{t + r * D, yh3 + row * D, rs3 + row * G, du + r * D};
+      const T* gi = kp.dzn ? t + r * D : gp + r * ZS + i * D;
+      return GnBackRow<T>{gi, yh3 + row * D, rs3 + row * G, du + r * D, kp.dzn ? nullptr : ds + r * D, nullptr,
+                          us + row * D, outp + r * ZS + i * D, addp ? addp + sample_of(rows, b0, r) * ZS + i * D : nullptr};
     });
-    for (int64_t r = 0; r < M; ++r) {
-      const int64_t row = row_of(r);
-      const T* u = us + row * D;
-      T* d = du + r * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) d[j] = u[j] > 0 ? d[j] : (T)0;
-      keep_row(kp.du, row, D, d);
-    }
-    gn_rows_backward<T>(M, g2w + i * D, D, G, [&](int64_t r) {
+    if (kp.du)
+      for (int64_t r = 0; r < M; ++r) keep_row(kp.du, row_of(r), D, du + r * D);
+    gn_rows_backward<T>(M, g2w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = row_of(r);
       return GnBackRow<T>{du + r * D, yh2 + row * D, rs2 + row * G, t + r * D};
     });
@@ -762,31 +960,23 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
       for (int64_t r = 0; r < M; ++r) keep_row(kp.da2, row_of(r), D, t + r * D);
     // dh = da2 W2_i * (g1 > 0) ; da1 = GN1^T(dh) ; dz_i = du + da1 W1_i
     cell_gemm<T>(c, M, t, D, w2 + i * D * D, w2 + i * D * D, false, 0, da, D);
-    for (int64_t r = 0; r < M; ++r) {
-      const int64_t row = row_of(r);
-      T* d = da + r * D;
-      const T* g1 = g1s + row * D;
+    if (kp.dg1)  // kept: the ReLU mask in a pass (else in the GroupNorm's loads)
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t row = row_of(r);
+        T* d = da + r * D;
+        const T* g1 = g1s + row * D;
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) d[j] = g1[j] > 0 ? d[j] : (T)0;
-      keep_row(kp.dg1, row, D, d);
-    }
-    gn_rows_backward<T>(M, g1w + i * D, D, G, [&](int64_t r) {
-      const int64_t row = row_of(r);
-      return GnBackRow<T>{da + r * D, yh1 + row * D, rs1 + row * G, da + r * D};
-    });
-    for (int64_t r = 0; r < M; ++r) {
-      const int64_t b = sample_of(rows, b0, r), row = i * B + b;
-      keep_row(kp.da1, row, D, da + r * D);
-      T* o = outp + r * ZS + i * D;  // dz_i = du (+ add_i), then += da1 W1_i below
-      const T* dr = du + r * D;
-      if (addp) {
-        const T* ad = addp + b * ZS + i * D;
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) o[j] = dr[j] + ad[j];
-      } else {
-        std::copy(dr, dr + D, o);
+        for (int64_t j = 0; j < D; ++j) d[j] = g1[j] > 0 ? d[j] : (T)0;
+        keep_row(kp.dg1, row, D, d);
       }
-    }
+    gn_rows_backward<T>(M, g1w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+      const int64_t row = row_of(r);
+      return GnBackRow<T>{da + r * D, yh1 + row * D, rs1 + row * G, da + r * D, nullptr,
+                          kp.dg1 ? nullptr : g1s + row * D};
+    });
+    if (kp.da1)
+      for (int64_t r = 0; r < M; ++r) keep_row(kp.da1, row_of(r), D, da + r * D);
+    // dz_i (= du + add_i, written by GN3's row above) += da1 W1_i
     cell_gemm<T>(c, M, da, D, w1 + i * D * D, w1 + i * D * D, false, 1, outp + i * D, ZS);
   }
 }
