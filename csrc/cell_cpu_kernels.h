@@ -308,7 +308,10 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const Gn
 // zeros). The means and variances are the group sums times 1/16 -- exactly the quotient by 16 (a power of two),
 // without a divide's latency on the row's dependency chain; a row's chain (sums, mean, squares, sums, 1/sqrt)
 // is long, four rows interleaved hide it (perf, Zen 4, B=128 D=64 N=2 whole solve: GroupNorm time -26%
-// against one row at a time). The values of gn_rows_avx2 (same sums, same tree, same lane operations).
+// against one row at a time). The values of gn_rows_avx2<K, 2>, so a CPU without AVX-512 gets the same floats:
+// same partial sums (the squares' by its fma chain), same tree, same lane operations. (Until 2026-12-06 the
+// squares' partials were d_lo^2 + d_hi^2, two roundings where that chain has one: the AVX-512 and AVX2 CPUs'
+// D = 64 cells differed in the last bits.)
 template <int K>
 __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const GnRow<float>* rw, const float* gamma,
                                                                            const float* beta, int64_t G) {
@@ -337,9 +340,11 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const
         __m512 sq[2];
         for (int p = 2 * a; p < 2 * a + 2; ++p) {
           d[p][q] = p < K ? _mm512_sub_ps(d[p][q], _mm512_set1_ps(mean[4 * p + q])) : zero;
-          sq[p - 2 * a] = p < K ? _mm512_mul_ps(d[p][q], d[p][q]) : zero;
+          // upper lanes: fma(d_hi, d_hi, d_lo^2), gn_rows_avx2's chain (its partial from zero: d_lo^2, then an fma)
+          const __m512 dd = d[p][q];
+          sq[p - 2 * a] = p < K ? _mm512_fmadd_ps(dd, dd, swap_halves_avx512(_mm512_mul_ps(dd, dd))) : zero;
         }
-        pr[q] = halves2_avx512(sq[0], sq[1]);
+        pr[q] = uppers2_avx512(sq[0], sq[1]);
       }
       rp[a] = 2 * a < K ? tree_pair_avx512(pr) : zero;
     }

@@ -690,3 +690,43 @@ def test_jacobian_loss_gradient_passes_gradcheck():
         return ext_jacobian_reg(z, x, xf, q, 2, saved, 1)
     args = [t.clone().requires_grad_() for t in (x, xf, p.w1, p.gn2_w, p.wf)]
     assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _fma32(a, b, c):
+    """float32 fma(a, b, c): the product of two floats is exact in float64, the sum rounds once there (then to
+    float32; a double rounding would need a float64 result on a float32 midpoint: the test's seed is fixed)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def _tree8(p):
+    """hsum4_avx2's sum of 8 lanes [..., 8]: ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)), in float32."""
+    return ((p[..., 0] + p[..., 1]) + (p[..., 2] + p[..., 3])) + ((p[..., 4] + p[..., 5]) + (p[..., 6] + p[..., 7]))
+
+
+@needs_ext
+def test_groupnorm_width_16_is_the_avx2_chain_on_every_cpu():
+    """The C++ cell's float32 GroupNorm at group width 16 (D = 64, 4 groups: the AVX-512 kernel where the CPU
+    has it, else the AVX2 one) equals, bit for bit, a float32 transcription of the AVX2 kernel's operations:
+    lanes l and l + 8 added, the squares' partials by one fma, the 8 lanes by hsum4_avx2's tree, 1/16, eps,
+    1 / sqrt. So CPUs with and without AVX-512 give the same floats (before 2026-12-06 the AVX-512 kernel rounded
+    the squares' partials twice). GN1's input is transcribed too: the tile GEMM's FMA chain over k, then + b1."""
+    ext = deqfuse.extension_status()[0]
+    B, N, D, G = 9, 1, 64, 4  # 9 rows: the kernels' 4-row steps and a single row
+    if ext.cell_gemm_kernel(D) == "blas":
+        pytest.skip("no tile GEMM on this CPU (the BLAS rounds its own way)")
+    p = [t.float() for t in make_params(N, D)]
+    z, x, xf = (t.float() for t in make_inputs(B, N, D))
+    _, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, G, True)
+    yh1, rs1 = saved[0][0], saved[1][0]  # GN1's normalised values [B, D] and 1/std [B, G] of modality 0
+    w1, b1 = p[0][0], p[1][0]
+    a = torch.zeros(B, D)
+    for k in range(D):  # gemm_tile_*: acc = fma(z[k], W1^T[k][j], acc) for k in order, then the bias
+        a = _fma32(z[:, 0, k:k + 1], w1[:, k][None, :], a)
+    a = a + b1
+    y = a.view(B, G, 16)
+    mean = _tree8(y[..., :8] + y[..., 8:]) * (1.0 / 16.0)
+    d = y - mean[..., None]
+    var = _tree8(_fma32(d[..., 8:], d[..., 8:], d[..., :8] * d[..., :8])) * (1.0 / 16.0) + torch.tensor(1e-5)
+    r = 1.0 / torch.sqrt(var)
+    assert torch.equal(rs1, r)
+    assert torch.equal(yh1, (d * r[..., None]).view(B, D))
