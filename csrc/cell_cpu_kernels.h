@@ -112,7 +112,7 @@ DEQFUSE_INLINE void gn_post_row(const GnRow<T>& p, int64_t D) {
 #ifdef DEQFUSE_X86_TARGETS
 #define DEQFUSE_AVX2_GN 1
 // Whether float GroupNorms of width D in G groups run in the row kernels below (gn_rows_avx2 and its
-// backward; gn_rows_w16_avx512), whose lanes are fixed, rather than gn_row's `omp simd` reductions, whose
+// backward; gn_rows_wide_avx512 and its backward), whose lanes are fixed, rather than gn_row's `omp simd` reductions, whose
 // summation order follows the vector width the function was compiled for.
 inline bool gn_float_kernels(int64_t D, int64_t G) { return G % 4 == 0 && (D / G) % 8 == 0 && cpu_has_avx2_fma(); }
 // float GroupNorm of rows with AVX2 + FMA (G % 4 == 0, group width n a multiple of 8), four
@@ -224,6 +224,14 @@ inline void gn_rows_avx2_any(const GnRow<float>* rw, const float* gamma, const f
 
 #if defined(DEQFUSE_AVX2_GN) && defined(DEQFUSE_AVX512_GEMM)
 #define DEQFUSE_AVX512_GN 1
+// The group width (16 or 8) whose float GroupNorms run in the AVX-512 kernels below (G % 4 == 0), else 0. Width
+// 8 only where the row passes run in 512-bit vectors (cpu_rows_zmm: Intel; not measured on AMD's Zen 4, which
+// splits 512-bit operations). Either way the values of the AVX2 kernels.
+inline int gn_wide_avx512(int64_t D, int64_t G) {
+  if (G % 4 || !cpu_has_avx512f()) return 0;
+  return D / G == 16 ? 16 : D / G == 8 && cpu_rows_zmm() ? 8 : 0;
+}
+
 // float GroupNorm (forward and backward) of rows with AVX-512 for group width 16 (G % 4 == 0; D = 64 with 4
 // groups, the common case): a group is one register, loaded once; the sums of four rows' four groups by one
 // transposed tree (tree_pair_avx512, tree_join_avx512).
@@ -265,6 +273,20 @@ __attribute__((target("avx512f,avx2,fma"))) inline __m512 swap_halves_avx512(__m
   return _mm512_shuffle_f32x4(v, v, 0x4E);
 }
 
+// Level 1 for group width 8, where a 16-lane vector holds two groups of a row: [a's half h | b's half h]
+// (h = 0: its first group, 1: its second), the groups themselves being their 8-lane partials.
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 half2_avx512(__m512 a, __m512 b, int h) {
+  return h ? _mm512_shuffle_f32x4(a, b, 0xEE) : _mm512_shuffle_f32x4(a, b, 0x44);
+}
+
+// Statistic of vector c of a row's 4-group block, s the row's 4 statistics (group order): group width 16,
+// vector c is group c (s[c] in all lanes); width 8, it holds groups 2 c and 2 c + 1 (each in its 8 lanes).
+template <int NW>
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 stat_vec_avx512(const float* s, int c) {
+  if (NW == 16) return _mm512_set1_ps(s[c]);
+  return _mm512_shuffle_f32x4(_mm512_set1_ps(s[2 * c]), _mm512_set1_ps(s[2 * c + 1]), 0x44);
+}
+
 // Stores the 16 statistics v (lane 4 p + q: row p's group q) to a, whose elements the kernels then broadcast with
 // loads (vbroadcastss from memory: a load port, where a vpermps and its index vector took two uops of the shuffle
 // port). The empty asm hides the stored values from the compiler, which otherwise turns the loads back into
@@ -304,48 +326,53 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const Gn
   }
 }
 
-// K rows side by side (1 or 4: the same arithmetic per row either way; with K = 1 the tree's other rows are
-// zeros). The means and variances are the group sums times 1/16 -- exactly the quotient by 16 (a power of two),
-// without a divide's latency on the row's dependency chain; a row's chain (sums, mean, squares, sums, 1/sqrt)
-// is long, four rows interleaved hide it (perf, Zen 4, B=128 D=64 N=2 whole solve: GroupNorm time -26%
-// against one row at a time). The values of gn_rows_avx2<K, 2>, so a CPU without AVX-512 gets the same floats:
-// same partial sums (the squares' by its fma chain), same tree, same lane operations. (Until 2026-12-06 the
-// squares' partials were d_lo^2 + d_hi^2, two roundings where that chain has one: the AVX-512 and AVX2 CPUs'
-// D = 64 cells differed in the last bits.)
-template <int K>
-__attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const GnRow<float>* rw, const float* gamma,
-                                                                           const float* beta, int64_t G) {
-  const __m512 inv_n = _mm512_set1_ps(1.0f / 16.0f), eps = _mm512_set1_ps((float)kGnEps), one = _mm512_set1_ps(1.0f);
+// float GroupNorm of K rows (1 or 4) with AVX-512 for group width NW = 16 or 8 (G % 4 == 0): a block of four
+// groups is 4 (or 2) registers per row, loaded once; K rows side by side (the same arithmetic per row either way;
+// with K = 1 the tree's other rows are zeros). The means and variances are the group sums times 1/NW -- exactly
+// the quotient (a power of two), without a divide's latency on the row's dependency chain; a row's chain (sums,
+// mean, squares, sums, 1/sqrt) is long, four rows interleaved hide it (perf, Zen 4, B=128 D=64 N=2 whole
+// solve: GroupNorm time -26% against one row at a time). The values of gn_rows_avx2<K, NW / 8>, so a CPU
+// without AVX-512 gets the same floats: same partial sums (for NW = 16 the squares' by its fma chain), same
+// tree, same lane operations. (Until 2026-12-06 the NW = 16 squares' partials were d_lo^2 + d_hi^2, two
+// roundings where that chain has one: the AVX-512 and AVX2 CPUs' D = 64 cells differed in the last bits.)
+template <int NW, int K>
+__attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_wide_avx512(const GnRow<float>* rw, const float* gamma,
+                                                                            const float* beta, int64_t G) {
+  constexpr int NV = NW / 4;  // registers per row and block of four groups
+  const __m512 inv_n = _mm512_set1_ps(1.0f / NW), eps = _mm512_set1_ps((float)kGnEps), one = _mm512_set1_ps(1.0f);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const int64_t o = g0 * 16;
-    __m512 d[4][4], rp[2];  // rows p >= K: not read (their lanes of the sums are zeros)
+    const int64_t o = g0 * NW;
+    __m512 d[4][NV], rp[2];  // rows p >= K: not read (their lanes of the sums are zeros)
 #pragma GCC unroll 2
     for (int a = 0; a < 2; ++a) {
       __m512 pr[4];
+      for (int p = 2 * a; p < 2 * a + 2; ++p)
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        for (int p = 2 * a; p < 2 * a + 2; ++p) d[p][q] = p < K ? _mm512_loadu_ps(rw[p].y + o + 16 * q) : zero;
-        pr[q] = halves2_avx512(d[2 * a][q], d[2 * a + 1][q]);
-      }
+        for (int c = 0; c < NV; ++c) d[p][c] = p < K ? _mm512_loadu_ps(rw[p].y + o + 16 * c) : zero;
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)  // AVX2: lanes l and l + 8 added (NW = 16), the group itself (NW = 8)
+        pr[q] = NW == 16 ? halves2_avx512(d[2 * a][q % NV], d[2 * a + 1][q % NV])
+                         : half2_avx512(d[2 * a][q / 2], d[2 * a + 1][q / 2], q % 2);
       rp[a] = 2 * a < K ? tree_pair_avx512(pr) : zero;
     }
     alignas(64) float mean[16], r[16];  // broadcast by loads (spill16_avx512)
     spill16_avx512(mean, _mm512_mul_ps(tree_join_avx512(rp[0], rp[1]), inv_n));
 #pragma GCC unroll 2
     for (int a = 0; a < 2; ++a) {
-      __m512 pr[4];
+      __m512 sq[2][NV], pr[4];
+      for (int p = 2 * a; p < 2 * a + 2; ++p)
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        __m512 sq[2];
-        for (int p = 2 * a; p < 2 * a + 2; ++p) {
-          d[p][q] = p < K ? _mm512_sub_ps(d[p][q], _mm512_set1_ps(mean[4 * p + q])) : zero;
-          // upper lanes: fma(d_hi, d_hi, d_lo^2), gn_rows_avx2's chain (its partial from zero: d_lo^2, then an fma)
-          const __m512 dd = d[p][q];
-          sq[p - 2 * a] = p < K ? _mm512_fmadd_ps(dd, dd, swap_halves_avx512(_mm512_mul_ps(dd, dd))) : zero;
+        for (int c = 0; c < NV; ++c) {
+          d[p][c] = p < K ? _mm512_sub_ps(d[p][c], stat_vec_avx512<NW>(mean + 4 * p, c)) : zero;
+          const __m512 dd = d[p][c], s2 = _mm512_mul_ps(dd, dd);
+          // NW = 16, upper lanes: fma(d_hi, d_hi, d_lo^2), the AVX2 chain (its partial from zero: d_lo^2, then
+          // an fma); NW = 8: d^2 (fma(d, d, 0))
+          sq[p - 2 * a][c] = p >= K ? zero : NW == 16 ? _mm512_fmadd_ps(dd, dd, swap_halves_avx512(s2)) : s2;
         }
-        pr[q] = uppers2_avx512(sq[0], sq[1]);
-      }
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)
+        pr[q] = NW == 16 ? uppers2_avx512(sq[0][q % NV], sq[1][q % NV]) : half2_avx512(sq[0][q / 2], sq[1][q / 2], q % 2);
       rp[a] = 2 * a < K ? tree_pair_avx512(pr) : zero;
     }
     const __m512 var = _mm512_add_ps(_mm512_mul_ps(tree_join_avx512(rp[0], rp[1]), inv_n), eps);
@@ -354,9 +381,10 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_w16_avx512(const
       if (rw[p].rstd) _mm_storeu_ps(rw[p].rstd + g0, _mm_load_ps(r + 4 * p));
       const GnEpi e = gn_epi(rw[p]);
       float* yh = rw[p].yhat;
-      for (int q = 0; q < 4; ++q) {
-        const int64_t j = o + 16 * q;
-        const __m512 h = _mm512_mul_ps(d[p][q], _mm512_set1_ps(r[4 * p + q]));
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) {
+        const int64_t j = o + 16 * c;
+        const __m512 h = _mm512_mul_ps(d[p][c], stat_vec_avx512<NW>(r + 4 * p, c));
         if (yh) _mm512_storeu_ps(yh + j, h);
         gn_store_avx512(e, j, _mm512_fmadd_ps(h, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j)));
       }
@@ -397,15 +425,16 @@ DEQFUSE_INLINE void gn_row(const T* y, const T* gamma, const T* beta, int64_t D,
 
 // GroupNorm of M rows, row r as row_of(r) says (a GnRow with its epilogue: in the AVX-512 kernel's stores,
 // else a pass after the rows; out and relu may alias y, rows must not overlap each other): with AVX-512 for
-// group width 16 (float; gn_rows_w16_avx512, four at a time), else four at a time with AVX2 where it applies
+// group widths 16 and 8 (float; gn_rows_wide_avx512, four at a time), else four at a time with AVX2 where it applies
 // (float; gn_rows_avx2), else row by row.
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G, const RowOf& row_of) {
 #ifdef DEQFUSE_AVX512_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (G % 4 == 0 && D / G == 16 && cpu_has_avx512f()) {
+    if (const int nw = gn_wide_avx512(D, G)) {
       return by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
-        gn_rows_w16_avx512<decltype(k)::value>(rw, gamma, beta, G);
+        constexpr int K = decltype(k)::value;
+        nw == 16 ? gn_rows_wide_avx512<16, K>(rw, gamma, beta, G) : gn_rows_wide_avx512<8, K>(rw, gamma, beta, G);
       });
     }
   }
@@ -599,43 +628,48 @@ inline void gn_rows_backward_avx2_any(const GnBackRow<float>* rw, const float* g
 #ifdef DEQFUSE_AVX512_GN
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // as above
-// float GroupNorm backward of K rows (1 or 4) with AVX-512 for group width 16 (G % 4 == 0), the GnBackRow's
-// passes in its loads and stores (ADD, IGATE, OGATE: whether the rows have dout_add, in_gate, out_gate -- every
-// row of a call alike): a group is one register, loaded once (with dout_add and in_gate applied); the sums of
-// four rows' four groups by one transposed tree (tree_pair_avx512). The values of gn_rows_backward_avx2<K, 2>
-// and the passes: there a group's partial sums start from zero and add its two 8-lane halves in turn,
-// a1 = (0 + d_lo) + d_hi and a2 = fma(d_hi, yhat_hi, fma(d_lo, yhat_lo, 0)); here a1 = (d_lo + d_hi) + 0, the
-// same value (d_lo + d_hi is -0 only when both are, where the other order gives +0 too), and a2 by the same two
-// fmas, the second in the upper lanes.
-template <int K, bool ADD, bool IGATE, bool OGATE>
-__attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_backward_w16_avx512(const GnBackRow<float>* rw,
-                                                                                    const float* gamma, int64_t G) {
-  const __m512 inv_n = _mm512_set1_ps(1.0f / 16.0f), zero = _mm512_setzero_ps();
+// float GroupNorm backward of K rows (1 or 4) with AVX-512 for group width NW = 16 or 8 (G % 4 == 0), the
+// GnBackRow's passes in its loads and stores (ADD, IGATE, OGATE: whether the rows have dout_add, in_gate,
+// out_gate -- every row of a call alike): a block of four groups is 4 (or 2) registers per row, loaded once
+// (with dout_add and in_gate applied); the sums of four rows' four groups by one transposed tree
+// (tree_pair_avx512). The values of gn_rows_backward_avx2<K, NW / 8> and the passes: there a group's partial
+// sums start from zero and add its 8-lane vectors in turn -- a1 = (0 + d_lo) + d_hi and a2 = fma(d_hi, yhat_hi,
+// fma(d_lo, yhat_lo, 0)) for NW = 16; here a1 = (d_lo + d_hi) + 0, the same value (d_lo + d_hi is -0 only when
+// both are, where the other order gives +0 too), and a2 by the same two fmas, the second in the upper lanes
+// (NW = 8: d + 0 and fma(d, yhat, 0), as there).
+template <int NW, int K, bool ADD, bool IGATE, bool OGATE>
+__attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_backward_wide_avx512(const GnBackRow<float>* rw,
+                                                                                     const float* gamma, int64_t G) {
+  constexpr int NV = NW / 4;  // registers per row and block of four groups
+  const __m512 inv_n = _mm512_set1_ps(1.0f / NW), zero = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const int64_t o = g0 * 16;
-    __m512 v[4][4], r1[2], r2[2];  // rows p >= K: not read (their lanes of the sums are zeros)
+    const int64_t o = g0 * NW;
+    __m512 v[4][NV], r1[2], r2[2];  // rows p >= K: not read (their lanes of the sums are zeros)
 #pragma GCC unroll 2
     for (int a = 0; a < 2; ++a) {
-      __m512 p1[4], p2[4];
+      __m512 s1[2][NV], s2[2][NV], p1[4], p2[4];
+      for (int p = 2 * a; p < 2 * a + 2; ++p)
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        const int64_t j = o + 16 * q;
-        __m512 s1[2], s2[2];
-        for (int p = 2 * a; p < 2 * a + 2; ++p) {
+        for (int c = 0; c < NV; ++c) {
+          const int64_t j = o + 16 * c;
           if (p >= K) {
-            s1[p - 2 * a] = s2[p - 2 * a] = zero;
+            s1[p - 2 * a][c] = s2[p - 2 * a][c] = zero;
             continue;
           }
           __m512 x = _mm512_loadu_ps(rw[p].dout + j);
           if (ADD) x = _mm512_add_ps(x, _mm512_loadu_ps(rw[p].dout_add + j));
           if (IGATE) x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(rw[p].in_gate + j), zero, _CMP_GT_OQ), x);
-          v[p][q] = x;
+          v[p][c] = x;
           const __m512 d = _mm512_mul_ps(x, _mm512_loadu_ps(gamma + j)), h = _mm512_loadu_ps(rw[p].yhat + j);
-          s1[p - 2 * a] = d;
-          s2[p - 2 * a] = _mm512_fmadd_ps(d, h, swap_halves_avx512(_mm512_fmadd_ps(d, h, zero)));  // upper: a2
+          const __m512 dh = _mm512_fmadd_ps(d, h, zero);
+          s1[p - 2 * a][c] = d;
+          s2[p - 2 * a][c] = NW == 16 ? _mm512_fmadd_ps(d, h, swap_halves_avx512(dh)) : dh;  // NW = 16: a2 upper
         }
-        p1[q] = _mm512_add_ps(halves2_avx512(s1[0], s1[1]), zero);
-        p2[q] = uppers2_avx512(s2[0], s2[1]);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        p1[q] = _mm512_add_ps(NW == 16 ? halves2_avx512(s1[0][q % NV], s1[1][q % NV])
+                                       : half2_avx512(s1[0][q / 2], s1[1][q / 2], q % 2), zero);
+        p2[q] = NW == 16 ? uppers2_avx512(s2[0][q % NV], s2[1][q % NV]) : half2_avx512(s2[0][q / 2], s2[1][q / 2], q % 2);
       }
       r1[a] = 2 * a < K ? tree_pair_avx512(p1) : zero;
       r2[a] = 2 * a < K ? tree_pair_avx512(p2) : zero;
@@ -648,11 +682,12 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_backward_w16_avx
       const float *yh = rw[p].yhat, *rs = rw[p].rstd, *gate = rw[p].out_gate, *cadd = rw[p].copy_add;
       float *dy = rw[p].dy, *copy = rw[p].copy;
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        const int64_t j = o + 16 * q;
-        const __m512 a = _mm512_set1_ps(m1[4 * p + q]), b = _mm512_set1_ps(m2[4 * p + q]), r = _mm512_set1_ps(rs[g0 + q]);
+      for (int c = 0; c < NV; ++c) {
+        const int64_t j = o + 16 * c;
+        const __m512 a = stat_vec_avx512<NW>(m1 + 4 * p, c), b = stat_vec_avx512<NW>(m2 + 4 * p, c);
+        const __m512 r = stat_vec_avx512<NW>(rs + g0, c);
         // t = d - a - yhat b as gn_rows_backward_avx2 forms it
-        const __m512 da = _mm512_fmsub_ps(v[p][q], _mm512_loadu_ps(gamma + j), a);
+        const __m512 da = _mm512_fmsub_ps(v[p][c], _mm512_loadu_ps(gamma + j), a);
         __m512 y = _mm512_mul_ps(r, _mm512_fnmadd_ps(_mm512_loadu_ps(yh + j), b, da));
         if (OGATE) y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(gate + j), zero, _CMP_GT_OQ), y);
         _mm512_storeu_ps(dy + j, y);
@@ -662,13 +697,14 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_backward_w16_avx
   }
 }
 
-// gn_rows_backward_w16_avx512 with ADD, IGATE, OGATE from rw[0] (all K rows alike).
-template <int K>
-inline void gn_rows_backward_w16_any(const GnBackRow<float>* rw, const float* gamma, int64_t G) {
+// gn_rows_backward_wide_avx512 with ADD, IGATE, OGATE from rw[0] (all K rows alike).
+template <int NW, int K>
+inline void gn_rows_backward_wide_any(const GnBackRow<float>* rw, const float* gamma, int64_t G) {
   const bool add = rw[0].dout_add, ig = rw[0].in_gate, og = rw[0].out_gate;
   auto run = [&](auto a, auto i) {
     constexpr bool A = decltype(a)::value, I = decltype(i)::value;
-    og ? gn_rows_backward_w16_avx512<K, A, I, true>(rw, gamma, G) : gn_rows_backward_w16_avx512<K, A, I, false>(rw, gamma, G);
+    og ? gn_rows_backward_wide_avx512<NW, K, A, I, true>(rw, gamma, G)
+       : gn_rows_backward_wide_avx512<NW, K, A, I, false>(rw, gamma, G);
   };
   using t = std::true_type;
   using f = std::false_type;
@@ -679,15 +715,16 @@ inline void gn_rows_backward_w16_any(const GnBackRow<float>* rw, const float* ga
 
 // GroupNorm backward of M rows, row r as row_of(r) says (a GnBackRow with its passes: in the AVX-512 kernel's
 // loads and stores, else passes before and after; dy may alias dout, rows must not overlap each other): with
-// AVX-512 for group width 16 (float; gn_rows_backward_w16_avx512, four at a time), else four at a time with
+// AVX-512 for group widths 16 and 8 (float; gn_rows_backward_wide_avx512, four at a time), else four at a time with
 // AVX2 where it applies (float; gn_rows_backward_avx2), else row by row (gn_row_backward).
 template <typename T, typename RowOf>
 DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64_t G, const RowOf& row_of) {
 #ifdef DEQFUSE_AVX512_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (G % 4 == 0 && D / G == 16 && cpu_has_avx512f()) {
+    if (const int nw = gn_wide_avx512(D, G)) {
       return by_four_rows<GnBackRow<float>>(M, row_of, [&](const GnBackRow<float>* rw, auto k) {
-        gn_rows_backward_w16_any<decltype(k)::value>(rw, gamma, G);
+        constexpr int K = decltype(k)::value;
+        nw == 16 ? gn_rows_backward_wide_any<16, K>(rw, gamma, G) : gn_rows_backward_wide_any<8, K>(rw, gamma, G);
       });
     }
   }

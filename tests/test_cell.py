@@ -704,14 +704,17 @@ def _tree8(p):
 
 
 @needs_ext
-def test_groupnorm_width_16_is_the_avx2_chain_on_every_cpu():
-    """The C++ cell's float32 GroupNorm at group width 16 (D = 64, 4 groups: the AVX-512 kernel where the CPU
-    has it, else the AVX2 one) equals, bit for bit, a float32 transcription of the AVX2 kernel's operations:
-    lanes l and l + 8 added, the squares' partials by one fma, the 8 lanes by hsum4_avx2's tree, 1/16, eps,
-    1 / sqrt. So CPUs with and without AVX-512 give the same floats (before 2026-12-06 the AVX-512 kernel rounded
-    the squares' partials twice). GN1's input is transcribed too: the tile GEMM's FMA chain over k, then + b1."""
+@pytest.mark.parametrize("D", [64, 32])
+def test_groupnorm_widths_16_and_8_are_the_avx2_chain_on_every_cpu(D):
+    """The C++ cell's float32 GroupNorm at group widths 16 and 8 (D = 64 / 32, 4 groups: the AVX-512 kernels
+    where the CPU has them, else the AVX2 ones) equals, bit for bit, a float32 transcription of the AVX2 kernel's
+    operations: a group's 8-lane partials (width 16: lanes l and l + 8 added, the squares' by one fma), the 8
+    lanes by hsum4_avx2's tree, 1/n, eps, 1 / sqrt. So CPUs with and without AVX-512 give the same floats (before
+    2026-12-06 the width-16 AVX-512 kernel rounded the squares' partials twice). GN1's input is transcribed too:
+    the tile GEMM's FMA chain over k, then + b1."""
     ext = deqfuse.extension_status()[0]
-    B, N, D, G = 9, 1, 64, 4  # 9 rows: the kernels' 4-row steps and a single row
+    B, N, G = 9, 1, 4  # 9 rows: the kernels' 4-row steps and a single row
+    n = D // G
     if ext.cell_gemm_kernel(D) == "blas":
         pytest.skip("no tile GEMM on this CPU (the BLAS rounds its own way)")
     p = [t.float() for t in make_params(N, D)]
@@ -723,10 +726,10 @@ def test_groupnorm_width_16_is_the_avx2_chain_on_every_cpu():
     for k in range(D):  # gemm_tile_*: acc = fma(z[k], W1^T[k][j], acc) for k in order, then the bias
         a = _fma32(z[:, 0, k:k + 1], w1[:, k][None, :], a)
     a = a + b1
-    y = a.view(B, G, 16)
-    mean = _tree8(y[..., :8] + y[..., 8:]) * (1.0 / 16.0)
+    y = a.view(B, G, n)
+    mean = _tree8(y[..., :8] + y[..., 8:] if n == 16 else y) * (1.0 / n)
     d = y - mean[..., None]
-    var = _tree8(_fma32(d[..., 8:], d[..., 8:], d[..., :8] * d[..., :8])) * (1.0 / 16.0) + torch.tensor(1e-5)
-    r = 1.0 / torch.sqrt(var)
+    sq = _fma32(d[..., 8:], d[..., 8:], d[..., :8] * d[..., :8]) if n == 16 else d * d
+    r = 1.0 / torch.sqrt(_tree8(sq) * (1.0 / n) + torch.tensor(1e-5))
     assert torch.equal(rs1, r)
     assert torch.equal(yh1, (d * r[..., None]).view(B, D))
