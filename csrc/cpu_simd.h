@@ -25,7 +25,7 @@
 
 // The same for a lambda, written after its parameter list: GCC compiles a lambda as a function of its own, for
 // the baseline ISA, and left the cell's GroupNorm row lambdas (each builds a row's pointers) out of line once
-// their rows grew: called per row, they took 5% of an adjoint solve (perf, B=128 D=64 N=2).
+// their rows grew: called per row, they took 3% of an adjoint solve's samples (perf, B=128 D=64 N=2).
 #if defined(__GNUC__)
 #define DEQFUSE_LAMBDA_INLINE __attribute__((always_inline))
 #else
