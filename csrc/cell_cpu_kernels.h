@@ -985,20 +985,19 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
     // du = GN3^T(gbar_i + ds) * (u > 0), dz_i = du (+ add_i) ; da2 = GN2^T(du)
     // the row of the [N, B, .] saved tensors
     auto row_of = [&](int64_t r) DEQFUSE_LAMBDA_INLINE { return i * B + sample_of(rows, b0, r); };
-    if (kp.dzn)  // kept: gbar_i + ds formed in a pass (else in the GroupNorm's loads)
+    auto gn3_row = [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+      const int64_t row = row_of(r);
+      const T* add_i = addp ? addp + sample_of(rows, b0, r) * ZS + i * D : nullptr;
+      return GnBackRow<T>{gp + r * ZS + i * D, yh3 + row * D, rs3 + row * G, du + r * D, ds + r * D, nullptr,
+                          us + row * D, outp + r * ZS + i * D, add_i};
+    };
+    if (kp.dzn)  // kept: gbar_i + ds formed first, in du (else in the GroupNorm's loads)
       for (int64_t r = 0; r < M; ++r) {
-        const T *gi = gp + r * ZS + i * D, *sr = ds + r * D;
-        T* tr = t + r * D;
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) tr[j] = gi[j] + sr[j];
-        keep_row(kp.dzn, row_of(r), D, tr);
+        gn_back_pre_row(gn3_row(r), D);
+        keep_row(kp.dzn, row_of(r), D, du + r * D);
       }
     gn_rows_backward<T>(M, g3w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
-      const int64_t row = row_of(r);
-      const T* gi = kp.dzn ? t + r * D : gp + r * ZS + i * D;
-      const T* add_i = addp ? addp + sample_of(rows, b0, r) * ZS + i * D : nullptr;
-      return GnBackRow<T>{gi, yh3 + row * D, rs3 + row * G, du + r * D, kp.dzn ? nullptr : ds + r * D, nullptr,
-                          us + row * D, outp + r * ZS + i * D, add_i};
+      return kp.dzn ? gn_back_g_row(gn3_row(r)) : gn3_row(r);
     });
     if (kp.du)
       for (int64_t r = 0; r < M; ++r) keep_row(kp.du, row_of(r), D, du + r * D);
@@ -1010,19 +1009,17 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
       for (int64_t r = 0; r < M; ++r) keep_row(kp.da2, row_of(r), D, t + r * D);
     // dh = da2 W2_i * (g1 > 0) ; da1 = GN1^T(dh) ; dz_i = du + da1 W1_i
     cell_gemm<T>(c, M, t, D, w2 + i * D * D, w2 + i * D * D, false, 0, da, D);
-    if (kp.dg1)  // kept: the ReLU mask in a pass (else in the GroupNorm's loads)
+    auto gn1_row = [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+      const int64_t row = row_of(r);
+      return GnBackRow<T>{da + r * D, yh1 + row * D, rs1 + row * G, da + r * D, nullptr, g1s + row * D};
+    };
+    if (kp.dg1)  // kept: the ReLU mask applied first (else in the GroupNorm's loads)
       for (int64_t r = 0; r < M; ++r) {
-        const int64_t row = row_of(r);
-        T* d = da + r * D;
-        const T* g1 = g1s + row * D;
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) d[j] = g1[j] > 0 ? d[j] : (T)0;
-        keep_row(kp.dg1, row, D, d);
+        gn_back_pre_row(gn1_row(r), D);
+        keep_row(kp.dg1, row_of(r), D, da + r * D);
       }
     gn_rows_backward<T>(M, g1w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
-      const int64_t row = row_of(r);
-      return GnBackRow<T>{da + r * D, yh1 + row * D, rs1 + row * G, da + r * D, nullptr,
-                          kp.dg1 ? nullptr : g1s + row * D};
+      return kp.dg1 ? gn_back_g_row(gn1_row(r)) : gn1_row(r);
     });
     if (kp.da1)
       for (int64_t r = 0; r < M; ++r) keep_row(kp.da1, row_of(r), D, da + r * D);
