@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -44,6 +45,7 @@
 #include "anderson_cpu_kernels.h"
 #include "cell_check.h"
 #include "cell_cpu_kernels.h"
+#include "cell_fm_avx512.h"
 
 namespace deqfuse {
 namespace {
@@ -232,6 +234,164 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
   return {steps.load(), rows.load()};
 }
 
+#ifdef DEQFUSE_FM_SOLVE
+// The group width (16 or 8) with which anderson_cell_solve runs feature-major (solve_loop_fm), else 0: where
+// the row layout's float kernels are the tile GEMMs and the AVX-512 GroupNorms (cell_fm_avx512.h: the same
+// floats), on the CPUs whose row passes run in 512-bit vectors (cpu_rows_zmm: Intel; not measured on Zen 4).
+// DEQFUSE_SOLVE_LAYOUT (read per call; tests, benchmarks): "rows" never, "fm" wherever the floats allow it.
+inline int fm_solve_width(const Cell<float>& c) {
+  const char* e = std::getenv("DEQFUSE_SOLVE_LAYOUT");
+  const bool force = e && !std::strcmp(e, "fm");
+  if ((e && !std::strcmp(e, "rows")) || !c.kn() || !(force || cpu_rows_zmm())) return 0;
+  return gn_wide_avx512(c.D, c.G);
+}
+
+// The forward solve with each chunk feature-major (cell_fm_avx512.h): the loop of solve_loop -- same chunks,
+// same per-sample contract and floats -- with the chunk's samples in SIMD lanes: its state transposed in once
+// (z0, best_x, x, xf), its best iterates transposed out when a sample freezes or at the end. A chunk of C
+// samples has 16 V lanes (V = ceil(C / 16)); a step evaluates the V vectors holding samples still moving, and
+// when these fit in fewer vectors the moving samples' lanes are moved to the front (the state arrays; at most 3
+// times per chunk). Frozen and padding lanes are evaluated, not stored.
+// Layout: each array is V panels of [rows][16] (row stride 16, panel stride P): a kernel's walk over one vector's
+// rows is contiguous. P and the arrays' starts are 64 bytes off multiples of 4 KB (P = 16 (L + 1), arrays
+// 16 more apart): rings slots and arrays a multiple of 4 KB apart made the mixing's loads wait on its ring
+// stores to the same 4 KB offsets (4K aliasing).
+template <int NW>
+std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin, const float* xfin, const float* z0,
+                                          const OutPtrs<float>& o, int64_t B, const SolveArgs& a) {
+  const int64_t N = c.N, D = c.D, L = c.ZS, m = a.m;
+  bool* cv = o.converged;
+  int nt = 1;
+#ifdef _OPENMP
+  nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));  // nothing here throws
+#endif
+  const int64_t state_bytes = (int64_t)sizeof(float) * ((2 * m + 5) * L + m * m + 5 * D);
+  const Chunks ch = solve_chunks(B, state_bytes + (int64_t)sizeof(float) * L, cell_weight_bytes(c), true, nt);
+  int64_t C = 0;
+  for (int64_t q = 0; q < ch.count; ++q) C = std::max(C, ch.begin(q + 1) - ch.begin(q));
+  nt = (int)std::min<int64_t>(nt, ch.count);
+  const int64_t VM = (C + 15) / 16, S = 16, P = 16 * (L + 1), AS = VM * P + 16;  // AS: one array's stride
+  auto at = [&](int64_t r, int64_t lane) { return r * S + (lane / 16) * P + lane % 16; };
+  // per thread: x, f(x), g, best [L]; rings X, G [m][L] (slot stride AS); x_i [N D]; x_f, the cell's 4 [D]
+  // (every array AS values), then the Gram matrices [C][m][m]
+  const int64_t per_thread = round_up((4 + 2 * m + 1 + 5) * AS + C * m * m, 16);
+  std::unique_ptr<float[]> store(new float[per_thread * nt + 16]);
+  float* const base = align64(store.get());
+  std::atomic<int64_t> next{0}, rows{0}, steps{0};
+
+  auto body = [&](int tid) {
+    float* xT = base + per_thread * tid;
+    float *fT = xT + AS, *gT = fT + AS, *bT = gT + AS, *XT = bT + AS, *GT = XT + m * AS, *inT = GT + m * AS;
+    float* xfT = inT + AS;
+    float* const scr[4] = {xfT + AS, xfT + 2 * AS, xfT + 3 * AS, xfT + 4 * AS};
+    float* GG = xfT + 5 * AS;
+    int64_t my_rows = 0, my_steps = 0;
+    int lane[64];  // lane -> sample of the chunk (-1: none)
+    float sums[64][3 + kMaxM];
+    float alpha[kMaxM][64];
+    for (int64_t ci; (ci = next.fetch_add(1, std::memory_order_relaxed)) < ch.count;) {
+      const int64_t b0 = ch.begin(ci), Cc = ch.begin(ci + 1) - b0;
+      for (int64_t s = 0; s < 16 * VM; ++s) {  // transpose in (padding lanes: zeros)
+        const bool in = s < Cc;
+        lane[s] = in ? (int)s : -1;
+        const int64_t b = b0 + s;
+        for (int64_t l = 0; l < L; ++l) {
+          xT[at(l, s)] = in ? z0[b * L + l] : 0.0f;
+          bT[at(l, s)] = in ? o.best_x[b * L + l] : 0.0f;
+        }
+        for (int64_t l = 0; l < N * D; ++l) inT[at(l, s)] = in ? xin[b * N * D + l] : 0.0f;
+        for (int64_t l = 0; l < D; ++l) xfT[at(l, s)] = in ? xfin[b * D + l] : 0.0f;
+      }
+      auto flush = [&](int s) {  // lane s's best iterate -> best_x
+        float* dst = o.best_x + (b0 + lane[s]) * L;
+        for (int64_t l = 0; l < L; ++l) dst[l] = bT[at(l, s)];
+      };
+      auto moving = [&](int s) { return lane[s] >= 0 && !cv[b0 + lane[s]]; };
+      int V = (int)VM;
+      for (int64_t k = 0; k < a.max_iter; ++k) {
+        int M = 0;
+        for (int s = 0; s < 16 * V; ++s) M += moving(s);
+        if (M == 0) break;
+        my_steps = std::max(my_steps, k + 1);
+        my_rows += M;
+        if ((M + 15) / 16 < V) {  // compact: the moving lanes to the front, in order
+          int src[64], n2 = 0;
+          for (int s = 0; s < 16 * V; ++s)
+            if (moving(s)) src[n2++] = s;
+          auto move = [&](float* arr, int64_t R) {
+            for (int64_t r = 0; r < R; ++r)
+              for (int d = 0; d < n2; ++d) arr[at(r, d)] = arr[at(r, src[d])];
+          };
+          move(xT, L);
+          move(bT, L);
+          for (int64_t j = 0; j < m; ++j) {
+            move(XT + j * AS, L);
+            move(GT + j * AS, L);
+          }
+          move(inT, N * D);
+          move(xfT, D);
+          for (int d = 0; d < 16 * V; ++d) lane[d] = d < n2 ? lane[src[d]] : -1;
+          V = (n2 + 15) / 16;
+        }
+        const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
+        cell_forward_fm<NW>(c, xT, inT, xfT, fT, scr, S, P, V);
+        for (int v = 0; v < V; ++v) gram_fm(xT, fT, GT, AS, gT, L, S, P, v, (int)m, slot, n, sums);
+        // the bookkeeping of anderson_rows per moving lane
+        __mmask16 better[4] = {0, 0, 0, 0}, live[4] = {0, 0, 0, 0};
+        float* GGs[64];
+        int lv[64], na = 0, frozen[64], nf = 0;
+        for (int s = 0; s < 16 * V; ++s) {
+          if (!moving(s)) continue;
+          const int64_t b = b0 + lane[s];
+          const int fl = record_residual<float>(sums[s][0], sums[s][1], a.stop_rel, a.tol, k, o.abs_trace + k * B + b,
+                                                o.rel_trace + k * B + b, o.best_res + b, o.nstep + b, cv + b);
+          if (fl & 1) better[s / 16] |= (__mmask16)(1u << (s % 16));
+          if (fl & 2) {  // converged now: frozen, no history update
+            frozen[nf++] = s;
+            continue;
+          }
+          float* dots = sums[s] + 3;
+          dots[slot] = sums[s][2];
+          float* gg = GG + lane[s] * m * m;
+          for (int j = 0; j < m; ++j) gg[slot * m + j] = gg[j * m + slot] = dots[j];
+          GGs[na] = gg;
+          lv[na++] = s;
+          live[s / 16] |= (__mmask16)(1u << (s % 16));
+        }
+        blend_rows_fm(bT, xT, better, L, S, P, V);
+        for (int q = 0; q < nf; ++q) flush(frozen[q]);
+        if (na == 0) continue;
+        for (int j = 0; j < m; ++j) std::fill(alpha[j], alpha[j] + 16 * V, 0.0f);
+        for (int q0 = 0; q0 < na; q0 += kStepRows) {  // the weights, kStepRows samples at a time
+          const int nq = std::min(kStepRows, na - q0);
+          float al[kStepRows][kMaxM];
+          anderson_weights_rows<float>(GGs + q0, nq, (int)m, n, (float)a.lam, al);
+          for (int q = 0; q < nq; ++q)
+            for (int j = 0; j < m; ++j) alpha[j][lv[q0 + q]] = al[q][j];
+        }
+        mix_fm_all(xT, XT, GT, AS, gT, alpha, live, L, S, P, V, slot, n, (float)a.beta);
+      }
+      for (int s = 0; s < 16 * V; ++s)
+        if (moving(s)) flush(s);  // max_iter reached
+    }
+    rows.fetch_add(my_rows, std::memory_order_relaxed);
+    for (int64_t s = steps.load(); s < my_steps && !steps.compare_exchange_weak(s, my_steps);) {
+    }
+  };
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    body(omp_get_thread_num());
+  } else {
+    body(0);
+  }
+#else
+  body(0);
+#endif
+  return {steps.load(), rows.load()};
+}
+#endif
+
 // The Results buffers the op updates in place (module comment).
 struct SolveBuffers {
   at::Tensor best_x, best_res, converged, nstep, abs_trace, rel_trace;
@@ -270,6 +430,25 @@ std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start,
   return {r.first, r.second};
 }
 
+// The forward solve of anderson_cell_solve feature-major where fm_solve_width allows it: true when it ran.
+template <typename T>
+bool forward_solve_fm(const Cell<T>& c, const at::Tensor& x, const at::Tensor& xf, const at::Tensor& z0,
+                      const SolveBuffers& out, int64_t B, const SolveArgs& a, std::tuple<int64_t, int64_t>& res) {
+#ifdef DEQFUSE_FM_SOLVE
+  if constexpr (std::is_same_v<T, float>) {
+    const int nw = fm_solve_width(c);
+    if (!nw) return false;
+    const float *xp = x.data_ptr<float>(), *xfp = xf.data_ptr<float>(), *zp = z0.data_ptr<float>();
+    const auto r = nw == 16 ? solve_loop_fm<16>(c, xp, xfp, zp, out.ptrs<float>(), B, a)
+                            : solve_loop_fm<8>(c, xp, xfp, zp, out.ptrs<float>(), B, a);
+    res = {r.first, r.second};
+    return true;
+  }
+#endif
+  (void)c, (void)x, (void)xf, (void)z0, (void)out, (void)B, (void)a, (void)res;
+  return false;
+}
+
 SolveArgs check_solve_args(int64_t m, int64_t max_iter, double beta, double lam, double tol, bool stop_rel,
                            const char* op) {
   TORCH_CHECK(m >= 1 && m <= kMaxM, op, ": m must be in [1, ", std::to_string(kMaxM), "], got ", std::to_string(m));
@@ -306,6 +485,7 @@ std::tuple<int64_t, int64_t> anderson_cell_solve_cpu(const at::Tensor& z0, const
   std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "anderson_cell_solve", [&] {
     const Cell<scalar_t> c(B, N, D, groups, p, {}, /*forward=*/true);
+    if (forward_solve_fm(c, xc, xfc, zc, out, B, a, res)) return;
     res = solve_from<scalar_t>(CellMap<scalar_t>{c, xc.data_ptr<scalar_t>(), xfc.data_ptr<scalar_t>()}, zc, out, B,
                                L, D, a);
   });

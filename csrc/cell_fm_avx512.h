@@ -1,0 +1,304 @@
+// Feature-major ("fm") float kernels with AVX-512 for the whole forward solve (solve_cpu.cpp:
+// solve_loop_fm): a chunk's samples sit in the SIMD lanes. Every array is [rows][S] (row stride S, S = 16 V
+// lanes, V 16-lane vectors per row): the iterate and f(x) [L][S], the rings [m][L][S], the inputs x [N D][S],
+// xf [D][S], the cell's intermediates [D][S]. Row r of such an array is feature r of S samples.
+//
+// Why: in the row layout a GroupNorm group of 16 (or 8) features is one register whose sums are horizontal --
+// shuffle trees, and about 100 instructions per row and GroupNorm (cell_cpu_kernels.h: gn_rows_wide_avx512,
+// a fifth of a forward iteration on Emerald Rapids), and the Anderson step's dot products end in horizontal
+// sums too. Here a group's sums are vertical adds of its feature rows, the dot products are vertical FMA
+// chains, and the GEMMs are the tiles with the roles of the weight and the activations swapped.
+//
+// Values: every kernel does, per lane, the operations the row kernels do per sample, in the same order, so a
+// sample's floats are those of the row layout (tests/test_fused_solve.py compares the two solves bit for bit):
+//   gemm_fm: C[j][s] = chain of fma(W[j][k], A[k][s], .) over k from 0 (gemm_tile_avx512: fma(A[s][k],
+//     W^T[k][j], .)), then the store epilogue of GemmEpi;
+//   gn_fm: the AVX2 GroupNorm's arithmetic (gn_rows_avx2 for group widths 16 and 8): the 8 partial sums
+//     y_l + y_{l+8} (width 16) or y_l (width 8), hsum4_avx2's tree ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 +
+//     p7)), the product with 1/n, the squares' partials fma(d_{l+8}, d_{l+8}, d_l^2) (width 16) or d_l^2, the
+//     same tree, 1 / sqrt(var + eps), h = d r, fma(h, gamma, beta) and GnRow's epilogue;
+//   gram_fm: gram_row_avx2's sums -- lane q of its 8-lane accumulators is the chain over the elements l = q mod 8
+//     in order, the lanes then added to 0 in lane order;
+//   mix_fm: mix_tile_avx2 / mix_tile_avx512 with MIXED rings (the whole solves own their rings).
+// Where the row layout's float kernels are themselves in force: float, tile GEMMs (Cell::kn), GroupNorm widths
+// 16 or 8 with G % 4 == 0 (gn_wide_avx512), so L % 8 == 0.
+#pragma once
+
+#include "anderson_cpu_kernels.h"
+#include "cell_cpu_kernels.h"
+
+#if defined(DEQFUSE_AVX512_GN)
+#define DEQFUSE_FM_SOLVE 1
+#include <immintrin.h>
+
+#define DEQFUSE_FM __attribute__((target("avx512f,avx2,fma")))
+
+namespace deqfuse {
+namespace {
+
+// C rows j0 .. j0 + R - 1: C[j][:] = sum_k W[j][k] A[k][:] over K, V vectors per row, then the store epilogue
+// (gemm_small.h: GemmEpi): acc + (bias[j] + addT[j][:]) when addT, else fma(scale, bias[j], acc).
+template <int R, int V>
+DEQFUSE_FM inline void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, const float* A, int64_t S, int64_t P,
+                                    float* C, const float* bias, const float* addT, float scale) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(A + k * S + v * P);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_set1_ps(W[r * ldw + k]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(w, b[v], acc[r][v]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r) {
+    const __m512 bb = _mm512_set1_ps(bias[r]);
+    for (int v = 0; v < V; ++v) {
+      const __m512 c = addT ? _mm512_add_ps(acc[r][v], _mm512_add_ps(bb, _mm512_loadu_ps(addT + r * S + v * P)))
+                            : _mm512_fmadd_ps(sc, bb, acc[r][v]);
+      _mm512_storeu_ps(C + r * S + v * P, c);
+    }
+  }
+}
+
+// C [D][S] = W [D][D] (a Linear's weight as stored) applied to A [D][S], with bias [D] and the epilogue of
+// gemm_fm_tile (addT [D][S] or null). D % 4 == 0; V = 1 .. 4.
+template <int V>
+DEQFUSE_FM inline void gemm_fm_v(int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
+                                 const float* bias, const float* addT, float scale) {
+  for (int64_t j = 0; j < D; j += 4)
+    gemm_fm_tile<4, V>(D, W + j * D, D, A, S, P, C + j * S, bias + j, addT ? addT + j * S : nullptr, scale);
+}
+
+DEQFUSE_FM inline void gemm_fm(int V, int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
+                               const float* bias, const float* addT = nullptr, float scale = 1.0f) {
+  switch (V) {
+    case 4: return gemm_fm_v<4>(D, W, A, S, P, C, bias, addT, scale);
+    case 3: return gemm_fm_v<3>(D, W, A, S, P, C, bias, addT, scale);
+    case 2: return gemm_fm_v<2>(D, W, A, S, P, C, bias, addT, scale);
+    default: return gemm_fm_v<1>(D, W, A, S, P, C, bias, addT, scale);
+  }
+}
+
+// Where a GroupNorm's output v goes ([D][S] arrays, each null when unused): v += add first; out = v; acc += v;
+// relu = ReLU(v) (NaN kept) -- GnRow's epilogue.
+struct FmEpi {
+  float* out = nullptr;
+  const float* add = nullptr;
+  float* acc = nullptr;
+  float* relu = nullptr;
+};
+
+// ReLU keeping NaN (and -0): v unless v < 0
+DEQFUSE_FM inline __m512 relu_fm(__m512 v) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ), v);
+}
+
+// ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)): hsum4_avx2's tree of a group's 8 partials
+DEQFUSE_FM inline __m512 tree8_fm(const __m512 (&p)[8]) {
+  return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3])),
+                       _mm512_add_ps(_mm512_add_ps(p[4], p[5]), _mm512_add_ps(p[6], p[7])));
+}
+
+// GroupNorm of y [D][S] (D = G NW) with the epilogue e, V vectors per row; RELU_IN: of ReLU(y) (the fusion
+// cell's GroupNorm of ReLU(a3), without a pass of its own). y may be e.relu (a group's rows are all loaded
+// before its stores).
+template <int NW, bool RELU_IN>
+DEQFUSE_FM inline void gn_fm(const float* y, const float* gamma, const float* beta, int64_t G, int64_t S, int64_t P,
+                             int V, const FmEpi& e) {
+  static_assert(NW == 16 || NW == 8, "gn_fm: group widths 16 and 8");
+  const __m512 inv_n = _mm512_set1_ps(1.0f / NW), eps = _mm512_set1_ps((float)kGnEps), one = _mm512_set1_ps(1.0f);
+  float *out = e.out, *acc = e.acc, *relu = e.relu;
+  const float* add = e.add;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t r0 = g * NW;
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = r0 * S + v * P;
+      __m512 d[NW], p[8];
+#pragma GCC unroll 16
+      for (int i = 0; i < NW; ++i) {
+        d[i] = _mm512_loadu_ps(y + o + i * S);
+        if (RELU_IN) d[i] = relu_fm(d[i]);
+      }
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) p[l] = NW == 16 ? _mm512_add_ps(d[l], d[l + 8]) : d[l];
+      const __m512 mean = _mm512_mul_ps(tree8_fm(p), inv_n);
+#pragma GCC unroll 16
+      for (int i = 0; i < NW; ++i) d[i] = _mm512_sub_ps(d[i], mean);
+      // d_l^2 as fma(d_l, d_l, 0), the AVX2 chain's first step: a product written as a multiply that fed the
+      // tree's adds directly (width 8) was contracted by GCC (-ffp-contract=fast) into them -- other roundings
+      const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) {
+        const __m512 sq = _mm512_fmadd_ps(d[l], d[l], zero);
+        p[l] = NW == 16 ? _mm512_fmadd_ps(d[l + 8], d[l + 8], sq) : sq;
+      }
+      const __m512 var = _mm512_add_ps(_mm512_mul_ps(tree8_fm(p), inv_n), eps);
+      const __m512 r = _mm512_div_ps(one, _mm512_sqrt_ps(var));
+#pragma GCC unroll 16
+      for (int i = 0; i < NW; ++i) {
+        const int64_t j = o + i * S;
+        const __m512 h = _mm512_mul_ps(d[i], r);
+        __m512 w = _mm512_fmadd_ps(h, _mm512_set1_ps(gamma[r0 + i]), _mm512_set1_ps(beta[r0 + i]));
+        if (add) w = _mm512_add_ps(w, _mm512_loadu_ps(add + j));
+        if (out) _mm512_storeu_ps(out + j, w);
+        if (acc) _mm512_storeu_ps(acc + j, _mm512_add_ps(_mm512_loadu_ps(acc + j), w));
+        if (relu) _mm512_storeu_ps(relu + j, relu_fm(w));
+      }
+    }
+  }
+}
+
+// The cell's forward (forward_block_body without saved tensors) on V vectors of lanes: zT [L][S] -> fT [L][S],
+// inputs inT [N D][S] (x_i's rows at i D) and xfT [D][S]; scr: 4 D S values. Group width NW.
+template <int NW>
+DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const float* inT, const float* xfT, float* fT,
+                                float* const* scr, int64_t S, int64_t P, int V) {
+  const int64_t N = c.N, D = c.D, G = c.G, DS = D * S;
+  float *a = scr[0], *h = scr[1], *s = scr[2], *ga = scr[3];
+  const float* zf = zT + N * DS;
+  const __m512 nf = _mm512_set1_ps((float)N);
+  for (int64_t j = 0; j < D; ++j)  // s = N z_f, then += each modality's new state
+    for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(s + j * S + v * P, _mm512_mul_ps(nf, _mm512_loadu_ps(zf + j * S + v * P)));
+  for (int64_t i = 0; i < N; ++i) {
+    const float* zi = zT + i * DS;
+    gemm_fm(V, D, c.w1 + i * D * D, zi, S, P, a, c.b1 + i * D);  // a1 = W1_i z_i + b1
+    FmEpi e1;
+    e1.relu = h;  // h = ReLU(GN1(a1))
+    gn_fm<NW, false>(a, c.g1w + i * D, c.g1b + i * D, G, S, P, V, e1);
+    gemm_fm(V, D, c.w2 + i * D * D, h, S, P, a, c.b2 + i * D, inT + i * DS);  // a2 = W2_i h + (b2 + x_i)
+    FmEpi e2;
+    e2.add = zi;
+    e2.relu = a;  // u = GN2(a2) + z_i (not kept: no saved tensors), a = ReLU(u)
+    gn_fm<NW, false>(a, c.g2w + i * D, c.g2b + i * D, G, S, P, V, e2);
+    FmEpi e3;
+    e3.out = fT + i * DS;
+    e3.acc = s;  // out_i = GN3(a), s += out_i
+    gn_fm<NW, false>(a, c.g3w + i * D, c.g3b + i * D, G, S, P, V, e3);
+  }
+  gemm_fm(V, D, c.wg, s, S, P, ga, c.bg, nullptr, (float)N);  // ga = Wg s + N bg
+  for (int64_t j = 0; j < D; ++j)  // q = z_f * ga (into h)
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = j * S + v * P;
+      _mm512_storeu_ps(h + o, _mm512_mul_ps(_mm512_loadu_ps(zf + o), _mm512_loadu_ps(ga + o)));
+    }
+  gemm_fm(V, D, c.wf, h, S, P, a, c.bf, xfT);  // a3 = Wf q + (bf + x_f)
+  FmEpi ef;
+  ef.out = fT + N * DS;  // out_f = GN_f(ReLU(a3))
+  gn_fm<NW, true>(a, c.gfw, c.gfb, G, S, P, V, ef);
+}
+
+// Pass 1 of the Anderson step (gram_row_avx2) for the 16 lanes of vector v: gT = fT - xT, and per lane the sums
+// tot[0] = |g|^2, tot[1] = |f(x)|^2, tot[2 + i] = <G_i, g> (Gi: ND ring slots [L][S]).
+template <int ND>
+DEQFUSE_FM inline void gram_fm_v(const float* xT, const float* fT, const float* const* Gi, float* gT, int64_t L,
+                                 int64_t S, int64_t P, int v, __m512* tot) {
+  const float* Gl[ND > 0 ? ND : 1];
+  for (int i = 0; i < ND; ++i) Gl[i] = Gi[i] + v * P;
+  const float *x = xT + v * P, *f = fT + v * P;
+  float* gp = gT + v * P;
+  for (int i = 0; i < ND + 2; ++i) tot[i] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < 8; ++q) {  // the row kernel's lane q: elements l = q mod 8, in order
+    __m512 acc[ND + 2];
+    for (int i = 0; i < ND + 2; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t l = q; l < L; l += 8) {
+      const int64_t o = l * S;
+      const __m512 fv = _mm512_loadu_ps(f + o), g = _mm512_sub_ps(fv, _mm512_loadu_ps(x + o));
+      _mm512_storeu_ps(gp + o, g);
+      acc[0] = _mm512_fmadd_ps(g, g, acc[0]);
+      acc[1] = _mm512_fmadd_ps(fv, fv, acc[1]);
+      for (int i = 0; i < ND; ++i) acc[2 + i] = _mm512_fmadd_ps(_mm512_loadu_ps(Gl[i] + o), g, acc[2 + i]);
+    }
+    for (int i = 0; i < ND + 2; ++i) tot[i] = _mm512_add_ps(tot[i], acc[i]);  // from 0, in lane order
+  }
+}
+
+// gram_row_sums_avx2 for the lanes of vector v: sums[lane][0..2] = |g|^2, |f(x)|^2, |g|^2, sums[lane][3 + j] =
+// <G_j, g> for the filled slots j != slot, 0 elsewhere (GT: ring G [m][L][S]).
+DEQFUSE_FM inline void gram_fm(const float* xT, const float* fT, const float* GT, int64_t RS, float* gT, int64_t L,
+                               int64_t S, int64_t P, int v, int m, int slot, int n, float (*sums)[3 + kMaxM]) {
+  const float* Gi[kMaxM];
+  int js[kMaxM], nd = 0;
+  for (int j = 0; j < n; ++j)
+    if (j != slot) {
+      js[nd] = j;
+      Gi[nd++] = GT + j * RS;
+    }
+  __m512 tot[kMaxM + 1];
+  switch (nd) {
+    case 0: gram_fm_v<0>(xT, fT, Gi, gT, L, S, P, v, tot); break;
+    case 1: gram_fm_v<1>(xT, fT, Gi, gT, L, S, P, v, tot); break;
+    case 2: gram_fm_v<2>(xT, fT, Gi, gT, L, S, P, v, tot); break;
+    case 3: gram_fm_v<3>(xT, fT, Gi, gT, L, S, P, v, tot); break;
+    case 4: gram_fm_v<4>(xT, fT, Gi, gT, L, S, P, v, tot); break;
+    case 5: gram_fm_v<5>(xT, fT, Gi, gT, L, S, P, v, tot); break;
+    case 6: gram_fm_v<6>(xT, fT, Gi, gT, L, S, P, v, tot); break;
+    default: gram_fm_v<7>(xT, fT, Gi, gT, L, S, P, v, tot); break;  // nd <= kMaxM - 1 = 7
+  }
+  static_assert(kMaxM == 8, "gram_fm dispatches 0..7 slots");
+  alignas(64) float t[kMaxM + 1][16];
+  for (int i = 0; i < nd + 2; ++i) _mm512_store_ps(t[i], tot[i]);
+  for (int q = 0; q < 16; ++q) {
+    float* s = sums[16 * v + q];
+    s[0] = t[0][q];
+    s[1] = t[1][q];
+    s[2] = t[0][q];
+    for (int j = 0; j < m; ++j) s[3 + j] = 0;
+    for (int i = 0; i < nd; ++i) s[3 + js[i]] = t[2 + i][q];
+  }
+}
+
+// Pass 3 (mix_tile_avx512 with MIXED rings) for the lanes of vector v: ring slot `slot` = (t = fma(beta, g, x),
+// g), then x = sum_j alpha_j t_j in slot order from 0 (A[j]: each lane's alpha_j), stored to the lanes of `live`
+// only (the others are frozen, converged or padding: their x stays; their ring slot is written, never read).
+DEQFUSE_FM inline void mix_fm(float* xT, float* XT, float* GT, int64_t LS, const float* gT, const __m512* A,
+                              __mmask16 live, int64_t L, int64_t S, int64_t P, int v, int slot, int n, float beta) {
+  const __m512 bv = _mm512_set1_ps(beta);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t o = l * S + v * P;
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < n; ++j) {
+      __m512 t;
+      if (j == slot) {
+        const __m512 xv = _mm512_loadu_ps(xT + o), gv = _mm512_loadu_ps(gT + o);
+        t = _mm512_fmadd_ps(bv, gv, xv);
+        _mm512_storeu_ps(XT + j * LS + o, t);
+        _mm512_storeu_ps(GT + j * LS + o, gv);
+      } else {
+        t = _mm512_loadu_ps(XT + j * LS + o);
+      }
+      acc = _mm512_fmadd_ps(A[j], t, acc);
+    }
+    _mm512_mask_storeu_ps(xT + o, live, acc);
+  }
+}
+
+// mix_fm over the V vectors that hold live lanes; alpha[j][lane]: the lanes' weights (kMaxM x 64).
+DEQFUSE_FM inline void mix_fm_all(float* xT, float* XT, float* GT, int64_t RS, const float* gT, const float (*alpha)[64],
+                                  const __mmask16* live, int64_t L, int64_t S, int64_t P, int V, int slot, int n,
+                                  float beta) {
+  for (int v = 0; v < V; ++v) {
+    if (!live[v]) continue;
+    __m512 A[kMaxM];
+    for (int j = 0; j < n; ++j) A[j] = _mm512_loadu_ps(alpha[j] + 16 * v);
+    mix_fm(xT, XT, GT, RS, gT, A, live[v], L, S, P, v, slot, n, beta);
+  }
+}
+
+// dst's lanes of `mask` = src's, over R rows of V vectors ([R][S] arrays)
+DEQFUSE_FM inline void blend_rows_fm(float* dst, const float* src, const __mmask16* mask, int64_t R, int64_t S, int64_t P,
+                                     int V) {
+  for (int v = 0; v < V; ++v)
+    if (mask[v])
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t o = r * S + v * P;
+        _mm512_mask_storeu_ps(dst + o, mask[v], _mm512_loadu_ps(src + o));
+      }
+}
+
+}  // namespace
+}  // namespace deqfuse
+#endif
