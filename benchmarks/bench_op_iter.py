@@ -7,7 +7,8 @@ of one cell evaluation (deqfuse._C.cell_gemm_floor_seconds: the 2N+2 GEMMs alone
                                      [--lo 4] [--hi 34] [--dtype float32]
 
 Prints one line per configuration: us per iteration (median of reps; min in brackets) and the ratio to the
-floor. Needs the compiled extension.
+floor, and the forward solve's layout (deqfuse._C.cell_solve_layout: 'fm' feature-major or 'rows';
+DEQFUSE_SOLVE_LAYOUT=rows|fm forces one). Needs the compiled extension.
 """
 import argparse
 import statistics
@@ -59,7 +60,8 @@ def measure(B, D, N, m, reps, lo, hi, dtype):
         return statistics.median(d), min(d)
 
     floor = statistics.median(ext.cell_gemm_floor_seconds(z0, p, 200, False) * 1e6 for _ in range(7))
-    return per_iter(fwd), per_iter(adj), floor
+    layout = ext.cell_solve_layout(D, G) if dtype == torch.float32 else "rows"
+    return per_iter(fwd), per_iter(adj), floor, layout
 
 
 def main(argv=None):
@@ -86,15 +88,16 @@ def main(argv=None):
 def _run(a):
     dtype = getattr(torch, a.dtype)
     print(f"threads={a.threads} m={a.m} {a.dtype}: us per iteration, median (min) of {a.reps}")
-    print(f"{'B':>5} {'D':>4} {'N':>2} {'floor':>7} {'forward':>16} {'x floor':>7} {'adjoint':>16} {'x floor':>7}")
+    print(f"{'B':>5} {'D':>4} {'N':>2} {'floor':>7} {'forward':>16} {'x floor':>7} {'adjoint':>16} {'x floor':>7} "
+          f"{'layout':>6}")
     rows = []
     for B in a.B:
         for D in a.D:
             for N in a.N:
-                (fm, fmin), (am, amin), floor = measure(B, D, N, a.m, a.reps, a.lo, a.hi, dtype)
+                (fm, fmin), (am, amin), floor, layout = measure(B, D, N, a.m, a.reps, a.lo, a.hi, dtype)
                 print(f"{B:>5} {D:>4} {N:>2} {floor:>7.1f} {fm:>8.1f} ({fmin:>5.1f}) {fm / floor:>7.2f} "
-                      f"{am:>8.1f} ({amin:>5.1f}) {am / floor:>7.2f}", flush=True)
-                rows.append(dict(B=B, D=D, N=N, floor_us=floor, forward_us=fm, adjoint_us=am))
+                      f"{am:>8.1f} ({amin:>5.1f}) {am / floor:>7.2f} {layout:>6}", flush=True)
+                rows.append(dict(B=B, D=D, N=N, floor_us=floor, forward_us=fm, adjoint_us=am, layout=layout))
     return rows
 
 

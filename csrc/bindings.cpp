@@ -11,6 +11,7 @@
 namespace deqfuse {
 double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas);
 std::string cell_rows_kernel(int64_t D, int64_t G);
+std::string cell_solve_layout(int64_t D, int64_t G);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -42,6 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the variant of the C++ CPU cell ops' float32 row passes (bias, GroupNorm, ReLU, residual, gate) for "
         "width D in G groups on this CPU: 'zmm' (512-bit, Intel CPUs with AVX-512, where it gives the same floats) "
         "or 'ymm' (AVX2 + FMA, or the baseline ISA); DEQFUSE_CPU_ROWS=zmm|ymm forces one where the CPU allows");
+  m.def("cell_solve_layout", &deqfuse::cell_solve_layout, pybind11::arg("D"), pybind11::arg("G"),
+        "the layout of anderson_cell_solve's float32 solves of width D in G groups on this CPU: 'fm' (feature-major "
+        "chunks, samples in SIMD lanes: Intel CPUs with AVX-512, tile GEMMs, GroupNorm group width 16 or 8 with G % 4 "
+        "== 0; the same floats) or 'rows'; DEQFUSE_SOLVE_LAYOUT=rows|fm (read per call) forces one where it applies");
   m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),
         pybind11::arg("reps"), pybind11::arg("blas") = false,
         "benchmarks: wall seconds per cell evaluation of its 2N + 2 GEMMs alone (z [B, (N+1) D], the 16 CellParams "

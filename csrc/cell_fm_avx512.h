@@ -35,6 +35,8 @@
 
 namespace deqfuse {
 namespace {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's AVX-512 intrinsics (_mm512_undefined_ps)
 
 // C rows j0 .. j0 + R - 1: C[j][:] = sum_k W[j][k] A[k][:] over K, V vectors per row, then the store epilogue
 // (gemm_small.h: GemmEpi): acc + (bias[j] + addT[j][:]) when addT, else fma(scale, bias[j], acc).
@@ -299,6 +301,7 @@ DEQFUSE_FM inline void blend_rows_fm(float* dst, const float* src, const __mmask
       }
 }
 
+#pragma GCC diagnostic pop
 }  // namespace
 }  // namespace deqfuse
 #endif

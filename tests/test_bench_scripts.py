@@ -93,4 +93,5 @@ def test_bench_op_iter_smoke_reports_an_iteration_beside_the_floor(capsys):
                                "--threads", "1"])
     assert [(r["B"], r["D"], r["N"]) for r in rows] == [(9, 16, 1), (9, 16, 2)]
     assert all(r["floor_us"] > 0 for r in rows)  # iteration differences may be noise-negative at this size
+    assert all(r["layout"] in ("rows", "fm") for r in rows)
     assert "x floor" in capsys.readouterr().out

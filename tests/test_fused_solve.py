@@ -292,6 +292,49 @@ def test_chunk_size_and_thread_order_do_not_change_the_answer(dtype, threads, mo
             assert_same(z, st, z_ref, st_ref, dtype)
 
 
+def _cell_solve(layer, x, groups, m, tol, stop_rel, max_iter, z0):
+    """anderson_cell_solve of the layer's cell from z0: ((steps, rows), the Results buffers)."""
+    p = list(layer.cell.params())
+    with torch.no_grad():
+        xf = fuse_inputs(x, layer.weights, layer.bias)
+    r = Results(z0.clone(), max_iter)
+    out = torch.ops.deqfuse.anderson_cell_solve(z0, x, xf, p, groups, *r.buffers(), m, 1.0, 1e-4, tol, stop_rel,
+                                                max_iter)
+    return out, r.buffers()
+
+
+@pytest.mark.parametrize("D,groups,N,m,B,chunk", [(64, 4, 2, 5, 70, ""), (32, 4, 3, 3, 37, ""), (64, 8, 1, 8, 130, ""),
+                                                  (64, 4, 2, 1, 21, "5"), (64, 4, 5, 5, 50, "24")])
+@pytest.mark.parametrize("stop_rel", [True, False], ids=["rel", "abs"])
+def test_feature_major_solve_equals_the_row_layout_bit_for_bit(D, groups, N, m, B, chunk, stop_rel, threads,
+                                                               monkeypatch):
+    """Where the forward solve can run feature-major (csrc/cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
+    group width 16 or 8 with groups % 4 == 0; by default on Intel CPUs with AVX-512), each sample gets the row
+    layout's floats: iterate, best residual and its step, flags, traces, steps and rows, with samples freezing
+    at different steps (their lanes compacted from 4 vectors down to 1), padding lanes (chunks of 5, 24, 21
+    samples) and ring sizes 1 to 8."""
+    monkeypatch.setenv("DEQFUSE_SOLVE_LAYOUT", "fm")
+    if deqfuse._C.cell_solve_layout(D, groups) != "fm":
+        pytest.skip("the feature-major solve does not run on this CPU or width")
+    if chunk:
+        monkeypatch.setenv("DEQFUSE_SOLVE_CHUNK", chunk)
+    layer = contractive_layer(DEQFusion(D, N, groups=groups), w_scale=0.3, gn3_scale=0.3, seed=0)
+    _, x, _ = make_inputs(B, N, D, torch.float32, seed=1)
+    x = x * torch.linspace(0.05, 3, B)[:, None, None]  # samples that need different step counts
+    z0 = make_inputs(B, N, D, torch.float32, seed=2)[0].reshape(B, -1) * 0.1
+    tol = 1e-6 if stop_rel else 1e-5
+    runs = {}
+    for layout in ("fm", "rows"):
+        monkeypatch.setenv("DEQFUSE_SOLVE_LAYOUT", layout)
+        runs[layout] = _cell_solve(layer, x, groups, m, tol, stop_rel, 16, z0)  # some samples reach max_iter
+    (out, bufs), (out_ref, bufs_ref) = runs["fm"], runs["rows"]
+    assert len(set(bufs_ref[3].tolist())) > 1, "samples must freeze at various steps"
+    assert out == out_ref
+    for name, a, b in zip(("best_x", "best_res", "converged", "nstep", "abs_trace", "rel_trace"), bufs, bufs_ref):
+        assert torch.equal(a.nan_to_num(-1) if a.is_floating_point() else a,
+                           b.nan_to_num(-1) if b.is_floating_point() else b), name
+
+
 def test_adjoint_solve_does_not_depend_on_the_chunk_size(monkeypatch):
     """anderson_vjp_solve runs chunk by chunk too: a training step's outputs and gradients with chunks of
     1, 7 and 64 samples (2 threads; float32 tile GEMMs: bit for bit, else to the loop tests' tolerance)."""
