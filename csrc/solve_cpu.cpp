@@ -127,21 +127,24 @@ inline int64_t l2_bytes() {
   return v;
 }
 
-inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int64_t weight_bytes, bool tile_gemm, int nt) {
+// U: the samples of a unit (8: the Anderson step's groups, two GEMM row tiles; 16 for the feature-major solve: a
+// 16-lane vector, so a chunk has no padding lanes).
+inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int64_t weight_bytes, bool tile_gemm, int nt,
+                           int64_t U = 8) {
   const int64_t l2 = l2_bytes();
   // Weights that leave L2 little room are streamed once per chunk and step, and a BLAS GEMM packs its
   // operands on every call: then the largest chunks amortise them (Zen 4, N=2, B=128: D=256 with 1.5 MB of
   // weights, chunks of 8 samples 1.4x slower per step than 64; D=128 through MKL, chunks of 11 1.6x slower).
   int64_t rows = !tile_gemm || weight_bytes > l2 / 2 ? kBlock
                                                      : (l2 - weight_bytes) / 2 / std::max<int64_t>(1, row_bytes);
-  rows = std::max<int64_t>(8, std::min<int64_t>(kBlock, rows)) / 8 * 8;
+  rows = std::max<int64_t>(U, std::min<int64_t>(kBlock, rows)) / U * U;
   if (const char* e = std::getenv("DEQFUSE_SOLVE_CHUNK")) {
     const long v = std::atol(e);
     if (v > 0) rows = std::min<int64_t>(kBlock, v);
   }
-  // Chunks of whole 8-sample units (the Anderson step's groups, two GEMM row tiles): a chunk of 21 made
+  // Chunks of whole U-sample units (rows: the Anderson step's groups, two GEMM row tiles): a chunk of 21 made
   // the GEMMs run 1- and 2-row tail tiles every step (B=128 D=64 N=3, Zen 4: 76.5 us per step vs 68.5 at 16).
-  const int64_t unit = rows % 8 == 0 ? 8 : 1, units = (B + unit - 1) / unit, per = rows / unit;
+  const int64_t unit = rows % U == 0 ? U : 1, units = (B + unit - 1) / unit, per = rows / unit;
   int64_t count = (units + per - 1) / per;
   count = std::min<int64_t>(units, (count + nt - 1) / nt * nt);
   return {std::max<int64_t>(1, count), B, unit};
@@ -272,7 +275,7 @@ std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin
   nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));  // nothing here throws
 #endif
   const int64_t state_bytes = (int64_t)sizeof(float) * ((2 * m + 5) * L + m * m + 5 * D);
-  const Chunks ch = solve_chunks(B, state_bytes + (int64_t)sizeof(float) * L, cell_weight_bytes(c), true, nt);
+  const Chunks ch = solve_chunks(B, state_bytes + (int64_t)sizeof(float) * L, cell_weight_bytes(c), true, nt, 16);
   int64_t C = 0;
   for (int64_t q = 0; q < ch.count; ++q) C = std::max(C, ch.begin(q + 1) - ch.begin(q));
   nt = (int)std::min<int64_t>(nt, ch.count);
