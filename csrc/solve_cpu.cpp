@@ -154,6 +154,32 @@ inline int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
 template <typename T>
 T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~(uintptr_t)63); }
 
+// The rows a solve evaluated and its steps (the last step any sample was active + 1), summed over threads.
+struct SolveCount {
+  std::atomic<int64_t> rows{0}, steps{0};
+  void add(int64_t r, int64_t st) {
+    rows.fetch_add(r, std::memory_order_relaxed);
+    for (int64_t s = steps.load(); s < st && !steps.compare_exchange_weak(s, st);) {
+    }
+  }
+  std::pair<int64_t, int64_t> result() const { return {steps.load(), rows.load()}; }
+};
+
+// body(tid) on nt threads in one parallel region (a smaller team -- nested, thread limit -- takes the chunks all
+// the same), or on this thread.
+template <typename Body>
+void run_team(int nt, const Body& body) {
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    body(omp_get_thread_num());
+    return;
+  }
+#endif
+  (void)nt;
+  body(0);
+}
+
 // The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch).
 // The chunks are sized from the map: row_bytes (what it reads per sample besides the iterate and the
 // Anderson state), weight_bytes (what it reads whatever the rows) and its cell's GEMM kernel (Cell::kn).
@@ -184,7 +210,8 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
                                       64 / (int64_t)sizeof(T));
   std::unique_ptr<T[]> store(new T[per_thread * nt + 64 / sizeof(T)]);
   T* const scratch = align64(store.get());
-  std::atomic<int64_t> next{0}, rows{0}, steps{0};
+  std::atomic<int64_t> next{0};
+  SolveCount count;
 
   auto body = [&](int tid) {
     T* X = scratch + per_thread * tid;
@@ -225,21 +252,10 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
         }
       }
     }
-    rows.fetch_add(my_rows, std::memory_order_relaxed);
-    for (int64_t s = steps.load(); s < my_steps && !steps.compare_exchange_weak(s, my_steps);) {
-    }
+    count.add(my_rows, my_steps);
   };
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num());  // a smaller team (nested, thread limit) takes the chunks all the same
-  } else {
-    body(0);
-  }
-#else
-  body(0);
-#endif
-  return {steps.load(), rows.load()};
+  run_team(nt, body);
+  return count.result();
 }
 
 #ifdef DEQFUSE_FM_SOLVE
@@ -286,7 +302,8 @@ std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin
   const int64_t per_thread = round_up((4 + 2 * m + 1 + 5) * AS + C * m * m, 16);
   std::unique_ptr<float[]> store(new float[per_thread * nt + 16]);
   float* const base = align64(store.get());
-  std::atomic<int64_t> next{0}, rows{0}, steps{0};
+  std::atomic<int64_t> next{0};
+  SolveCount count;
 
   auto body = [&](int tid) {
     float* xT = base + per_thread * tid;
@@ -383,21 +400,10 @@ std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin
       for (int s = 0; s < 16 * V; ++s)
         if (moving(s)) flush(s);  // max_iter reached
     }
-    rows.fetch_add(my_rows, std::memory_order_relaxed);
-    for (int64_t s = steps.load(); s < my_steps && !steps.compare_exchange_weak(s, my_steps);) {
-    }
+    count.add(my_rows, my_steps);
   };
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num());
-  } else {
-    body(0);
-  }
-#else
-  body(0);
-#endif
-  return {steps.load(), rows.load()};
+  run_team(nt, body);
+  return count.result();
 }
 #endif
 
