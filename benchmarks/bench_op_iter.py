@@ -7,7 +7,7 @@ of one cell evaluation (deqfuse._C.cell_gemm_floor_seconds: the 2N+2 GEMMs alone
                                      [--lo 4] [--hi 34] [--dtype float32]
 
 Prints one line per configuration: us per iteration (median of reps; min in brackets) and the ratio to the
-floor, and the forward solve's layout (deqfuse._C.cell_solve_layout: 'fm' feature-major or 'rows';
+floor, and the whole solves' layout (deqfuse._C.cell_solve_layout: 'fm' feature-major or 'rows';
 DEQFUSE_SOLVE_LAYOUT=rows|fm forces one). Needs the compiled extension.
 """
 import argparse

@@ -44,7 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "width D in G groups on this CPU: 'zmm' (512-bit, Intel CPUs with AVX-512, where it gives the same floats) "
         "or 'ymm' (AVX2 + FMA, or the baseline ISA); DEQFUSE_CPU_ROWS=zmm|ymm forces one where the CPU allows");
   m.def("cell_solve_layout", &deqfuse::cell_solve_layout, pybind11::arg("D"), pybind11::arg("G"),
-        "the layout of anderson_cell_solve's float32 solves of width D in G groups on this CPU: 'fm' (feature-major "
+        "the layout of the whole solves (anderson_cell_solve, anderson_vjp_solve) in float32 at width D in G groups on "
+        "this CPU: 'fm' (feature-major "
         "chunks, samples in SIMD lanes: Intel CPUs with AVX-512, tile GEMMs, GroupNorm group width 16 or 8 with G % 4 "
         "== 0; the same floats) or 'rows'; DEQFUSE_SOLVE_LAYOUT=rows|fm (read per call) forces one where it applies");
   m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),

@@ -1,4 +1,4 @@
-// Feature-major ("fm") float kernels with AVX-512 for the whole forward solve (solve_cpu.cpp:
+// Feature-major ("fm") float kernels with AVX-512 for the whole solves, forward and adjoint (solve_cpu.cpp:
 // solve_loop_fm): a chunk's samples sit in the SIMD lanes. Every array is [rows][S] (row stride S, S = 16 V
 // lanes, V 16-lane vectors per row): the iterate and f(x) [L][S], the rings [m][L][S], the inputs x [N D][S],
 // xf [D][S], the cell's intermediates [D][S]. Row r of such an array is feature r of S samples.
@@ -11,12 +11,13 @@
 //
 // Values: every kernel does, per lane, the operations the row kernels do per sample, in the same order, so a
 // sample's floats are those of the row layout (tests/test_fused_solve.py compares the two solves bit for bit):
-//   gemm_fm: C[j][s] = chain of fma(W[j][k], A[k][s], .) over k from 0 (gemm_tile_avx512: fma(A[s][k],
-//     W^T[k][j], .)), then the store epilogue of GemmEpi;
+//   gemm_fm: C[j][s] = chain of fma(W[j][k], A[k][s], .) over k from 0 (or from C: the VJP's dz_i += da1 W1_i)
+//     (gemm_tile_avx512: fma(A[s][k], W^T[k][j], .)), then the store epilogue of GemmEpi;
 //   gn_fm: the AVX2 GroupNorm's arithmetic (gn_rows_avx2 for group widths 16 and 8): the 8 partial sums
 //     y_l + y_{l+8} (width 16) or y_l (width 8), hsum4_avx2's tree ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 +
 //     p7)), the product with 1/n, the squares' partials fma(d_{l+8}, d_{l+8}, d_l^2) (width 16) or d_l^2, the
-//     same tree, 1 / sqrt(var + eps), h = d r, fma(h, gamma, beta) and GnRow's epilogue;
+//     same tree, 1 / sqrt(var + eps), h = d r, fma(h, gamma, beta) and GnRow's epilogue; gn_back_fm: those of
+//     gn_rows_backward_wide_avx512 with GnBackRow's passes;
 //   gram_fm: gram_row_avx2's sums -- lane q of its 8-lane accumulators is the chain over the elements l = q mod 8
 //     in order, the lanes then added to 0 in lane order;
 //   mix_fm: mix_tile_avx2 / mix_tile_avx512 with MIXED rings (the whole solves own their rings).
@@ -42,10 +43,10 @@ namespace {
 // (gemm_small.h: GemmEpi): acc + (bias[j] + addT[j][:]) when addT, else fma(scale, bias[j], acc).
 template <int R, int V>
 DEQFUSE_FM inline void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, const float* A, int64_t S, int64_t P,
-                                    float* C, const float* bias, const float* addT, float scale) {
+                                    float* C, const float* bias, const float* addT, float scale, bool accumulate) {
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(C + r * S + v * P) : _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[V];
     for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(A + k * S + v * P);
@@ -56,31 +57,35 @@ DEQFUSE_FM inline void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, cons
   }
   const __m512 sc = _mm512_set1_ps(scale);
   for (int r = 0; r < R; ++r) {
-    const __m512 bb = _mm512_set1_ps(bias[r]);
+    const __m512 bb = _mm512_set1_ps(bias ? bias[r] : 0.0f);
     for (int v = 0; v < V; ++v) {
-      const __m512 c = addT ? _mm512_add_ps(acc[r][v], _mm512_add_ps(bb, _mm512_loadu_ps(addT + r * S + v * P)))
-                            : _mm512_fmadd_ps(sc, bb, acc[r][v]);
+      __m512 c = acc[r][v];
+      if (bias)
+        c = addT ? _mm512_add_ps(c, _mm512_add_ps(bb, _mm512_loadu_ps(addT + r * S + v * P))) : _mm512_fmadd_ps(sc, bb, c);
       _mm512_storeu_ps(C + r * S + v * P, c);
     }
   }
 }
 
-// C [D][S] = W [D][D] (a Linear's weight as stored) applied to A [D][S], with bias [D] and the epilogue of
-// gemm_fm_tile (addT [D][S] or null). D % 4 == 0; V = 1 .. 4.
+// C [D][S] = (accumulate ? C : 0) + W [D][D] applied to A [D][S] (W row-major [out][in]: a Linear's weight as
+// stored for the forward, its transpose -- Cell::w1t ... -- for the VJP), with bias [D] (null: none) and the
+// epilogue of gemm_fm_tile (addT [D][S] or null). D % 4 == 0; V = 1 .. 4.
 template <int V>
 DEQFUSE_FM inline void gemm_fm_v(int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
-                                 const float* bias, const float* addT, float scale) {
+                                 const float* bias, const float* addT, float scale, bool accumulate) {
   for (int64_t j = 0; j < D; j += 4)
-    gemm_fm_tile<4, V>(D, W + j * D, D, A, S, P, C + j * S, bias + j, addT ? addT + j * S : nullptr, scale);
+    gemm_fm_tile<4, V>(D, W + j * D, D, A, S, P, C + j * S, bias ? bias + j : nullptr, addT ? addT + j * S : nullptr,
+                       scale, accumulate);
 }
 
 DEQFUSE_FM inline void gemm_fm(int V, int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
-                               const float* bias, const float* addT = nullptr, float scale = 1.0f) {
+                               const float* bias, const float* addT = nullptr, float scale = 1.0f,
+                               bool accumulate = false) {
   switch (V) {
-    case 4: return gemm_fm_v<4>(D, W, A, S, P, C, bias, addT, scale);
-    case 3: return gemm_fm_v<3>(D, W, A, S, P, C, bias, addT, scale);
-    case 2: return gemm_fm_v<2>(D, W, A, S, P, C, bias, addT, scale);
-    default: return gemm_fm_v<1>(D, W, A, S, P, C, bias, addT, scale);
+    case 4: return gemm_fm_v<4>(D, W, A, S, P, C, bias, addT, scale, accumulate);
+    case 3: return gemm_fm_v<3>(D, W, A, S, P, C, bias, addT, scale, accumulate);
+    case 2: return gemm_fm_v<2>(D, W, A, S, P, C, bias, addT, scale, accumulate);
+    default: return gemm_fm_v<1>(D, W, A, S, P, C, bias, addT, scale, accumulate);
   }
 }
 
@@ -191,6 +196,127 @@ DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const flo
   FmEpi ef;
   ef.out = fT + N * DS;  // out_f = GN_f(ReLU(a3))
   gn_fm<NW, true>(a, c.gfw, c.gfb, G, S, P, V, ef);
+}
+
+// v as it is, hidden from the optimiser: a product that feeds an add is not contracted into an FMA with it (GCC's
+// -ffp-contract=fast would, where the row kernels' shuffles between the two keep them apart).
+DEQFUSE_FM inline __m512 opaque_fm(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// x gamma, rounded, kept apart from the adds it feeds (opaque_fm)
+DEQFUSE_FM inline __m512 prod_fm(__m512 x, float gamma) { return opaque_fm(_mm512_mul_ps(x, _mm512_set1_ps(gamma))); }
+
+// v where gate > 0, else 0 (a ReLU's backward, NaN gates closed)
+DEQFUSE_FM inline __m512 gate_fm(const float* gate, __m512 v) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(gate), _mm512_setzero_ps(), _CMP_GT_OQ), v);
+}
+
+// GnBackRow's operations ([D][S] arrays; rstd [G][S]): x = dout (+ dout_add), 0 where in_gate is not > 0; dy =
+// GN^T(x) with yhat, rstd and gamma; 0 where out_gate is not > 0; copy = dy (+ copy_add). dy may be dout.
+struct FmBack {
+  const float *dout, *yhat, *rstd;
+  float* dy;
+  const float* dout_add = nullptr;
+  const float* in_gate = nullptr;
+  const float* out_gate = nullptr;
+  float* copy = nullptr;
+  const float* copy_add = nullptr;
+};
+
+// The GroupNorm backward of gn_rows_backward_wide_avx512 (= gn_rows_backward_avx2) per lane: d = x gamma; the
+// partials a1_l = (d_l + d_{l+8}) + 0 and a2_l = fma(d_{l+8}, yhat_{l+8}, fma(d_l, yhat_l, 0)) (width 16) or d_l + 0
+// and fma(d_l, yhat_l, 0) (width 8); hsum4_avx2's tree; the products with 1/n; dy = rstd (fmsub(x, gamma, m1) -
+// yhat m2) as fnmadd.
+template <int NW>
+DEQFUSE_FM inline void gn_back_fm(const FmBack& p, const float* gamma, int64_t G, int64_t S, int64_t P, int V) {
+  const __m512 inv_n = _mm512_set1_ps(1.0f / NW), zero = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t r0 = g * NW;
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = r0 * S + v * P;
+      __m512 x[NW], s[8];
+#pragma GCC unroll 16
+      for (int i = 0; i < NW; ++i) {
+        const int64_t j = o + i * S;
+        x[i] = _mm512_loadu_ps(p.dout + j);
+        if (p.dout_add) x[i] = _mm512_add_ps(x[i], _mm512_loadu_ps(p.dout_add + j));
+        if (p.in_gate) x[i] = gate_fm(p.in_gate + j, x[i]);
+      }
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) s[l] = _mm512_add_ps(NW == 16 ? _mm512_add_ps(prod_fm(x[l], gamma[r0 + l]), prod_fm(x[l + 8], gamma[r0 + l + 8])) : prod_fm(x[l], gamma[r0 + l]), zero);
+      const __m512 m1 = _mm512_mul_ps(tree8_fm(s), inv_n);
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) {
+        const __m512 lo = _mm512_fmadd_ps(prod_fm(x[l], gamma[r0 + l]), _mm512_loadu_ps(p.yhat + o + l * S), zero);
+        s[l] = NW == 16 ? _mm512_fmadd_ps(prod_fm(x[l + 8], gamma[r0 + l + 8]), _mm512_loadu_ps(p.yhat + o + (l + 8) * S), lo) : lo;
+      }
+      const __m512 m2 = _mm512_mul_ps(tree8_fm(s), inv_n);
+      const __m512 r = _mm512_loadu_ps(p.rstd + g * S + v * P);
+#pragma GCC unroll 16
+      for (int i = 0; i < NW; ++i) {
+        const int64_t j = o + i * S;
+        const __m512 da = _mm512_fmsub_ps(x[i], _mm512_set1_ps(gamma[r0 + i]), m1);
+        __m512 y = opaque_fm(_mm512_mul_ps(r, _mm512_fnmadd_ps(_mm512_loadu_ps(p.yhat + j), m2, da)));
+        if (p.out_gate) y = gate_fm(p.out_gate + j, y);
+        _mm512_storeu_ps(p.dy + j, y);
+        if (p.copy) _mm512_storeu_ps(p.copy + j, p.copy_add ? _mm512_add_ps(y, _mm512_loadu_ps(p.copy_add + j)) : y);
+      }
+    }
+  }
+}
+
+// The saved tensors of cell_forward(save=True) as feature-major arrays (kNumSaved, in its order: yh1 [N D], rs1
+// [N G], g1s, yh2 [N D], rs2 [N G], us, yh3 [N D], rs3 [N G], zfs, gas, a3s, yhf [D], rsf [G] rows), then add [L].
+constexpr int kFmVjpInputs = kNumSaved + 1;
+
+// The cell's VJP (vjp_block_body without Keep: out = J^T g + add) on V vectors of lanes: gT [L][S] -> oT [L][S];
+// in: the kFmVjpInputs arrays; scr: 5 [D][S] arrays. Group width NW. The cell's transposed weights (c.w1t ...:
+// the VJP multiplies by W, whose rows are W^T's columns).
+template <int NW>
+DEQFUSE_FM void cell_vjp_fm(const Cell<float>& c, const float* gT, const float* const* in, float* oT,
+                            float* const* scr, int64_t S, int64_t P, int V) {
+  const int64_t N = c.N, D = c.D, G = c.G, DS = D * S, GS = G * S;
+  const float *yh1 = in[0], *rs1 = in[1], *g1s = in[2], *yh2 = in[3], *rs2 = in[4], *us = in[5], *yh3 = in[6];
+  const float *rs3 = in[7], *zfs = in[8], *gas = in[9], *a3s = in[10], *yhf = in[11], *rsf = in[12], *add = in[13];
+  float *da = scr[0], *dq = scr[1], *ds = scr[2], *du = scr[3], *t = scr[4];
+  // fusion branch: da3 = GN_f^T(gbar_f) * (a3 > 0) ; dq = da3 Wf ; ds = (dq * z_f) Wg
+  FmBack bf{gT + N * DS, yhf, rsf, da};
+  bf.out_gate = a3s;
+  gn_back_fm<NW>(bf, c.gfw, G, S, P, V);
+  gemm_fm(V, D, c.wft, da, S, P, dq, nullptr);
+  for (int64_t j = 0; j < D; ++j)
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = j * S + v * P;
+      _mm512_storeu_ps(da + o, _mm512_mul_ps(_mm512_loadu_ps(dq + o), _mm512_loadu_ps(zfs + o)));
+    }
+  gemm_fm(V, D, c.wgt, da, S, P, ds, nullptr);
+  const __m512 nf = _mm512_set1_ps((float)N);
+  for (int64_t j = 0; j < D; ++j)  // dz_f = dq * ga + N ds (+ add_f), as GCC contracts the row pass
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = j * S + v * P, of = N * DS + o;
+      __m512 w = _mm512_fmadd_ps(_mm512_loadu_ps(dq + o), _mm512_loadu_ps(gas + o),
+                                 _mm512_mul_ps(nf, _mm512_loadu_ps(ds + o)));
+      w = _mm512_add_ps(opaque_fm(w), _mm512_loadu_ps(add + of));
+      _mm512_storeu_ps(oT + of, w);
+    }
+  for (int64_t i = 0; i < N; ++i) {
+    // du = GN3^T(gbar_i + ds) * (u > 0), dz_i = du + add_i ; da2 = GN2^T(du)
+    FmBack b3{gT + i * DS, yh3 + i * DS, rs3 + i * GS, du};
+    b3.dout_add = ds;
+    b3.out_gate = us + i * DS;
+    b3.copy = oT + i * DS;
+    b3.copy_add = add + i * DS;
+    gn_back_fm<NW>(b3, c.g3w + i * D, G, S, P, V);
+    gn_back_fm<NW>(FmBack{du, yh2 + i * DS, rs2 + i * GS, t}, c.g2w + i * D, G, S, P, V);
+    // dh = da2 W2_i * (g1 > 0) ; da1 = GN1^T(dh) ; dz_i += da1 W1_i
+    gemm_fm(V, D, c.w2t + i * D * D, t, S, P, da, nullptr);
+    FmBack b1{da, yh1 + i * DS, rs1 + i * GS, da};
+    b1.in_gate = g1s + i * DS;
+    gn_back_fm<NW>(b1, c.g1w + i * D, G, S, P, V);
+    gemm_fm(V, D, c.w1t + i * D * D, da, S, P, oT + i * DS, nullptr, nullptr, 1.0f, true);
+  }
 }
 
 // Pass 1 of the Anderson step (gram_row_avx2) for the 16 lanes of vector v: gT = fT - xT, and per lane the sums

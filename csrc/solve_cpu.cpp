@@ -11,9 +11,9 @@
 // moving only (gathered into a contiguous block when they are not already one), so a solve costs the
 // rows it needs, without the compaction heuristics of the Python driver.
 //
-// Layout: where the floats allow it, the forward solve runs each chunk feature-major, its samples in SIMD lanes
+// Layout: where the floats allow it, both solves run each chunk feature-major, its samples in SIMD lanes
 // (solve_loop_fm, cell_fm_avx512.h: float32, tile GEMMs, GroupNorm group width 16 or 8; by default on Intel CPUs
-// with AVX-512): the same floats, a third less time per iteration at B=128 D=64 N=2 on Emerald Rapids.
+// with AVX-512): the same floats in less time per iteration (benchmarks/RESULTS.md, 2026-12-06 fourth session).
 //
 // Threads: one parallel region for the whole solve, no barrier per step: threads take chunks of consecutive
 // samples and solve each to the end (solve_loop's schedule comment). The solve stops when no sample is
@@ -259,7 +259,7 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 }
 
 #ifdef DEQFUSE_FM_SOLVE
-// The group width (16 or 8) with which anderson_cell_solve runs feature-major (solve_loop_fm), else 0: where
+// The group width (16 or 8) with which the whole solves run feature-major (solve_loop_fm), else 0: where
 // the row layout's float kernels are the tile GEMMs and the AVX-512 GroupNorms (cell_fm_avx512.h: the same
 // floats), on the CPUs whose row passes run in 512-bit vectors (cpu_rows_zmm: Intel; not measured on Zen 4).
 // DEQFUSE_SOLVE_LAYOUT (read per call; tests, benchmarks): "rows" never, "fm" wherever the floats allow it.
@@ -271,9 +271,49 @@ inline int fm_solve_width(bool kn, int64_t D, int64_t G) {
   return gn_wide_avx512(D, G);
 }
 
-// The forward solve with each chunk feature-major (cell_fm_avx512.h): the loop of solve_loop -- same chunks,
+// A feature-major map's per-sample input: `rows` rows, sample b's row r at src[(r / blk) B blk + b blk + r % blk]
+// (a [B, rows] tensor: blk = rows; an [N, B, X] one: blk = X, rows = N X).
+struct FmInput {
+  const float* src;
+  int64_t blk, rows;
+};
+
+// The forward map (CellMap) feature-major: inputs x [N D] and x_f [D] rows.
+template <int NW>
+struct FmCellMap {
+  const Cell<float>& c;
+  const float *x, *xf;
+  static constexpr int kScratch = 4;
+  std::vector<FmInput> inputs() const { return {{x, c.N * c.D, c.N * c.D}, {xf, c.D, c.D}}; }
+  void operator()(const float* zT, float* fT, const float* const* in, float* const* scr, int64_t S, int64_t P,
+                  int V) const {
+    cell_forward_fm<NW>(c, zT, in[0], in[1], fT, scr, S, P, V);
+  }
+  int64_t row_bytes() const { return CellMap<float>{c, x, xf}.row_bytes(); }
+};
+
+// The adjoint map (VjpMap) feature-major: inputs the saved tensors and add (cell_fm_avx512.h: kFmVjpInputs).
+template <int NW>
+struct FmVjpMap {
+  const Cell<float>& c;
+  const float* add;
+  static constexpr int kScratch = 5;
+  std::vector<FmInput> inputs() const {
+    const int64_t N = c.N, D = c.D, G = c.G;
+    return {{c.yh1, D, N * D}, {c.rs1, G, N * G}, {c.g1s, D, N * D}, {c.yh2, D, N * D}, {c.rs2, G, N * G},
+            {c.us, D, N * D},  {c.yh3, D, N * D}, {c.rs3, G, N * G}, {c.zfs, D, D},     {c.gas, D, D},
+            {c.a3s, D, D},     {c.yhf, D, D},     {c.rsf, G, G},     {add, c.ZS, c.ZS}};
+  }
+  void operator()(const float* gT, float* oT, const float* const* in, float* const* scr, int64_t S, int64_t P,
+                  int V) const {
+    cell_vjp_fm<NW>(c, gT, in, oT, scr, S, P, V);
+  }
+  int64_t row_bytes() const { return VjpMap<float>{c, add}.row_bytes(); }
+};
+
+// A whole solve with each chunk feature-major (cell_fm_avx512.h): the loop of solve_loop -- same chunks,
 // same per-sample contract and floats -- with the chunk's samples in SIMD lanes: its state transposed in once
-// (z0, best_x, x, xf), its best iterates transposed out when a sample freezes or at the end. A chunk of C
+// (z0, best_x, the map's inputs), its best iterates transposed out when a sample freezes or at the end. A chunk of C
 // samples has 16 V lanes (V = ceil(C / 16)); a step evaluates the V vectors holding samples still moving, and
 // when these fit in fewer vectors the moving samples' lanes are moved to the front (the state arrays; at most 3
 // times per chunk). Frozen and padding lanes are evaluated, not stored.
@@ -281,25 +321,28 @@ inline int fm_solve_width(bool kn, int64_t D, int64_t G) {
 // rows is contiguous. P and the arrays' starts are 64 bytes off multiples of 4 KB (P = 16 (L + 1), arrays
 // 16 more apart): rings slots and arrays a multiple of 4 KB apart made the mixing's loads wait on its ring
 // stores to the same 4 KB offsets (4K aliasing).
-template <int NW>
-std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin, const float* xfin, const float* z0,
-                                          const OutPtrs<float>& o, int64_t B, const SolveArgs& a) {
-  const int64_t N = c.N, D = c.D, L = c.ZS, m = a.m;
+template <typename FmMap>
+std::pair<int64_t, int64_t> solve_loop_fm(const FmMap& map, const float* z0, const OutPtrs<float>& o, int64_t B,
+                                          const SolveArgs& a) {
+  const Cell<float>& c = map.c;
+  const int64_t D = c.D, L = c.ZS, m = a.m;
+  const std::vector<FmInput> ins = map.inputs();
+  const int NI = (int)ins.size(), NS = FmMap::kScratch;
   bool* cv = o.converged;
   int nt = 1;
 #ifdef _OPENMP
   nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));  // nothing here throws
 #endif
   const int64_t state_bytes = (int64_t)sizeof(float) * ((2 * m + 5) * L + m * m + 5 * D);
-  const Chunks ch = solve_chunks(B, state_bytes + (int64_t)sizeof(float) * L, cell_weight_bytes(c), true, nt, 16);
+  const Chunks ch = solve_chunks(B, state_bytes + map.row_bytes(), cell_weight_bytes(c), true, nt, 16);
   int64_t C = 0;
   for (int64_t q = 0; q < ch.count; ++q) C = std::max(C, ch.begin(q + 1) - ch.begin(q));
   nt = (int)std::min<int64_t>(nt, ch.count);
   const int64_t VM = (C + 15) / 16, S = 16, P = 16 * (L + 1), AS = VM * P + 16;  // AS: one array's stride
   auto at = [&](int64_t r, int64_t lane) { return r * S + (lane / 16) * P + lane % 16; };
-  // per thread: x, f(x), g, best [L]; rings X, G [m][L] (slot stride AS); x_i [N D]; x_f, the cell's 4 [D]
+  // per thread: x, f(x), g, best [L]; rings X, G [m][L] (slot stride AS); the map's inputs and scratch arrays
   // (every array AS values), then the Gram matrices [C][m][m]
-  const int64_t per_thread = round_up((4 + 2 * m + 1 + 5) * AS + C * m * m, 16);
+  const int64_t per_thread = round_up((4 + 2 * m + NI + NS) * AS + C * m * m, 16);
   std::unique_ptr<float[]> store(new float[per_thread * nt + 16]);
   float* const base = align64(store.get());
   std::atomic<int64_t> next{0};
@@ -307,10 +350,12 @@ std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin
 
   auto body = [&](int tid) {
     float* xT = base + per_thread * tid;
-    float *fT = xT + AS, *gT = fT + AS, *bT = gT + AS, *XT = bT + AS, *GT = XT + m * AS, *inT = GT + m * AS;
-    float* xfT = inT + AS;
-    float* const scr[4] = {xfT + AS, xfT + 2 * AS, xfT + 3 * AS, xfT + 4 * AS};
-    float* GG = xfT + 5 * AS;
+    float *fT = xT + AS, *gT = fT + AS, *bT = gT + AS, *XT = bT + AS, *GT = XT + m * AS, *inb = GT + m * AS;
+    float* in[kFmVjpInputs];
+    float* scr[5];
+    for (int q = 0; q < NI; ++q) in[q] = inb + q * AS;
+    for (int q = 0; q < NS; ++q) scr[q] = inb + (NI + q) * AS;
+    float* GG = inb + (NI + NS) * AS;
     int64_t my_rows = 0, my_steps = 0;
     int lane[64];  // lane -> sample of the chunk (-1: none)
     float sums[64][3 + kMaxM];
@@ -318,15 +363,18 @@ std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin
     for (int64_t ci; (ci = next.fetch_add(1, std::memory_order_relaxed)) < ch.count;) {
       const int64_t b0 = ch.begin(ci), Cc = ch.begin(ci + 1) - b0;
       for (int64_t s = 0; s < 16 * VM; ++s) {  // transpose in (padding lanes: zeros)
-        const bool in = s < Cc;
-        lane[s] = in ? (int)s : -1;
+        const bool live = s < Cc;
+        lane[s] = live ? (int)s : -1;
         const int64_t b = b0 + s;
         for (int64_t l = 0; l < L; ++l) {
-          xT[at(l, s)] = in ? z0[b * L + l] : 0.0f;
-          bT[at(l, s)] = in ? o.best_x[b * L + l] : 0.0f;
+          xT[at(l, s)] = live ? z0[b * L + l] : 0.0f;
+          bT[at(l, s)] = live ? o.best_x[b * L + l] : 0.0f;
         }
-        for (int64_t l = 0; l < N * D; ++l) inT[at(l, s)] = in ? xin[b * N * D + l] : 0.0f;
-        for (int64_t l = 0; l < D; ++l) xfT[at(l, s)] = in ? xfin[b * D + l] : 0.0f;
+        for (int q = 0; q < NI; ++q) {
+          const FmInput& e = ins[q];
+          for (int64_t l = 0; l < e.rows; ++l)
+            in[q][at(l, s)] = live ? e.src[(l / e.blk) * B * e.blk + b * e.blk + l % e.blk] : 0.0f;
+        }
       }
       auto flush = [&](int s) {  // lane s's best iterate -> best_x
         float* dst = o.best_x + (b0 + lane[s]) * L;
@@ -354,13 +402,12 @@ std::pair<int64_t, int64_t> solve_loop_fm(const Cell<float>& c, const float* xin
             move(XT + j * AS, L);
             move(GT + j * AS, L);
           }
-          move(inT, N * D);
-          move(xfT, D);
+          for (int q = 0; q < NI; ++q) move(in[q], ins[q].rows);
           for (int d = 0; d < 16 * V; ++d) lane[d] = d < n2 ? lane[src[d]] : -1;
           V = (n2 + 15) / 16;
         }
         const int slot = (int)(k % m), n = (int)std::min<int64_t>(k + 1, m);
-        cell_forward_fm<NW>(c, xT, inT, xfT, fT, scr, S, P, V);
+        map(xT, fT, in, scr, S, P, V);
         for (int v = 0; v < V; ++v) gram_fm(xT, fT, GT, AS, gT, L, S, P, v, (int)m, slot, n, sums);
         // the bookkeeping of anderson_rows per moving lane
         __mmask16 better[4] = {0, 0, 0, 0}, live[4] = {0, 0, 0, 0};
@@ -445,6 +492,36 @@ std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start,
   return {r.first, r.second};
 }
 
+// The adjoint solve of anderson_vjp_solve feature-major where fm_solve_width allows it (c built with its transposed
+// weights): true when it ran.
+template <typename T>
+bool adjoint_solve_fm(const Cell<T>& c, const at::Tensor& add, const at::Tensor& g0, const SolveBuffers& out,
+                      int64_t B, const SolveArgs& a, std::tuple<int64_t, int64_t>& res) {
+#ifdef DEQFUSE_FM_SOLVE
+  if constexpr (std::is_same_v<T, float>) {
+    const int nw = fm_solve_width(c.kn(), c.D, c.G);
+    if (!nw || !c.w1t) return false;
+    const float *ap = add.data_ptr<float>(), *gp = g0.data_ptr<float>();
+    const auto r = nw == 16 ? solve_loop_fm(FmVjpMap<16>{c, ap}, gp, out.ptrs<float>(), B, a)
+                            : solve_loop_fm(FmVjpMap<8>{c, ap}, gp, out.ptrs<float>(), B, a);
+    res = {r.first, r.second};
+    return true;
+  }
+#endif
+  (void)c, (void)add, (void)g0, (void)out, (void)B, (void)a, (void)res;
+  return false;
+}
+
+// Whether a float32 solve of width D in G groups runs feature-major (T: the solve's dtype).
+template <typename T>
+bool fm_solve_for(int64_t D, int64_t G) {
+#ifdef DEQFUSE_FM_SOLVE
+  if constexpr (std::is_same_v<T, float>) return fm_solve_width(small_gemm_for(D) != SmallGemm::kBlas, D, G) != 0;
+#endif
+  (void)D, (void)G;
+  return false;
+}
+
 // The forward solve of anderson_cell_solve feature-major where fm_solve_width allows it: true when it ran.
 template <typename T>
 bool forward_solve_fm(const Cell<T>& c, const at::Tensor& x, const at::Tensor& xf, const at::Tensor& z0,
@@ -454,8 +531,8 @@ bool forward_solve_fm(const Cell<T>& c, const at::Tensor& x, const at::Tensor& x
     const int nw = fm_solve_width(c.kn(), c.D, c.G);
     if (!nw) return false;
     const float *xp = x.data_ptr<float>(), *xfp = xf.data_ptr<float>(), *zp = z0.data_ptr<float>();
-    const auto r = nw == 16 ? solve_loop_fm<16>(c, xp, xfp, zp, out.ptrs<float>(), B, a)
-                            : solve_loop_fm<8>(c, xp, xfp, zp, out.ptrs<float>(), B, a);
+    const auto r = nw == 16 ? solve_loop_fm(FmCellMap<16>{c, xp, xfp}, zp, out.ptrs<float>(), B, a)
+                            : solve_loop_fm(FmCellMap<8>{c, xp, xfp}, zp, out.ptrs<float>(), B, a);
     res = {r.first, r.second};
     return true;
   }
@@ -531,13 +608,14 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
   const auto sv = contiguous_all(saved), p = contiguous_all(params);
   std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "anderson_vjp_solve", [&] {
-    const Cell<scalar_t> c(B, N, D, groups, p, sv);
+    const Cell<scalar_t> c(B, N, D, groups, p, sv, /*forward=*/fm_solve_for<scalar_t>(D, groups));  // W^T for fm
+    if (adjoint_solve_fm(c, ac, gc, out, B, a, res)) return;
     res = solve_from<scalar_t>(VjpMap<scalar_t>{c, ac.data_ptr<scalar_t>()}, gc, out, B, L, D, a);
   });
   return res;
 }
 
-// The layout of anderson_cell_solve's float32 solves of width D in G groups on this CPU (bindings.cpp).
+// The layout of the whole solves' float32 solves of width D in G groups on this CPU (bindings.cpp).
 std::string cell_solve_layout(int64_t D, int64_t G) {
 #ifdef DEQFUSE_FM_SOLVE
   if (D > 0 && G > 0 && D % G == 0 && fm_solve_width(small_gemm_for(D) != SmallGemm::kBlas, D, G)) return "fm";

@@ -24,7 +24,7 @@ CPU_GEMMS = ("", "auto", "avx512", "avx2", "blas")
 # DEQFUSE_CPU_ROWS: the vectors of their row passes (csrc/cpu_simd.h: 512-bit on Intel CPUs with AVX-512),
 # read once; deqfuse._C.cell_rows_kernel(D, G) says which runs.
 CPU_ROWS = ("", "auto", "zmm", "ymm")
-# DEQFUSE_SOLVE_LAYOUT: the layout of the whole forward solve's chunks (csrc/solve_cpu.cpp: feature-major on Intel
+# DEQFUSE_SOLVE_LAYOUT: the layout of the whole solves' chunks (csrc/solve_cpu.cpp: feature-major on Intel
 # CPUs with AVX-512 where the floats allow it), read per solve; deqfuse._C.cell_solve_layout(D, G) says which runs.
 SOLVE_LAYOUTS = ("", "auto", "rows", "fm")
 
@@ -41,7 +41,7 @@ def extension_status():
     from . import ops  # noqa: F401  fake kernels for torch.compile
     for var, allowed, what in (("DEQFUSE_CPU_GEMM", CPU_GEMMS, "GEMM kernel"),
                                ("DEQFUSE_CPU_ROWS", CPU_ROWS, "row passes' vectors"),
-                               ("DEQFUSE_SOLVE_LAYOUT", SOLVE_LAYOUTS, "forward solve's layout")):
+                               ("DEQFUSE_SOLVE_LAYOUT", SOLVE_LAYOUTS, "solves' layout")):
         forced = os.environ.get(var, "")
         if forced not in allowed:
             warnings.warn(f"{var}={forced!r} is not one of {allowed[1:]}: ignored (the C++ CPU cell ops pick their "
