@@ -69,12 +69,15 @@ DEQFUSE_FM inline void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, cons
 
 // C [D][S] = (accumulate ? C : 0) + W [D][D] applied to A [D][S] (W row-major [out][in]: a Linear's weight as
 // stored for the forward, its transpose -- Cell::w1t ... -- for the VJP), with bias [D] (null: none) and the
-// epilogue of gemm_fm_tile (addT [D][S] or null). D % 4 == 0; V = 1 .. 4.
+// epilogue of gemm_fm_tile (addT [D][S] or null). D % 8 == 0; V = 1 .. 4.
+// Tiles of R = 8 output rows for V <= 3 (24 accumulators at most), 4 for V = 4: per k, V loads and R broadcasts
+// feed R V FMAs (R = 4 at V = 3 left the adjoint's 48-sample chunks a third of the FMAs per load of V = 4).
 template <int V>
 DEQFUSE_FM inline void gemm_fm_v(int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
                                  const float* bias, const float* addT, float scale, bool accumulate) {
-  for (int64_t j = 0; j < D; j += 4)
-    gemm_fm_tile<4, V>(D, W + j * D, D, A, S, P, C + j * S, bias ? bias + j : nullptr, addT ? addT + j * S : nullptr,
+  constexpr int R = V <= 3 ? 8 : 4;  // D % 32 == 0
+  for (int64_t j = 0; j < D; j += R)
+    gemm_fm_tile<R, V>(D, W + j * D, D, A, S, P, C + j * S, bias ? bias + j : nullptr, addT ? addT + j * S : nullptr,
                        scale, accumulate);
 }
 
@@ -213,17 +216,10 @@ DEQFUSE_FM inline __m512 gate_fm(const float* gate, __m512 v) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(gate), _mm512_setzero_ps(), _CMP_GT_OQ), v);
 }
 
-// GnBackRow's operations ([D][S] arrays; rstd [G][S]): x = dout (+ dout_add), 0 where in_gate is not > 0; dy =
-// GN^T(x) with yhat, rstd and gamma; 0 where out_gate is not > 0; copy = dy (+ copy_add). dy may be dout.
-struct FmBack {
-  const float *dout, *yhat, *rstd;
-  float* dy;
-  const float* dout_add = nullptr;
-  const float* in_gate = nullptr;
-  const float* out_gate = nullptr;
-  float* copy = nullptr;
-  const float* copy_add = nullptr;
-};
+// gn_back_fm's operands: cell_cpu_kernels.h's GnBackRow on [D][S] arrays (rstd [G][S]): x = dout (+ dout_add),
+// 0 where in_gate is not > 0; dy = GN^T(x) with yhat, rstd and gamma; 0 where out_gate is not > 0; copy = dy
+// (+ copy_add). dy may be dout.
+using FmBack = GnBackRow<float>;
 
 // The GroupNorm backward of gn_rows_backward_wide_avx512 (= gn_rows_backward_avx2) per lane: d = x gamma; the
 // partials a1_l = (d_l + d_{l+8}) + 0 and a2_l = fma(d_{l+8}, yhat_{l+8}, fma(d_l, yhat_l, 0)) (width 16) or d_l + 0
@@ -329,18 +325,24 @@ DEQFUSE_FM inline void gram_fm_v(const float* xT, const float* fT, const float* 
   const float *x = xT + v * P, *f = fT + v * P;
   float* gp = gT + v * P;
   for (int i = 0; i < ND + 2; ++i) tot[i] = _mm512_setzero_ps();
-  for (int64_t q = 0; q < 8; ++q) {  // the row kernel's lane q: elements l = q mod 8, in order
-    __m512 acc[ND + 2];
-    for (int i = 0; i < ND + 2; ++i) acc[i] = _mm512_setzero_ps();
+  // the row kernel's lanes q and q + 1 side by side (each the chain over the elements l = q mod 8 in order): one
+  // class at a time left each FMA waiting on the previous one of its chain
+  for (int64_t q = 0; q < 8; q += 2) {
+    __m512 acc[2][ND + 2];
+    for (int c = 0; c < 2; ++c)
+      for (int i = 0; i < ND + 2; ++i) acc[c][i] = _mm512_setzero_ps();
     for (int64_t l = q; l < L; l += 8) {
-      const int64_t o = l * S;
-      const __m512 fv = _mm512_loadu_ps(f + o), g = _mm512_sub_ps(fv, _mm512_loadu_ps(x + o));
-      _mm512_storeu_ps(gp + o, g);
-      acc[0] = _mm512_fmadd_ps(g, g, acc[0]);
-      acc[1] = _mm512_fmadd_ps(fv, fv, acc[1]);
-      for (int i = 0; i < ND; ++i) acc[2 + i] = _mm512_fmadd_ps(_mm512_loadu_ps(Gl[i] + o), g, acc[2 + i]);
+      for (int c = 0; c < 2; ++c) {
+        const int64_t o = (l + c) * S;
+        const __m512 fv = _mm512_loadu_ps(f + o), g = _mm512_sub_ps(fv, _mm512_loadu_ps(x + o));
+        _mm512_storeu_ps(gp + o, g);
+        acc[c][0] = _mm512_fmadd_ps(g, g, acc[c][0]);
+        acc[c][1] = _mm512_fmadd_ps(fv, fv, acc[c][1]);
+        for (int i = 0; i < ND; ++i) acc[c][2 + i] = _mm512_fmadd_ps(_mm512_loadu_ps(Gl[i] + o), g, acc[c][2 + i]);
+      }
     }
-    for (int i = 0; i < ND + 2; ++i) tot[i] = _mm512_add_ps(tot[i], acc[i]);  // from 0, in lane order
+    for (int c = 0; c < 2; ++c)
+      for (int i = 0; i < ND + 2; ++i) tot[i] = _mm512_add_ps(tot[i], acc[c][i]);  // from 0, in lane order
   }
 }
 
@@ -385,22 +387,27 @@ DEQFUSE_FM inline void gram_fm(const float* xT, const float* fT, const float* GT
 DEQFUSE_FM inline void mix_fm(float* xT, float* XT, float* GT, int64_t LS, const float* gT, const __m512* A,
                               __mmask16 live, int64_t L, int64_t S, int64_t P, int v, int slot, int n, float beta) {
   const __m512 bv = _mm512_set1_ps(beta);
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t o = l * S + v * P;
-    __m512 acc = _mm512_setzero_ps();
-    for (int j = 0; j < n; ++j) {
-      __m512 t;
-      if (j == slot) {
-        const __m512 xv = _mm512_loadu_ps(xT + o), gv = _mm512_loadu_ps(gT + o);
-        t = _mm512_fmadd_ps(bv, gv, xv);
-        _mm512_storeu_ps(XT + j * LS + o, t);
-        _mm512_storeu_ps(GT + j * LS + o, gv);
-      } else {
-        t = _mm512_loadu_ps(XT + j * LS + o);
+  constexpr int U = 4;  // rows side by side: each row's sum is a chain of n dependent FMAs
+  for (int64_t l0 = 0; l0 < L; l0 += U) {
+    const int u = (int)std::min<int64_t>(U, L - l0);
+    __m512 acc[U];
+    for (int r = 0; r < U; ++r) acc[r] = _mm512_setzero_ps();
+    for (int j = 0; j < n; ++j)
+      for (int r = 0; r < U; ++r) {
+        if (r >= u) break;
+        const int64_t o = (l0 + r) * S + v * P;
+        __m512 t;
+        if (j == slot) {
+          const __m512 xv = _mm512_loadu_ps(xT + o), gv = _mm512_loadu_ps(gT + o);
+          t = _mm512_fmadd_ps(bv, gv, xv);
+          _mm512_storeu_ps(XT + j * LS + o, t);
+          _mm512_storeu_ps(GT + j * LS + o, gv);
+        } else {
+          t = _mm512_loadu_ps(XT + j * LS + o);
+        }
+        acc[r] = _mm512_fmadd_ps(A[j], t, acc[r]);
       }
-      acc = _mm512_fmadd_ps(A[j], t, acc);
-    }
-    _mm512_mask_storeu_ps(xT + o, live, acc);
+    for (int r = 0; r < u; ++r) _mm512_mask_storeu_ps(xT + (l0 + r) * S + v * P, live, acc[r]);
   }
 }
 
