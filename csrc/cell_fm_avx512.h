@@ -61,7 +61,8 @@ DEQFUSE_FM inline void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, cons
     for (int v = 0; v < V; ++v) {
       __m512 c = acc[r][v];
       if (bias)
-        c = addT ? _mm512_add_ps(c, _mm512_add_ps(bb, _mm512_loadu_ps(addT + r * S + v * P))) : _mm512_fmadd_ps(sc, bb, c);
+        c = addT ? _mm512_add_ps(c, _mm512_add_ps(bb, _mm512_loadu_ps(addT + r * S + v * P)))
+                 : _mm512_fmadd_ps(sc, bb, c);
       _mm512_storeu_ps(C + r * S + v * P, c);
     }
   }
@@ -241,12 +242,16 @@ DEQFUSE_FM inline void gn_back_fm(const FmBack& p, const float* gamma, int64_t G
         if (p.in_gate) x[i] = gate_fm(p.in_gate + j, x[i]);
       }
 #pragma GCC unroll 8
-      for (int l = 0; l < 8; ++l) s[l] = _mm512_add_ps(NW == 16 ? _mm512_add_ps(prod_fm(x[l], gamma[r0 + l]), prod_fm(x[l + 8], gamma[r0 + l + 8])) : prod_fm(x[l], gamma[r0 + l]), zero);
+      for (int l = 0; l < 8; ++l) {  // d = x gamma: recomputed below (kept, with x, it took more registers)
+        const __m512 d = prod_fm(x[l], gamma[r0 + l]);
+        s[l] = _mm512_add_ps(NW == 16 ? _mm512_add_ps(d, prod_fm(x[l + 8], gamma[r0 + l + 8])) : d, zero);
+      }
       const __m512 m1 = _mm512_mul_ps(tree8_fm(s), inv_n);
 #pragma GCC unroll 8
       for (int l = 0; l < 8; ++l) {
         const __m512 lo = _mm512_fmadd_ps(prod_fm(x[l], gamma[r0 + l]), _mm512_loadu_ps(p.yhat + o + l * S), zero);
-        s[l] = NW == 16 ? _mm512_fmadd_ps(prod_fm(x[l + 8], gamma[r0 + l + 8]), _mm512_loadu_ps(p.yhat + o + (l + 8) * S), lo) : lo;
+        const __m512 hi = NW == 16 ? prod_fm(x[l + 8], gamma[r0 + l + 8]) : zero;
+        s[l] = NW == 16 ? _mm512_fmadd_ps(hi, _mm512_loadu_ps(p.yhat + o + (l + 8) * S), lo) : lo;
       }
       const __m512 m2 = _mm512_mul_ps(tree8_fm(s), inv_n);
       const __m512 r = _mm512_loadu_ps(p.rstd + g * S + v * P);
@@ -412,9 +417,9 @@ DEQFUSE_FM inline void mix_fm(float* xT, float* XT, float* GT, int64_t LS, const
 }
 
 // mix_fm over the V vectors that hold live lanes; alpha[j][lane]: the lanes' weights (kMaxM x 64).
-DEQFUSE_FM inline void mix_fm_all(float* xT, float* XT, float* GT, int64_t RS, const float* gT, const float (*alpha)[64],
-                                  const __mmask16* live, int64_t L, int64_t S, int64_t P, int V, int slot, int n,
-                                  float beta) {
+DEQFUSE_FM inline void mix_fm_all(float* xT, float* XT, float* GT, int64_t RS, const float* gT,
+                                  const float (*alpha)[64], const __mmask16* live, int64_t L, int64_t S, int64_t P,
+                                  int V, int slot, int n, float beta) {
   for (int v = 0; v < V; ++v) {
     if (!live[v]) continue;
     __m512 A[kMaxM];
@@ -424,8 +429,8 @@ DEQFUSE_FM inline void mix_fm_all(float* xT, float* XT, float* GT, int64_t RS, c
 }
 
 // dst's lanes of `mask` = src's, over R rows of V vectors ([R][S] arrays)
-DEQFUSE_FM inline void blend_rows_fm(float* dst, const float* src, const __mmask16* mask, int64_t R, int64_t S, int64_t P,
-                                     int V) {
+DEQFUSE_FM inline void blend_rows_fm(float* dst, const float* src, const __mmask16* mask, int64_t R, int64_t S,
+                                     int64_t P, int V) {
   for (int v = 0; v < V; ++v)
     if (mask[v])
       for (int64_t r = 0; r < R; ++r) {
