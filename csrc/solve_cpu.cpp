@@ -328,6 +328,7 @@ std::pair<int64_t, int64_t> solve_loop_fm(const FmMap& map, const float* z0, con
   const int64_t D = c.D, L = c.ZS, m = a.m;
   const std::vector<FmInput> ins = map.inputs();
   const int NI = (int)ins.size(), NS = FmMap::kScratch;
+  TORCH_INTERNAL_ASSERT(NI <= kFmVjpInputs && NS <= 5, "solve_loop_fm: the body's in / scr arrays are too small");
   bool* cv = o.converged;
   int nt = 1;
 #ifdef _OPENMP
@@ -492,26 +493,6 @@ std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start,
   return {r.first, r.second};
 }
 
-// The adjoint solve of anderson_vjp_solve feature-major where fm_solve_width allows it (c built with its transposed
-// weights): true when it ran.
-template <typename T>
-bool adjoint_solve_fm(const Cell<T>& c, const at::Tensor& add, const at::Tensor& g0, const SolveBuffers& out,
-                      int64_t B, const SolveArgs& a, std::tuple<int64_t, int64_t>& res) {
-#ifdef DEQFUSE_FM_SOLVE
-  if constexpr (std::is_same_v<T, float>) {
-    const int nw = fm_solve_width(c.kn(), c.D, c.G);
-    if (!nw || !c.w1t) return false;
-    const float *ap = add.data_ptr<float>(), *gp = g0.data_ptr<float>();
-    const auto r = nw == 16 ? solve_loop_fm(FmVjpMap<16>{c, ap}, gp, out.ptrs<float>(), B, a)
-                            : solve_loop_fm(FmVjpMap<8>{c, ap}, gp, out.ptrs<float>(), B, a);
-    res = {r.first, r.second};
-    return true;
-  }
-#endif
-  (void)c, (void)add, (void)g0, (void)out, (void)B, (void)a, (void)res;
-  return false;
-}
-
 // Whether a float32 solve of width D in G groups runs feature-major (T: the solve's dtype).
 template <typename T>
 bool fm_solve_for(int64_t D, int64_t G) {
@@ -522,22 +503,23 @@ bool fm_solve_for(int64_t D, int64_t G) {
   return false;
 }
 
-// The forward solve of anderson_cell_solve feature-major where fm_solve_width allows it: true when it ran.
-template <typename T>
-bool forward_solve_fm(const Cell<T>& c, const at::Tensor& x, const at::Tensor& xf, const at::Tensor& z0,
-                      const SolveBuffers& out, int64_t B, const SolveArgs& a, std::tuple<int64_t, int64_t>& res) {
+// The solve feature-major where fm_solve_width allows it, with the map FmMap<NW>{c, args...} from the start state
+// start [B, L]: true when it ran (res: its steps and rows). FmVjpMap needs c built with its transposed weights.
+template <template <int> class FmMap, typename T, typename... Args>
+bool solve_fm(const Cell<T>& c, const at::Tensor& start, const SolveBuffers& out, int64_t B, const SolveArgs& a,
+              std::tuple<int64_t, int64_t>& res, Args... args) {
 #ifdef DEQFUSE_FM_SOLVE
   if constexpr (std::is_same_v<T, float>) {
     const int nw = fm_solve_width(c.kn(), c.D, c.G);
-    if (!nw) return false;
-    const float *xp = x.data_ptr<float>(), *xfp = xf.data_ptr<float>(), *zp = z0.data_ptr<float>();
-    const auto r = nw == 16 ? solve_loop_fm(FmCellMap<16>{c, xp, xfp}, zp, out.ptrs<float>(), B, a)
-                            : solve_loop_fm(FmCellMap<8>{c, xp, xfp}, zp, out.ptrs<float>(), B, a);
+    if (!nw || !c.w1t) return false;
+    const float* zp = start.data_ptr<float>();
+    const auto r = nw == 16 ? solve_loop_fm(FmMap<16>{c, args...}, zp, out.ptrs<float>(), B, a)
+                            : solve_loop_fm(FmMap<8>{c, args...}, zp, out.ptrs<float>(), B, a);
     res = {r.first, r.second};
     return true;
   }
 #endif
-  (void)c, (void)x, (void)xf, (void)z0, (void)out, (void)B, (void)a, (void)res;
+  (void)c, (void)start, (void)out, (void)B, (void)a, (void)res, ((void)args, ...);
   return false;
 }
 
@@ -577,7 +559,7 @@ std::tuple<int64_t, int64_t> anderson_cell_solve_cpu(const at::Tensor& z0, const
   std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "anderson_cell_solve", [&] {
     const Cell<scalar_t> c(B, N, D, groups, p, {}, /*forward=*/true);
-    if (forward_solve_fm(c, xc, xfc, zc, out, B, a, res)) return;
+    if (solve_fm<FmCellMap>(c, zc, out, B, a, res, xc.data_ptr<scalar_t>(), xfc.data_ptr<scalar_t>())) return;
     res = solve_from<scalar_t>(CellMap<scalar_t>{c, xc.data_ptr<scalar_t>(), xfc.data_ptr<scalar_t>()}, zc, out, B,
                                L, D, a);
   });
@@ -609,7 +591,7 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
   std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "anderson_vjp_solve", [&] {
     const Cell<scalar_t> c(B, N, D, groups, p, sv, /*forward=*/fm_solve_for<scalar_t>(D, groups));  // W^T for fm
-    if (adjoint_solve_fm(c, ac, gc, out, B, a, res)) return;
+    if (solve_fm<FmVjpMap>(c, gc, out, B, a, res, ac.data_ptr<scalar_t>())) return;
     res = solve_from<scalar_t>(VjpMap<scalar_t>{c, ac.data_ptr<scalar_t>()}, gc, out, B, L, D, a);
   });
   return res;
