@@ -1,7 +1,9 @@
 // Feature-major ("fm") float kernels with AVX-512 for the whole solves, forward and adjoint (solve_cpu.cpp:
-// solve_loop_fm): a chunk's samples sit in the SIMD lanes. Every array is [rows][S] (row stride S, S = 16 V
-// lanes, V 16-lane vectors per row): the iterate and f(x) [L][S], the rings [m][L][S], the inputs x [N D][S],
-// xf [D][S], the cell's intermediates [D][S]. Row r of such an array is feature r of S samples.
+// solve_loop_fm): a chunk's samples sit in the SIMD lanes. Every array holds rows of V 16-lane vectors (16 V
+// samples), row r being feature r: the iterate and f(x) [L], each ring slot [L], the inputs (x [N D], xf [D]; or
+// the saved tensors and add), the cell's intermediates [D]. The kernels take the row stride S and the vector
+// stride P: lane s of row r at r S + (s / 16) P + s % 16 (solve_loop_fm: panels, S = 16, P = 16 (L + 1)).
+// Below, "[D][S]" names such an array of D rows.
 //
 // Why: in the row layout a GroupNorm group of 16 (or 8) features is one register whose sums are horizontal --
 // shuffle trees, and about 100 instructions per row and GroupNorm (cell_cpu_kernels.h: gn_rows_wide_avx512,
@@ -102,6 +104,13 @@ struct FmEpi {
   float* relu = nullptr;
 };
 
+// v as it is, hidden from the optimiser: a product that feeds an add is not contracted into an FMA with it (GCC's
+// -ffp-contract=fast would, where the row kernels' shuffles between the two keep them apart).
+DEQFUSE_FM inline __m512 opaque_fm(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
 // ReLU keeping NaN (and -0): v unless v < 0
 DEQFUSE_FM inline __m512 relu_fm(__m512 v) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ), v);
@@ -135,7 +144,7 @@ DEQFUSE_FM inline void gn_fm(const float* y, const float* gamma, const float* be
       }
 #pragma GCC unroll 8
       for (int l = 0; l < 8; ++l) p[l] = NW == 16 ? _mm512_add_ps(d[l], d[l + 8]) : d[l];
-      const __m512 mean = _mm512_mul_ps(tree8_fm(p), inv_n);
+      const __m512 mean = opaque_fm(_mm512_mul_ps(tree8_fm(p), inv_n));  // rounded, as the row kernels' (spilled)
 #pragma GCC unroll 16
       for (int i = 0; i < NW; ++i) d[i] = _mm512_sub_ps(d[i], mean);
       // d_l^2 as fma(d_l, d_l, 0), the AVX2 chain's first step: a product written as a multiply that fed the
@@ -163,7 +172,7 @@ DEQFUSE_FM inline void gn_fm(const float* y, const float* gamma, const float* be
 }
 
 // The cell's forward (forward_block_body without saved tensors) on V vectors of lanes: zT [L][S] -> fT [L][S],
-// inputs inT [N D][S] (x_i's rows at i D) and xfT [D][S]; scr: 4 D S values. Group width NW.
+// inputs inT [N D][S] (x_i's rows at i D) and xfT [D][S]; scr: 4 [D][S] arrays. Group width NW.
 template <int NW>
 DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const float* inT, const float* xfT, float* fT,
                                 float* const* scr, int64_t S, int64_t P, int V) {
@@ -200,13 +209,6 @@ DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const flo
   FmEpi ef;
   ef.out = fT + N * DS;  // out_f = GN_f(ReLU(a3))
   gn_fm<NW, true>(a, c.gfw, c.gfb, G, S, P, V, ef);
-}
-
-// v as it is, hidden from the optimiser: a product that feeds an add is not contracted into an FMA with it (GCC's
-// -ffp-contract=fast would, where the row kernels' shuffles between the two keep them apart).
-DEQFUSE_FM inline __m512 opaque_fm(__m512 v) {
-  asm("" : "+v"(v));
-  return v;
 }
 
 // x gamma, rounded, kept apart from the adds it feeds (opaque_fm)
