@@ -442,6 +442,15 @@ __attribute__((noinline)) void anderson_weights_rows(acc_t* const* GGs, int na, 
   }
 }
 
+// A sample's Gram matrix GG [m][m] after pass 1 (s: its sums, anderson_gram_row's layout): row and column `slot`
+// = the new dots, <g, g> on the diagonal.
+template <typename acc_t>
+inline void store_gram_row(acc_t* GG, acc_t* s, int m, int slot) {
+  acc_t* dots = s + 3;
+  dots[slot] = s[2];
+  for (int j = 0; j < m; ++j) GG[slot * m + j] = GG[j * m + slot] = dots[j];
+}
+
 // One step of the R <= kStepRows samples rows[0 .. R-1] (none frozen). gp: R * L scratch.
 template <typename scalar_t, typename hist_t, typename acc_t>
 void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, const StepConst<acc_t>& c, acc_t* gp) {
@@ -465,9 +474,7 @@ void anderson_rows(const AndersonRow<scalar_t, hist_t, acc_t>* rows, int R, cons
     const int fl = record_residual<acc_t>(sums[r][0], sums[r][1], c.stop_rel, c.tol, c.k, a.ab, a.rb, a.br, a.ns, a.cv);
     if (fl & 1) std::copy(a.x, a.x + L, a.bx);
     if (fl & 2) continue;  // converged now: frozen, no history update
-    acc_t* dots = sums[r] + 3;
-    dots[slot] = sums[r][2];
-    for (int j = 0; j < m; ++j) a.GG[slot * m + j] = a.GG[j * m + slot] = dots[j];
+    store_gram_row(a.GG, sums[r], m, slot);
     GGs[na] = a.GG;
     live[na++] = r;
   }

@@ -315,15 +315,22 @@ DEQFUSE_INLINE GnEpi gn_epi(const GnRow<float>& p) {
   return GnEpi{out, add, acc, relu, out != relu};
 }
 
-// Stores one 16-lane vector v of a GroupNorm output at column j with e's epilogue (GnRow).
+// ReLU as torch.relu: v unless v < 0 (NaN and -0 kept)
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 relu_avx512(__m512 v) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ), v);
+}
+
+// A ReLU's backward: v where gate[0 .. 15] > 0, else 0 (NaN gates closed)
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 gate_avx512(const float* gate, __m512 v) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(gate), _mm512_setzero_ps(), _CMP_GT_OQ), v);
+}
+
+// Stores one 16-lane vector v of a GroupNorm output at element j with e's epilogue (GnRow).
 __attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const GnEpi& e, int64_t j, __m512 v) {
   if (e.add) v = _mm512_add_ps(v, _mm512_loadu_ps(e.add + j));
   if (e.store_out) _mm512_storeu_ps(e.out + j, v);
   if (e.acc) _mm512_storeu_ps(e.acc + j, _mm512_add_ps(_mm512_loadu_ps(e.acc + j), v));
-  if (e.relu) {  // v unless v < 0 (NaN kept)
-    const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ);
-    _mm512_storeu_ps(e.relu + j, _mm512_maskz_mov_ps(keep, v));
-  }
+  if (e.relu) _mm512_storeu_ps(e.relu + j, relu_avx512(v));
 }
 
 // float GroupNorm of K rows (1 or 4) with AVX-512 for group width NW = 16 or 8 (G % 4 == 0): a block of four
@@ -660,7 +667,7 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_backward_wide_av
           __m512 x = _mm512_loadu_ps(rw[p].dout + j);
           if (ADD) x = _mm512_add_ps(x, _mm512_loadu_ps(rw[p].dout_add + j));
           if (IGATE)
-            x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(rw[p].in_gate + j), zero, _CMP_GT_OQ), x);
+            x = gate_avx512(rw[p].in_gate + j, x);
           v[p][c] = x;
           const __m512 d = _mm512_mul_ps(x, _mm512_loadu_ps(gamma + j)), h = _mm512_loadu_ps(rw[p].yhat + j);
           const __m512 dh = _mm512_fmadd_ps(d, h, zero);
@@ -692,7 +699,7 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_backward_wide_av
         // t = d - a - yhat b as gn_rows_backward_avx2 forms it
         const __m512 da = _mm512_fmsub_ps(v[p][c], _mm512_loadu_ps(gamma + j), a);
         __m512 y = _mm512_mul_ps(r, _mm512_fnmadd_ps(_mm512_loadu_ps(yh + j), b, da));
-        if (OGATE) y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(gate + j), zero, _CMP_GT_OQ), y);
+        if (OGATE) y = gate_avx512(gate + j, y);
         _mm512_storeu_ps(dy + j, y);
         if (copy) _mm512_storeu_ps(copy + j, cadd ? _mm512_add_ps(y, _mm512_loadu_ps(cadd + j)) : y);
       }

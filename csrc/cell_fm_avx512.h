@@ -95,25 +95,11 @@ DEQFUSE_FM inline void gemm_fm(int V, int64_t D, const float* W, const float* A,
   }
 }
 
-// Where a GroupNorm's output v goes ([D][S] arrays, each null when unused): v += add first; out = v; acc += v;
-// relu = ReLU(v) (NaN kept) -- GnRow's epilogue.
-struct FmEpi {
-  float* out = nullptr;
-  const float* add = nullptr;
-  float* acc = nullptr;
-  float* relu = nullptr;
-};
-
 // v as it is, hidden from the optimiser: a product that feeds an add is not contracted into an FMA with it (GCC's
 // -ffp-contract=fast would, where the row kernels' shuffles between the two keep them apart).
 DEQFUSE_FM inline __m512 opaque_fm(__m512 v) {
   asm("" : "+v"(v));
   return v;
-}
-
-// ReLU keeping NaN (and -0): v unless v < 0
-DEQFUSE_FM inline __m512 relu_fm(__m512 v) {
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLT_UQ), v);
 }
 
 // ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)): hsum4_avx2's tree of a group's 8 partials
@@ -122,16 +108,14 @@ DEQFUSE_FM inline __m512 tree8_fm(const __m512 (&p)[8]) {
                        _mm512_add_ps(_mm512_add_ps(p[4], p[5]), _mm512_add_ps(p[6], p[7])));
 }
 
-// GroupNorm of y [D][S] (D = G NW) with the epilogue e, V vectors per row; RELU_IN: of ReLU(y) (the fusion
-// cell's GroupNorm of ReLU(a3), without a pass of its own). y may be e.relu (a group's rows are all loaded
-// before its stores).
+// GroupNorm of y [D][S] (D = G NW) with the epilogue e (GnRow's, on [D][S] arrays: gn_store_avx512), V vectors
+// per row; RELU_IN: of ReLU(y) (the fusion cell's GroupNorm of ReLU(a3), without a pass of its own). y may be
+// e.relu (a group's rows are all loaded before its stores).
 template <int NW, bool RELU_IN>
 DEQFUSE_FM inline void gn_fm(const float* y, const float* gamma, const float* beta, int64_t G, int64_t S, int64_t P,
-                             int V, const FmEpi& e) {
+                             int V, const GnEpi& e) {
   static_assert(NW == 16 || NW == 8, "gn_fm: group widths 16 and 8");
   const __m512 inv_n = _mm512_set1_ps(1.0f / NW), eps = _mm512_set1_ps((float)kGnEps), one = _mm512_set1_ps(1.0f);
-  float *out = e.out, *acc = e.acc, *relu = e.relu;
-  const float* add = e.add;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t r0 = g * NW;
     for (int v = 0; v < V; ++v) {
@@ -140,7 +124,7 @@ DEQFUSE_FM inline void gn_fm(const float* y, const float* gamma, const float* be
 #pragma GCC unroll 16
       for (int i = 0; i < NW; ++i) {
         d[i] = _mm512_loadu_ps(y + o + i * S);
-        if (RELU_IN) d[i] = relu_fm(d[i]);
+        if (RELU_IN) d[i] = relu_avx512(d[i]);
       }
 #pragma GCC unroll 8
       for (int l = 0; l < 8; ++l) p[l] = NW == 16 ? _mm512_add_ps(d[l], d[l + 8]) : d[l];
@@ -161,11 +145,7 @@ DEQFUSE_FM inline void gn_fm(const float* y, const float* gamma, const float* be
       for (int i = 0; i < NW; ++i) {
         const int64_t j = o + i * S;
         const __m512 h = _mm512_mul_ps(d[i], r);
-        __m512 w = _mm512_fmadd_ps(h, _mm512_set1_ps(gamma[r0 + i]), _mm512_set1_ps(beta[r0 + i]));
-        if (add) w = _mm512_add_ps(w, _mm512_loadu_ps(add + j));
-        if (out) _mm512_storeu_ps(out + j, w);
-        if (acc) _mm512_storeu_ps(acc + j, _mm512_add_ps(_mm512_loadu_ps(acc + j), w));
-        if (relu) _mm512_storeu_ps(relu + j, relu_fm(w));
+        gn_store_avx512(e, j, _mm512_fmadd_ps(h, _mm512_set1_ps(gamma[r0 + i]), _mm512_set1_ps(beta[r0 + i])));
       }
     }
   }
@@ -186,18 +166,13 @@ DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const flo
   for (int64_t i = 0; i < N; ++i) {
     const float* zi = zT + i * DS;
     gemm_fm(V, D, c.w1 + i * D * D, zi, S, P, a, c.b1 + i * D);  // a1 = W1_i z_i + b1
-    FmEpi e1;
-    e1.relu = h;  // h = ReLU(GN1(a1))
-    gn_fm<NW, false>(a, c.g1w + i * D, c.g1b + i * D, G, S, P, V, e1);
+    // h = ReLU(GN1(a1)) (GnEpi{out, add, acc, relu, store_out})
+    gn_fm<NW, false>(a, c.g1w + i * D, c.g1b + i * D, G, S, P, V, GnEpi{h, nullptr, nullptr, h, false});
     gemm_fm(V, D, c.w2 + i * D * D, h, S, P, a, c.b2 + i * D, inT + i * DS);  // a2 = W2_i h + (b2 + x_i)
-    FmEpi e2;
-    e2.add = zi;
-    e2.relu = a;  // u = GN2(a2) + z_i (not kept: no saved tensors), a = ReLU(u)
-    gn_fm<NW, false>(a, c.g2w + i * D, c.g2b + i * D, G, S, P, V, e2);
-    FmEpi e3;
-    e3.out = fT + i * DS;
-    e3.acc = s;  // out_i = GN3(a), s += out_i
-    gn_fm<NW, false>(a, c.g3w + i * D, c.g3b + i * D, G, S, P, V, e3);
+    // u = GN2(a2) + z_i (not kept: no saved tensors), a = ReLU(u)
+    gn_fm<NW, false>(a, c.g2w + i * D, c.g2b + i * D, G, S, P, V, GnEpi{nullptr, zi, nullptr, a, false});
+    // out_i = GN3(a), s += out_i
+    gn_fm<NW, false>(a, c.g3w + i * D, c.g3b + i * D, G, S, P, V, GnEpi{fT + i * DS, nullptr, s, nullptr, true});
   }
   gemm_fm(V, D, c.wg, s, S, P, ga, c.bg, nullptr, (float)N);  // ga = Wg s + N bg
   for (int64_t j = 0; j < D; ++j)  // q = z_f * ga (into h)
@@ -206,18 +181,12 @@ DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const flo
       _mm512_storeu_ps(h + o, _mm512_mul_ps(_mm512_loadu_ps(zf + o), _mm512_loadu_ps(ga + o)));
     }
   gemm_fm(V, D, c.wf, h, S, P, a, c.bf, xfT);  // a3 = Wf q + (bf + x_f)
-  FmEpi ef;
-  ef.out = fT + N * DS;  // out_f = GN_f(ReLU(a3))
-  gn_fm<NW, true>(a, c.gfw, c.gfb, G, S, P, V, ef);
+  // out_f = GN_f(ReLU(a3))
+  gn_fm<NW, true>(a, c.gfw, c.gfb, G, S, P, V, GnEpi{fT + N * DS, nullptr, nullptr, nullptr, true});
 }
 
 // x gamma, rounded, kept apart from the adds it feeds (opaque_fm)
 DEQFUSE_FM inline __m512 prod_fm(__m512 x, float gamma) { return opaque_fm(_mm512_mul_ps(x, _mm512_set1_ps(gamma))); }
-
-// v where gate > 0, else 0 (a ReLU's backward, NaN gates closed)
-DEQFUSE_FM inline __m512 gate_fm(const float* gate, __m512 v) {
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(gate), _mm512_setzero_ps(), _CMP_GT_OQ), v);
-}
 
 // gn_back_fm's operands: cell_cpu_kernels.h's GnBackRow on [D][S] arrays (rstd [G][S]): x = dout (+ dout_add),
 // 0 where in_gate is not > 0; dy = GN^T(x) with yhat, rstd and gamma; 0 where out_gate is not > 0; copy = dy
@@ -241,7 +210,7 @@ DEQFUSE_FM inline void gn_back_fm(const FmBack& p, const float* gamma, int64_t G
         const int64_t j = o + i * S;
         x[i] = _mm512_loadu_ps(p.dout + j);
         if (p.dout_add) x[i] = _mm512_add_ps(x[i], _mm512_loadu_ps(p.dout_add + j));
-        if (p.in_gate) x[i] = gate_fm(p.in_gate + j, x[i]);
+        if (p.in_gate) x[i] = gate_avx512(p.in_gate + j, x[i]);
       }
 #pragma GCC unroll 8
       for (int l = 0; l < 8; ++l) {  // d = x gamma: recomputed below (kept, with x, it took more registers)
@@ -262,7 +231,7 @@ DEQFUSE_FM inline void gn_back_fm(const FmBack& p, const float* gamma, int64_t G
         const int64_t j = o + i * S;
         const __m512 da = _mm512_fmsub_ps(x[i], _mm512_set1_ps(gamma[r0 + i]), m1);
         __m512 y = opaque_fm(_mm512_mul_ps(r, _mm512_fnmadd_ps(_mm512_loadu_ps(p.yhat + j), m2, da)));
-        if (p.out_gate) y = gate_fm(p.out_gate + j, y);
+        if (p.out_gate) y = gate_avx512(p.out_gate + j, y);
         _mm512_storeu_ps(p.dy + j, y);
         if (p.copy) _mm512_storeu_ps(p.copy + j, p.copy_add ? _mm512_add_ps(y, _mm512_loadu_ps(p.copy_add + j)) : y);
       }

@@ -154,6 +154,18 @@ inline int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
 template <typename T>
 T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~(uintptr_t)63); }
 
+// Threads of a solve of B samples: at most one per 8 samples, at most torch's thread count.
+inline int solve_threads(int64_t B) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
+}
+
+// Per sample, what a solve keeps besides the map's inputs: rings X, G and Gram, the iterate, f(x), best iterate,
+// gathered copy, step scratch, cell scratch (the chunk rule's row_bytes, with the map's own).
+template <typename T>
+int64_t solve_state_bytes(int64_t m, int64_t L, int64_t D) {
+  return (int64_t)sizeof(T) * ((2 * m + 5) * L + m * m + 5 * D);
+}
+
 // The rows a solve evaluated and its steps (the last step any sample was active + 1), summed over threads.
 struct SolveCount {
   std::atomic<int64_t> rows{0}, steps{0};
@@ -192,11 +204,10 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
   // not be called inside an OpenMP region), else the loop runs on this thread.
   int nt = 1;
 #ifdef _OPENMP
-  if (sgemm_ && dgemm_) nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
+  if (sgemm_ && dgemm_) nt = solve_threads(B);
 #endif
-  // per sample: rings X, G and Gram, the iterate, f(x), best iterate, gathered copy, step scratch, cell scratch
-  const int64_t state_bytes = (int64_t)sizeof(T) * ((2 * m + 5) * L + m * m + 5 * D);
-  const Chunks ch = solve_chunks(B, state_bytes + map.row_bytes(), map.weight_bytes(), map.c.kn(), nt);
+  const Chunks ch =
+      solve_chunks(B, solve_state_bytes<T>(m, L, D) + map.row_bytes(), map.weight_bytes(), map.c.kn(), nt);
   int64_t C = 0;  // the largest chunk
   for (int64_t c = 0; c < ch.count; ++c) C = std::max(C, ch.begin(c + 1) - ch.begin(c));
   nt = (int)std::min<int64_t>(nt, ch.count);
@@ -332,10 +343,10 @@ std::pair<int64_t, int64_t> solve_loop_fm(const FmMap& map, const float* z0, con
   bool* cv = o.converged;
   int nt = 1;
 #ifdef _OPENMP
-  nt = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));  // nothing here throws
+  nt = solve_threads(B);  // nothing here throws
 #endif
-  const int64_t state_bytes = (int64_t)sizeof(float) * ((2 * m + 5) * L + m * m + 5 * D);
-  const Chunks ch = solve_chunks(B, state_bytes + map.row_bytes(), cell_weight_bytes(c), true, nt, 16);
+  const Chunks ch = solve_chunks(B, solve_state_bytes<float>(m, L, D) + map.row_bytes(), cell_weight_bytes(c), true,
+                                 nt, 16);
   int64_t C = 0;
   for (int64_t q = 0; q < ch.count; ++q) C = std::max(C, ch.begin(q + 1) - ch.begin(q));
   nt = (int)std::min<int64_t>(nt, ch.count);
@@ -424,10 +435,8 @@ std::pair<int64_t, int64_t> solve_loop_fm(const FmMap& map, const float* z0, con
             frozen[nf++] = s;
             continue;
           }
-          float* dots = sums[s] + 3;
-          dots[slot] = sums[s][2];
           float* gg = GG + lane[s] * m * m;
-          for (int j = 0; j < m; ++j) gg[slot * m + j] = gg[j * m + slot] = dots[j];
+          store_gram_row(gg, sums[s], (int)m, slot);
           GGs[na] = gg;
           lv[na++] = s;
           live[s / 16] |= (__mmask16)(1u << (s % 16));
