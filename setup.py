@@ -1,6 +1,6 @@
 """Builds deqfuse and, when possible, its compiled extension deqfuse._C from csrc/.
 
-Switches (environment):
+Switches (environment; 1 or true: on, 0, false or empty: off, anything else an error):
   DEQFUSE_NO_EXT=1   skip the compiled extension entirely (pure Python + Triton + reference).
   DEQFUSE_NO_CUDA=1  build only the C++ CPU ops even if torch has CUDA and nvcc is present.
   TORCH_CUDA_ARCH_LIST  GPU targets (default here: "9.0" for Hopper).
@@ -8,16 +8,23 @@ Use `pip install --no-build-isolation -e .` so the build sees the torch you alre
 (an isolated build would download a second, multi-GB torch).
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
+
+# deqfuse/_env.py by path: the package itself cannot be imported before it is built
+_spec = importlib.util.spec_from_file_location(
+    "deqfuse_env", os.path.join(os.path.dirname(os.path.abspath(__file__)), "deqfuse", "_env.py"))
+_env = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_env)
 
 PACKAGES = ["deqfuse", "deqfuse.reference", "deqfuse.kernels"]
 PACKAGE_DIR = {"deqfuse.kernels": "kernels"}  # Triton kernels live at top-level kernels/
 
 
 def ext_modules():
-    if os.environ.get("DEQFUSE_NO_EXT"):
+    if _env.env_flag("DEQFUSE_NO_EXT"):
         print("deqfuse: DEQFUSE_NO_EXT set, skipping the compiled extension")
         return [], {}
     try:
@@ -33,7 +40,7 @@ def ext_modules():
     # `#pragma omp simd` vectorises the row reductions. -fno-math-errno: sqrt inline (no errno branch);
     # NaN/Inf semantics are kept (no -ffast-math). The C++ standard is left to torch.
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
-    with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not os.environ.get("DEQFUSE_NO_CUDA")
+    with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not _env.env_flag("DEQFUSE_NO_CUDA")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         ext = CUDAExtension("deqfuse._C", cpp + cu, define_macros=[("WITH_CUDA", None)],

@@ -142,7 +142,7 @@ def compare(work, src: DEQFusion, eval_feats, train_feats, loss_fn, reps, sweep=
         record(work, "eval", name, ms_ev[name], shape, rows=st.rows, need=need, rows_per_need=round(st.rows / need, 3),
                steps=st.steps, converged=f"{int(st.converged.sum())}/{B}", max_diff=f"{(z - ref).abs().max():.1e}")
         tr[name]()
-        fs, bs = ly.info.forward_stats, ly.info.backward_stats[0]
+        fs, bs = ly.info.forward_stats, ly.info.backward_stats
         need = sum(int(torch.where(s.converged, s.nstep, s.steps).sum()) for s in (fs, bs))
         record(work, "train", name, ms_tr[name], dict(shape, B=train_feats[0].shape[0]), rows=fs.rows + bs.rows, need=need,
                rows_per_need=round((fs.rows + bs.rows) / need, 3), steps=f"{fs.steps}+{bs.steps}")

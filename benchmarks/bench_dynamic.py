@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from deqfuse import DynamicFusion, MLPHead, SubsetExpert
+from deqfuse import ConcatGate, DynamicFusion, MLPHead, SubsetExpert
 from deqfuse.benchmarking import Results, time_ms
 
 DIMS = [256, 512, 128]
@@ -21,7 +21,7 @@ def build(device, dtype=torch.float32):
     experts = [SubsetExpert([0], MLPHead(256, 256, hidden=256)),                  # cheap unimodal
                SubsetExpert([0, 1], MLPHead(768, 256, hidden=1024)),              # medium
                SubsetExpert([0, 1, 2], MLPHead(896, 256, hidden=4096))]           # full fusion
-    m = DynamicFusion(experts, DIMS).to(device, dtype).eval()
+    m = DynamicFusion(experts, ConcatGate(DIMS, len(experts))).to(device, dtype).eval()
     with torch.no_grad():  # a gate that sends ~60% / 25% / 15% of the samples to experts 0 / 1 / 2
         m.gate[-1].weight.mul_(0.0)
         m.gate[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0]))

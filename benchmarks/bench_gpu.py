@@ -167,7 +167,7 @@ def full_solve_bench(B=256, D=512, N=3, dtype=torch.float32, iters=30, graphs=Tr
         step()
         record(op_train, f"deqfuse[{backend}]", ms,
                {"peak_MiB": (round(torch.cuda.max_memory_allocated() / 2 ** 20, 1), "MiB"),
-                "rows": (layer.info.forward_stats.rows + layer.info.backward_stats[0].rows, "rows")}, **fields)
+                "rows": (layer.info.forward_stats.rows + layer.info.backward_stats.rows, "rows")}, **fields)
         layer.eval()
         with torch.no_grad():
             ms = bench(lambda: layer(feats), warmup=3, rep=30)

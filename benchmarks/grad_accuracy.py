@@ -39,8 +39,9 @@ def with_solver(model, **deq_kw):
     """A copy of model whose DEQ fusion layer is rebuilt with these settings (same weights)."""
     m = copy.deepcopy(model)
     old = m.fusion
-    new = (DEQFusion.official(old.dim, old.n, on_nonconvergence="ignore") if deq_kw.pop("official", False) else
-           DEQFusion(old.dim, old.n, on_nonconvergence="ignore", **deq_kw))
+    same = dict(in_dims=old.in_dims, input_norm=old.input_norm, init=old.init, on_nonconvergence="ignore")
+    new = (DEQFusion.official(old.dim, old.n, **same) if deq_kw.pop("official", False) else
+           DEQFusion(old.dim, old.n, **same, **deq_kw))
     new.load_state_dict(old.state_dict())
     m.fusion = new.to(next(old.parameters()).dtype)
     m.jac_weight = 0.0
@@ -69,7 +70,7 @@ def main(argv=None):
     out_ref, g_ref = grads(ref_model, [v.double() for v in x], y)
     st = ref_model.fusion.info
     print(f"reference (float64, 1e-12 abs): forward converged {int(st.forward_stats.converged.sum())}/128 in "
-          f"{st.forward_stats.steps} steps, adjoint {int(st.backward_stats[0].converged.sum())}/128")
+          f"{st.forward_stats.steps} steps, adjoint {int(st.backward_stats.converged.sum())}/128")
     res = Results()
     variants = [(f"deqfuse rel {t:g}", dict(f_max_iter=100, b_max_iter=100, f_tol=t, b_tol=t)) for t in
                 (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)]
@@ -79,7 +80,7 @@ def main(argv=None):
         m = with_solver(model, **kw)
         out, g = grads(m, x, y)
         info = m.fusion.info
-        rows = info.forward_stats.rows + info.backward_stats[0].rows
+        rows = info.forward_stats.rows + info.backward_stats.rows
         ms = time_ms(lambda: grads(m, x, y), reps=5, warmup=1)
         ge = float((g.double() - g_ref).norm() / g_ref.norm())
         oe = float((out.double() - out_ref).norm() / out_ref.norm())

@@ -15,9 +15,24 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // (MKL's C API; mkl_set_num_threads_local is its Fortran one)
 }
 
 namespace deqfuse {
+
+// Makes this thread's BLAS calls single-threaded while it lives (a thread that is one of several working in
+// parallel outside an OpenMP region: MKL would otherwise start a team of torch's thread count from it, and round
+// by that team's blocking); the thread's previous setting comes back after.
+class BlasSingleThread {
+ public:
+  BlasSingleThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~BlasSingleThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+
+ private:
+  int prev_;
+};
 
 inline const char* blas_backend() { return (sgemm_ && dgemm_) ? "blas (sgemm_/dgemm_ of torch's BLAS)" : "at::mm"; }
 

@@ -37,12 +37,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <functional>
 #include <cstdlib>
 #include <cstring>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 #include <memory>
+#include <mutex>
+#include <pthread.h>
+#include <thread>
 #include <string>
 #include <utility>
 #include <vector>
@@ -177,19 +182,82 @@ struct SolveCount {
   std::pair<int64_t, int64_t> result() const { return {steps.load(), rows.load()}; }
 };
 
-// body(tid) on nt threads in one parallel region (a smaller team -- nested, thread limit -- takes the chunks all
-// the same), or on this thread.
+// The solves' thread team: a pool of persistent threads that wait on a condition variable (asleep, not
+// spinning, when idle). run_team(nt, body) runs body(tid) on this thread (tid 0) and on up to nt - 1 pool
+// threads, each with its own tid < nt; the bodies take their work (chunks) from a shared counter, so any team
+// size finishes it. A pool thread that has not started when this thread's body returns is not waited for (the
+// job is closed to it): a parked or busy thread holds back at most the chunk it is working on, never the whole
+// solve; and no thread spins on a loaded machine. Every thread of a team runs its BLAS calls single-threaded.
+// After fork() the child starts with an empty pool.
+class SolvePool {
+ public:
+  template <typename Body>
+  void run(int nt, const Body& body) {
+    BlasSingleThread blas;
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (nt <= 1 || !busy.owns_lock()) {  // a solve from another thread holds the pool: this one runs alone
+      body(0);
+      return;
+    }
+    const std::function<void(int)> job = [&body](int tid) { body(tid); };
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while ((int)workers_.size() < nt - 1) workers_.emplace_back([this] { loop(); });
+      job_ = &job;
+      open_ = nt - 1;
+      next_tid_ = 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    body(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    open_ = 0;  // closed: threads not started yet stay out
+    done_.wait(lock, [this] { return running_ == 0; });
+    job_ = nullptr;
+  }
+
+  static SolvePool& get() {
+    static SolvePool* pool = [] {
+      auto* p = new SolvePool();  // never destroyed: its threads sleep until the process exits
+      pthread_atfork(nullptr, nullptr, [] { new (&SolvePool::get()) SolvePool(); });  // (the child's copy: no threads)
+      return p;
+    }();
+    return *pool;
+  }
+
+ private:
+  void loop() {
+#ifdef _OPENMP
+    omp_set_num_threads(1);
+#endif
+    BlasSingleThread blas;
+    int64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen && open_ > 0; });
+      seen = generation_;
+      const int tid = next_tid_++;
+      --open_;
+      ++running_;
+      const std::function<void(int)>* job = job_;
+      lock.unlock();
+      (*job)(tid);
+      lock.lock();
+      if (--running_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  int64_t generation_ = 0;
+  int open_ = 0, next_tid_ = 1, running_ = 0;
+};
+
 template <typename Body>
 void run_team(int nt, const Body& body) {
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num());
-    return;
-  }
-#endif
-  (void)nt;
-  body(0);
+  SolvePool::get().run(nt, body);
 }
 
 // The solve loop (module comment). x: the iterate [B, L], updated in place; D: the cell width (scratch).

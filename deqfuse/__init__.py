@@ -3,12 +3,15 @@ from ._version import __version__  # noqa: F401
 from . import reference, solvers
 from .backend import extension_status, triton_status
 from .cell import FusionCell
-from .dynamic import DEQHead, DepthGatedFusion, DynamicFusion, GumbelSchedule, MLPHead, SubsetExpert
+from .errors import ConvergenceError, ConvergenceWarning
+from .dynamic import (ConcatGate, DEQHead, DepthGatedFusion, DynamicFusion, GumbelSchedule, MLPHead, PooledGate,
+                      SubsetExpert, fit_gate)
 from .implicit import autograd_vjp, implicit_grad, jacobian_reg, phantom_grad
 from .layers import DEQFusion, DEQInfo
+from .optim import param_groups
 from .solvers import SolverStats, anderson, broyden, fixed_point
 
 __all__ = ["DEQFusion", "DynamicFusion", "DepthGatedFusion", "SubsetExpert", "MLPHead", "DEQHead",
-           "GumbelSchedule", "DEQInfo", "FusionCell", "SolverStats", "anderson", "broyden", "fixed_point",
+           "GumbelSchedule", "PooledGate", "ConcatGate", "fit_gate", "DEQInfo", "FusionCell", "SolverStats", "anderson", "broyden", "fixed_point",
            "implicit_grad", "autograd_vjp", "jacobian_reg", "phantom_grad", "reference", "solvers",
-           "extension_status", "triton_status"]
+           "extension_status", "triton_status", "param_groups", "ConvergenceWarning", "ConvergenceError"]

@@ -65,54 +65,74 @@ def _autocast_output(f: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(dev) and f.dtype == torch.get_autocast_dtype(dev)
 
 
-def check_features(features, num_modalities: int, dim: int, ref: torch.Tensor, check_finite: bool = True):
-    """features: list of N tensors [B, D] with ref's device and dtype (ref: a parameter of the layer;
-    under torch.autocast also the autocast dtype),
-    B >= 1, finite and within magnitude_limit. The value check syncs with the host, so it is skipped
-    under torch.compile and while a CUDA graph is being captured. Returns B."""
-    if check_finite and not host_sync_allowed(ref):
-        check_finite = False  # a host sync: a graph break under torch.compile, illegal in a CUDA graph
+def check_rows(features, num_modalities: int, widths, ref: torch.Tensor, mask=None, width_name: str = "dim"):
+    """features: a list of N tensors [B, *, widths[i]] with ref's device and dtype (ref: a parameter of the
+    layer; under torch.autocast also the autocast dtype), every one with the same number of dims and the
+    same leading dims [B, *] up to size-1 dims (broadcast; B itself must match), B >= 1; mask: None or a
+    bool tensor of exactly the leading shape on ref's device. width_name: the argument that sets the
+    widths (for messages). Returns the (broadcast) leading shape. No host sync."""
     if not isinstance(features, (list, tuple)):
-        raise TypeError(f"features must be a list of {num_modalities} tensors [B, {dim}], got {type(features).__name__}")
+        raise TypeError(f"features must be a list of {num_modalities} tensors [B, *, D_i], got "
+                        f"{type(features).__name__}")
     if len(features) != num_modalities:
         raise ValueError(f"features must hold {num_modalities} tensors (num_modalities), got {len(features)}")
-    B = None
+    lead = None
     for i, f in enumerate(features):
         name = f"features[{i}]"
         if not isinstance(f, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(f).__name__}")
-        if f.dim() != 2 or f.shape[1] != dim:
-            raise ValueError(f"{name} must have shape [B, {dim}], got {list(f.shape)}")
-        B = f.shape[0] if B is None else B
-        if f.shape[0] != B:
-            raise ValueError(f"{name} has batch {f.shape[0]}, features[0] has {B}")
         if not f.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {f.dtype}")
+        if f.dim() < 2:
+            raise ValueError(f"{name} must have shape [B, *, {widths[i]}], got {list(f.shape)}")
+        if f.shape[-1] != widths[i]:
+            src = f"{width_name}[{i}]" if width_name == "in_dims" else width_name
+            raise ValueError(f"{name} must have shape [B, *, {widths[i]}] ({src} = {widths[i]}), got "
+                             f"{list(f.shape)}" + (" (pass in_dims to project other widths)"
+                                                   if width_name == "dim" else ""))
         if f.dtype != ref.dtype and not _autocast_output(f):
             raise TypeError(f"{name} is {f.dtype}, the layer's parameters are {ref.dtype} "
                             f"(cast the features, or the layer with .to({f.dtype}))")
         if f.device != ref.device:
             raise ValueError(f"{name} is on {f.device}, the layer's parameters are on {ref.device}")
-    if B == 0:
+        shape = tuple(f.shape[:-1])
+        if lead is None:
+            lead = shape
+            continue
+        if shape[:1] != lead[:1]:
+            raise ValueError(f"{name} has batch {shape[0]}, features[0] has {lead[0]}")
+        ok = len(shape) == len(lead) and all(
+            a == b or a == 1 or b == 1 for a, b in zip(shape[1:], lead[1:]))
+        if not ok:
+            raise ValueError(f"{name} has leading dims {list(shape)}, features[0] has {list(features[0].shape[:-1])}: "
+                             f"every modality needs the same [B, *] (size-1 dims broadcast)")
+        lead = (lead[0],) + tuple(max(a, b) for a, b in zip(shape[1:], lead[1:]))
+    if lead[0] == 0:
         raise ValueError("features have batch size 0")
-    if check_finite:
-        check_feature_values([f.detach() for f in features], ref.dtype)
-    return B
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor [B, *] (True = a real row), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask must have the features' leading shape {list(lead)}, got {list(mask.shape)}")
+        if mask.device != ref.device:
+            raise ValueError(f"mask is on {mask.device}, the layer's parameters are on {ref.device}")
+    return lead
 
 
 def check_feature_values(features, dtype: torch.dtype):
-    """Every feature finite and within magnitude_limit(dtype). features: the N [B, D] tensors, or them
+    """Every feature finite and within magnitude_limit(dtype). features: the N [B, D_i] tensors, or them
     stacked [B, N, D] (one reduction). One host sync."""
     limit = magnitude_limit(dtype)
     if isinstance(features, torch.Tensor):
         # fast path (every forward): the extremes of the whole stack, one reduction (NaN propagates);
         # the per-modality maxima below only when something is out of range, for the message
-        lo, hi = torch.aminmax(features)
+        lo, hi = torch.aminmax(features.detach())
         if -float(lo) <= limit and float(hi) <= limit:  # False for NaN
             return
         amaxes = features.abs().amax(dim=(0, 2)).tolist()
     else:
-        amaxes = torch.stack([f.abs().amax() for f in features]).tolist()
+        amaxes = torch.stack([f.detach().abs().amax().to(torch.float64) for f in features]).tolist()
     for i, amax in enumerate(amaxes):
         if not math.isfinite(amax):
             raise ValueError(f"features[{i}] has non-finite values (NaN or Inf)")

@@ -11,10 +11,11 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ._env import env_flag
 from ._validate import check_choice
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
@@ -29,23 +30,62 @@ CPU_ROWS = ("", "auto", "zmm", "ymm")
 SOLVE_LAYOUTS = ("", "auto", "rows", "fm")
 
 
+def _positive_int(var: str) -> None:
+    v = os.environ.get(var, "")
+    if v and not (v.isdigit() and int(v) > 0):
+        raise ValueError(f"{var}={v!r} is not a positive integer")
+
+
+# The DEQFUSE_* variables read at run time -> the values each takes ('' where its reader takes it as unset;
+# unset is always fine), or a function that raises ValueError for a value it does not take. DEQFUSE_SOLVE_CHUNK:
+# samples per chunk of the C++ whole solves (csrc/solve_cpu.cpp), read per solve; unset: by cache size. Also
+# read (env_errors adds them): DEQFUSE_CELL_GEMM (cell.TRITON_CELLS), DEQFUSE_DIST_TIMEOUT (distributed.timeout_s).
+ENV_VARS = {"DEQFUSE_NO_EXT": env_flag, "DEQFUSE_CPU_GEMM": CPU_GEMMS, "DEQFUSE_CPU_ROWS": CPU_ROWS,
+            "DEQFUSE_SOLVE_LAYOUT": SOLVE_LAYOUTS, "DEQFUSE_SOLVE_CHUNK": _positive_int,
+            "DEQFUSE_AUTOTUNE": ("", "0", "1"), "DEQFUSE_NVTX": ("", "0", "1")}
+
+
+def env_problem(var: str, allowed=None) -> Optional[str]:
+    """Why the value of environment variable `var` is not one it takes (None: unset or fine). allowed:
+    ENV_VARS[var] by default."""
+    allowed = ENV_VARS[var] if allowed is None else allowed
+    v = os.environ.get(var)
+    if v is None:
+        return None
+    if callable(allowed):
+        try:
+            allowed(var)
+        except ValueError as e:
+            return str(e)
+        return None
+    return None if v in allowed else f"{var}={v!r} is not one of {tuple(a for a in allowed if a)}"
+
+
+def env_errors() -> List[str]:
+    """One message per DEQFUSE_* variable (ENV_VARS, DEQFUSE_CELL_GEMM, DEQFUSE_DIST_TIMEOUT) set to a value
+    it does not take."""
+    from .cell import TRITON_CELLS  # (cell imports this module)
+    from .distributed import TIMEOUT_ENV, timeout_s
+    rules = dict(ENV_VARS, DEQFUSE_CELL_GEMM=TRITON_CELLS, **{TIMEOUT_ENV: lambda var: timeout_s()})
+    return [p for p in (env_problem(var, allowed) for var, allowed in rules.items()) if p]
+
+
 @functools.lru_cache(None)
 def extension_status():
-    """(module or None, reason string)."""
-    if os.environ.get("DEQFUSE_NO_EXT"):
+    """(module or None, reason string). DEQFUSE_NO_EXT set to a value env_flag does not take: ValueError."""
+    if env_flag("DEQFUSE_NO_EXT"):
         return None, "disabled by DEQFUSE_NO_EXT"
     try:
         from . import _C  # noqa: F401  (registers torch.ops.deqfuse.*)
     except ImportError as e:
         return None, f"extension not built ({e}); reinstall without DEQFUSE_NO_EXT=1"
     from . import ops  # noqa: F401  fake kernels for torch.compile
-    for var, allowed, what in (("DEQFUSE_CPU_GEMM", CPU_GEMMS, "GEMM kernel"),
-                               ("DEQFUSE_CPU_ROWS", CPU_ROWS, "row passes' vectors"),
-                               ("DEQFUSE_SOLVE_LAYOUT", SOLVE_LAYOUTS, "solves' layout")):
-        forced = os.environ.get(var, "")
-        if forced not in allowed:
-            warnings.warn(f"{var}={forced!r} is not one of {allowed[1:]}: ignored (the C++ CPU cell ops pick their "
-                          f"{what} themselves)", RuntimeWarning, stacklevel=2)
+    for var, what in (("DEQFUSE_CPU_GEMM", "GEMM kernel"), ("DEQFUSE_CPU_ROWS", "row passes' vectors"),
+                      ("DEQFUSE_SOLVE_LAYOUT", "solves' layout"), ("DEQFUSE_SOLVE_CHUNK", "solves' chunks")):
+        why = env_problem(var)
+        if why:
+            warnings.warn(f"{why}: ignored (the C++ CPU cell ops pick their {what} themselves)", RuntimeWarning,
+                          stacklevel=2)
     return _C, "ok (cuda kernels: %s; CPU cell GEMMs: %s)" % ("yes" if _C.has_cuda() else "no, CPU build",
                                                                _C.blas_backend())
 

@@ -9,7 +9,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from . import profiling
@@ -22,9 +21,11 @@ from .rowwise import RowwiseFn
 class FusionCell(nn.Module):
     """Parameters of the official DEQ fusion cell for N modalities of width D (GroupNorm(groups, D)).
     triton_cell: which Triton cell variant the 'triton' backend runs (TRITON_CELLS; None: the default,
-    DEQFUSE_CELL_GEMM read once at first use, else 'cublas')."""
+    DEQFUSE_CELL_GEMM read once at first use, else 'cublas'). out_gain: the initial gain of the last
+    GroupNorms (GN3_i, GN_f), which scales the state and so the map's contraction (official: 1)."""
 
-    def __init__(self, dim: int, num_modalities: int, groups: int = 4, triton_cell: Optional[str] = None):
+    def __init__(self, dim: int, num_modalities: int, groups: int = 4, triton_cell: Optional[str] = None,
+                 out_gain: float = 1.0):
         super().__init__()
         check_dim_groups(dim, groups)
         check_int("num_modalities", num_modalities, 1)
@@ -39,12 +40,20 @@ class FusionCell(nn.Module):
         self.wg, self.wf = nn.Parameter(torch.empty(D, D)), nn.Parameter(torch.empty(D, D))
         self.bg, self.bf = nn.Parameter(torch.empty(D)), nn.Parameter(torch.empty(D))
         self.gnf_w, self.gnf_b = nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D))
+        self.out_gain = out_gain
         self.reset_parameters()
 
     def reset_parameters(self):
         bound = 1.0 / math.sqrt(self.dim)  # nn.Linear's default init
         for p in (self.w1, self.w2, self.wg, self.wf, self.b1, self.b2, self.bg, self.bf):
             nn.init.uniform_(p, -bound, bound)
+        with torch.no_grad():
+            for p in (self.gn1_w, self.gn2_w):
+                p.fill_(1.0)
+            for p in (self.gn3_w, self.gnf_w):
+                p.fill_(self.out_gain)
+            for p in (self.gn1_b, self.gn2_b, self.gn3_b, self.gnf_b):
+                p.zero_()
 
     def params(self) -> CellParams:
         # straight from _parameters (nn.Module.__getattr__ costs ~1 us per name; this runs every forward),
@@ -153,22 +162,31 @@ class _ExtCell(torch.autograd.Function):
     parameters). Output: f(z), the one differentiable output; the 13 saved tensors (what the adjoint VJP
     reads) go to the caller through `box` (a list, extended in place), not as outputs: 13 more outputs
     of an autograd Function cost ~40 us of autograd bookkeeping per call (at B=128, D=64 a quarter of
-    the op). Once differentiable: a double backward (e.g. the Jacobian regulariser's create_graph)
-    raises; the layers use the reference path there."""
+    the op). Twice differentiable: a backward with create_graph=True (a second-order gradient through
+    grad='unrolled' / 'phantom') recomputes the cell by the reference path and differentiates that."""
 
     @staticmethod
     def forward(ctx, z, x, xf, groups, box, *params):
         out, saved = torch.ops.deqfuse.cell_forward.default(z, x, xf, list(params), groups, True)
-        ctx.save_for_backward(z, *params, *saved)
+        ctx.save_for_backward(z, x, xf, *params, *saved)
         ctx.groups, ctx.n_params = groups, len(params)
         box.extend(saved)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gout):
-        z, *rest = ctx.saved_tensors
+        z, x, xf, *rest = ctx.saved_tensors
         params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the reference cell's backward
+            # recomputed from aliases (views) of the inputs: the inner grad stops at them (through z's own
+            # history it would reach x and the parameters again), and the result stays differentiable
+            every = [z, x, xf, *params]
+            alias = [t.view_as(t) if t.requires_grad else t for t in every]
+            out = cell_forward(*alias[:3], CellParams(*alias[3:]), ctx.groups)
+            need = [a for a, t in zip(alias, every) if t.requires_grad]
+            got = iter(torch.autograd.grad(out, need, gout, create_graph=True, allow_unused=True) if need else ())
+            grads = [next(got) if t.requires_grad else None for t in every]
+            return (*grads[:3], None, None, *grads[3:])
         dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward.default(gout.contiguous(), z, list(saved), list(params),
                                                                   ctx.groups)
         return (dz, dx, dxf, None, None, *dp)
@@ -189,7 +207,7 @@ class _ExtJacLoss(torch.autograd.Function):
     its gradient w.r.t. x, xf and the 16 parameters from torch.ops.deqfuse.cell_jac_backward (exact, ReLU
     masks fixed: what autograd's double backward through the reference cell gives, without its graph of
     small ops). vs: [n, B, N+1, D] probes; z: the point [B, N+1, D] (not differentiated: the layers pass
-    a detached fixed point). Once differentiable."""
+    a detached fixed point). Once differentiable: a backward with create_graph=True raises."""
 
     @staticmethod
     def forward(ctx, vs, z, x, xf, groups, saved, *params):
@@ -201,8 +219,10 @@ class _ExtJacLoss(torch.autograd.Function):
         return torch.stack([w.square().sum() for w in ws]).sum() * scale
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gloss):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the Jacobian loss (jac_reg) on the C++ CPU cell is differentiable once; a "
+                               "create_graph=True backward through it needs backend='reference'")
         vs, z, *rest = ctx.saved_tensors
         params, ws, saved = (rest[:ctx.n_params], rest[ctx.n_params:ctx.n_params + ctx.n_ws],
                              rest[ctx.n_params + ctx.n_ws:])

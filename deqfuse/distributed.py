@@ -9,25 +9,58 @@ process's gradient (tested: tests/test_training_stack.py), so results do not dep
 Process group: gloo for CPU training (the commands train on the CPU), NCCL for CUDA. Only rank 0 writes
 files or shows progress.
 
+Stalls: every collective waits at most DEQFUSE_DIST_TIMEOUT seconds (default 300) for its peers (and so
+does the start-up for the ranks to join). When one fails for that (or because a peer died), the rank raises
+PeerStalled naming the collective and the ranks that stalled, found by a roll call in the process group's
+store after one more timeout (`python -m deqfuse` prints it and exits with status 1; torchrun then stops
+the other ranks).
+
 In your own script: DEQFusion and DynamicFusion are ordinary modules for DDP (no buffers; solver state
 and `info` are plain attributes; every parameter gets a gradient in a training step, so
 find_unused_parameters is not needed). FSDP: see README "Training stack".
 """
+import contextlib
+import datetime
+import math
 import os
-from typing import Tuple
+import time
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+TIMEOUT_ENV = "DEQFUSE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def timeout_s() -> float:
+    """Seconds a collective waits for its peers: DEQFUSE_DIST_TIMEOUT (a positive number; unset or empty:
+    DEFAULT_TIMEOUT_S); any other value raises ValueError naming the variable."""
+    v = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not v:
+        return DEFAULT_TIMEOUT_S
+    try:
+        t = float(v)
+    except ValueError:
+        t = math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"{TIMEOUT_ENV}={v!r} is not a positive number of seconds")
+    return t
+
+
+class PeerStalled(RuntimeError):
+    """A collective failed because a peer rank stalled past the timeout or died."""
+
 
 def init_from_env(device: str = "cpu") -> Tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun (WORLD_SIZE > 1):
-    gloo for device 'cpu', NCCL (and the LOCAL_RANK GPU) for 'cuda'."""
+    gloo for device 'cpu', NCCL (and the LOCAL_RANK GPU) for 'cuda'; collectives time out after timeout_s()."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s()))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -35,6 +68,50 @@ def init_from_env(device: str = "cpu") -> Tuple[int, int]:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """e is a collective's failure: a timeout or a lost connection (gloo raises plain RuntimeErrors)."""
+    msg = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in msg for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
+
+
+def _roll_call(wait_s: float) -> Optional[List[int]]:
+    """The ranks that do not join a roll call in the process group's store within wait_s seconds (None: the
+    store is unreachable). A rank blocked in a collective fails within one timeout, then joins: the ranks
+    still missing after that are the stalled ones."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        keys = [f"deqfuse/roll_call/{r}" for r in range(dist.get_world_size())]
+        store.set(keys[dist.get_rank()], "1")
+        end = time.monotonic() + wait_s
+        while not store.check(keys) and time.monotonic() < end:
+            time.sleep(0.1)
+        return [r for r, k in enumerate(keys) if not store.check([k])]
+    except Exception:  # the store's host (rank 0 outside torchrun) may be the stalled rank
+        return None
+
+
+@contextlib.contextmanager
+def collective(what: str):
+    """Around a collective, or a step that holds one (DDP's gradient all-reduce in backward): its failure
+    for a stalled or dead peer raises PeerStalled naming `what`, this rank, and the ranks that stalled."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist.is_initialized() or isinstance(e, PeerStalled) or not _peer_failure(e):
+            raise
+        t = timeout_s()
+        missing = _roll_call(t)
+        if missing is None:
+            who = "a peer stalled or died (the store for a roll call is unreachable)"
+        elif missing:
+            who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} stalled (missing from a roll call)"
+        else:
+            who = "a peer failed (every rank answered a roll call)"
+        raise PeerStalled(f"rank {dist.get_rank()}: {what} failed after waiting up to {t:g} s ({TIMEOUT_ENV}) "
+                          f"for its peers: {who} ({str(e).strip()})") from e
 
 
 def shard(idx: torch.Tensor) -> torch.Tensor:
@@ -48,7 +125,8 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """DistributedDataParallel around model when a process group runs, else model itself."""
     if not dist.is_initialized():
         return model
-    return torch.nn.parallel.DistributedDataParallel(model)
+    with collective("DDP's parameter broadcast"):
+        return torch.nn.parallel.DistributedDataParallel(model)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,7 +135,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with collective("barrier"):
+            dist.barrier()
 
 
 def world_size() -> int:
@@ -70,5 +149,6 @@ def sum_across_ranks(value: float) -> float:
         return value
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor([value], dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
+    with collective("the loss all-reduce"):
+        dist.all_reduce(t)
     return float(t)

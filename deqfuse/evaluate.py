@@ -3,6 +3,10 @@ model selection on validation data only, and the compute each method spends.
 
     python -m deqfuse eval --data brca --seeds 5 [--methods all|name,...] [--epochs 100] [--dim 64] [--tune]
                            [--lambdas 0,0.3,1,3] [--memory] [--out runs_eval]
+    python -m deqfuse eval --data FILE.npz | FILE.csv --view-prefixes P0,P1,... [--label-col label] ...
+
+--data: a built-in data set (DATASETS) or your own .npz / .csv file (data.load_views_file); labels may be
+any integers and are mapped to classes 0..C-1 in increasing order (printed, and in results.json).
 
 Per seed: a stratified train / val / test split (60/20/20, `data.split_indices`), per-view standardisation
 fitted on the training part; every method trains on the same split with the same backbone (per view:
@@ -10,9 +14,9 @@ Linear -> LayerNorm -> ReLU -> Dropout to width D) and the same optimiser (Adam,
 each epoch it is scored on val (accuracy + weighted F1 + macro F1) and the best epoch's weights are kept;
 test metrics are read once, at that checkpoint. --tune also selects, per seed and method, the hidden
 width and learning rate (and deq+jac's regulariser weight) on val (TUNE_GRID). Reported: mean +- std over seeds of test accuracy,
-weighted F1, macro F1; MACs per sample of the eval forward (FlopCounterMode over the plain-PyTorch
-path: GEMM MACs of what actually ran, e.g. only the solver iterations and rows a DEQ used, only the
-experts DynMM chose); inference wall time on the test set; the DEQ's solver iterations per sample.
+weighted F1, macro F1; MACs per sample of the eval forward (torch.utils.flop_counter, which deqfuse's
+compiled ops report to: GEMM MACs of what actually ran, e.g. only the solver iterations and rows a DEQ
+used, only the experts DynMM chose, its gate); inference wall time on the test set; the DEQ's solver iterations per sample.
 
 Methods: single:<i> (one view), concat, late (mean of per-view heads), deq (implicit gradient), deq+jac
 (plus the Jacobian regulariser), unrolled:<k> (the weight-tied cell applied k times, full backprop: the
@@ -31,10 +35,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ._validate import check_choice
-from .dynamic import DynamicFusion, GumbelSchedule, SubsetExpert
+from .dynamic import ConcatGate, DynamicFusion, GumbelSchedule, SubsetExpert, count_macs
 from .layers import DEQFusion
 from .train import adam, f1_scores, plot_residual_band, train_epoch
 
@@ -60,11 +62,13 @@ class HParams:
     gate_hidden: int = 8             # DynMM's gate: Linear(sum d_v, gate_hidden) -> ReLU -> Linear(., 2)
 
 
-def load(name: str):
-    """(views [n, d_v] float32 arrays, labels [n] int64)."""
-    from .data import load_brca, load_uci_multifeature
-    check_choice("data", name, DATASETS)
-    return load_brca() if name == "brca" else load_uci_multifeature()
+def load(name: str, label_col: Optional[str] = None, view_prefixes: Optional[List[str]] = None):
+    """(views [n, d_v] float32 arrays, labels [n] int64): a built-in data set (DATASETS), else the file
+    `name` (data.load_views_file, with the .csv's label_col and view_prefixes; DataError if unusable)."""
+    from .data import load_brca, load_uci_multifeature, load_views_file
+    if name in DATASETS:
+        return load_brca() if name == "brca" else load_uci_multifeature()
+    return load_views_file(name, label_col, view_prefixes)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -139,7 +143,7 @@ def build(method: str, dims: List[int], classes: int, hp: HParams, cheap: int = 
         full = "deq" if method == "dynmm+deq" else "concat"
         experts = [SubsetExpert([cheap], FusionNet("single", [dims[cheap]], [0], classes, hp)),
                    SubsetExpert(allv, FusionNet(full, dims, allv, classes, hp))]
-        return DynamicFusion(experts, dims, gate_hidden=hp.gate_hidden, tau=1.0, lambda_cost=hp.dynmm_lambda)
+        return DynamicFusion(experts, ConcatGate(dims, 2, hp.gate_hidden), tau=1.0, lambda_cost=hp.dynmm_lambda)
     return FusionNet(method, dims, allv, classes, hp)
 
 
@@ -152,24 +156,10 @@ def scores(model: nn.Module, x, y, classes: int) -> Dict[str, float]:
     return dict(accuracy=float((pred == y).float().mean()), weighted_f1=weighted, macro_f1=macro)
 
 
-def _set_backend(model: nn.Module, backend: str):
-    for m in model.modules():
-        if isinstance(m, DEQFusion):
-            m.backend = backend
-            m.f_kw["backend"] = m.b_kw["backend"] = backend
-
-
 def macs_per_sample(model: nn.Module, x) -> float:
-    """GEMM MACs per sample of the eval forward (FlopCounterMode, the plain-PyTorch path of every op, so
-    the compiled ops are counted too): only what ran (solver rows and iterations, chosen experts)."""
-    model.eval()
-    _set_backend(model, "reference")
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(x)
-    finally:
-        _set_backend(model, "auto")
-    return fc.get_total_flops() / 2 / x[0].shape[0]
+    """MACs per sample of the eval forward on x (torch.utils.flop_counter: deqfuse's compiled ops report
+    theirs, so on any backend): only what ran (solver rows and iterations, chosen experts, the gate)."""
+    return count_macs(model, (x,))
 
 
 def infer_ms(model: nn.Module, x, reps: int = 5) -> float:
@@ -389,14 +379,20 @@ def expand_methods(spec: str, n_views: int) -> List[str]:
 
 def run(data_name: str = "brca", seeds: int = 5, methods: str = "all", hp: Optional[HParams] = None,
         out: str = "runs_eval", lambdas: Optional[List[float]] = None, memory: bool = False,
-        progress: bool = True, tune: bool = False) -> dict:
+        progress: bool = True, tune: bool = False, file_kw: Optional[dict] = None) -> dict:
+    """data_name: a built-in data set or a data file (load; file_kw: its label_col / view_prefixes)."""
     from . import distributed as ddp
     from .data import split_indices, standardize
     hp = hp or HParams()
     ddp.init_from_env()  # under torchrun: every rank trains each job data-parallel; rank 0 reports
     main = ddp.is_main()
     progress = progress and main
-    views, labels = load(data_name)
+    views, labels = load(data_name, **(file_kw or {}))
+    label_values, labels = np.unique(labels, return_inverse=True)  # classes 0..C-1 in label order
+    labels = labels.astype(np.int64)
+    if main and not np.array_equal(label_values, np.arange(len(label_values))):
+        print(f"labels mapped to classes 0..{len(label_values) - 1}: "
+              + ", ".join(f"{v} -> {c}" for c, v in enumerate(label_values.tolist())))
     names = expand_methods(methods, len(views))
     if main:
         os.makedirs(out, exist_ok=True)
@@ -448,13 +444,15 @@ def run(data_name: str = "brca", seeds: int = 5, methods: str = "all", hp: Optio
             mem[m] = training_graph_bytes(m, data["dims"], data["classes"], hp)
         plot_memory(mem, os.path.join(out, "memory.png"))
         print("training graph MiB:", {k: round(v / 2 ** 20, 2) for k, v in mem.items()})
-    plot_accuracy_vs_macs(rows, sweep, os.path.join(out, "accuracy_vs_macs.png"), f"{data_name}: {seeds} seeds")
+    plot_accuracy_vs_macs(rows, sweep, os.path.join(out, "accuracy_vs_macs.png"),
+                          f"{os.path.basename(data_name)}: {seeds} seeds")
     plot_solver(results, os.path.join(out, "solver.png"))
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(table + "\n")
     slim = [{k: v for k, v in r.items() if k not in ("solver_rel_trace",)} for r in results + sweep_raw]
     with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump(dict(data=data_name, seeds=seeds, hparams=asdict(hp), tuned=tune,
+        json.dump(dict(data=data_name, label_values=label_values.tolist(), seeds=seeds, hparams=asdict(hp),
+                       tuned=tune,
                        tune_grid=dict(TUNE_GRID, jac_weight=TUNE_JAC) if tune else None, summary=rows, lambda_sweep=sweep,
                        memory_bytes=mem, runs=slim), fh, indent=1)
     return dict(summary=rows, sweep=sweep, memory=mem, runs=results)

@@ -18,7 +18,7 @@ from typing import Callable, List
 
 import torch
 
-from .implicit import warn_if_not_converged
+from .implicit import check_converged
 from .rowwise import PlusRows
 from .solvers import STATES, SolverStats, resolve_check_every
 
@@ -130,20 +130,23 @@ class GraphedSolves:
         kw = layer._solve_kw(0, x)
         return cs.state.res.best_x.clone(), cs.stats(steps, kw["tol"], kw["stop_mode"])
 
-    def adjoint(self, z_star, x, xf, stats_box=None, warn: bool = False):
-        """grad -> g with g = J^T g + grad at z*, as chunk replays (the fused VJP needs the kernel
-        forward's saved tensors, so that forward is inside the first chunk's graph)."""
+    def adjoint(self, z_star, x, xf, stats_box=None, on_nonconvergence: str = "ignore"):
+        """grad -> g with g = J^T g + grad at z*, as chunk replays of implicit.adjoint_solver's form y = J^T y +
+        J^T grad, g = y + grad (the fused VJP needs the kernel forward's saved tensors, so that forward and
+        c = J^T grad are inside the first chunk's graph)."""
         layer = self.layer
         key = self._key("bwd", x)
         if key not in self.cache:
             zs, xs, xfs = z_star.detach().clone(), x.detach().clone(), xf.detach().clone()
             grad_s = torch.zeros_like(zs)
+            c_s = torch.zeros_like(zs)
 
             def prologue(state):
                 vjp = layer.saved_vjp(zs, xs, xfs)
-                state.reset(grad_s)
-                return PlusRows(vjp, grad_s)
-            self.cache[key] = (zs, xs, xfs, grad_s, self._chunked(layer._solve_kw(1, x), grad_s, prologue))
+                c_s.copy_(vjp(grad_s))
+                state.reset(c_s)
+                return PlusRows(vjp, c_s)
+            self.cache[key] = (zs, xs, xfs, grad_s, self._chunked(layer._solve_kw(1, x), c_s, prologue))
         zs, xs, xfs, grad_s, cs = self.cache[key]
         z_star, x, xf = z_star.detach(), x.detach(), xf.detach()
         kw = layer._solve_kw(1, x)
@@ -157,7 +160,7 @@ class GraphedSolves:
             st = cs.stats(steps, kw["tol"], kw["stop_mode"])
             if stats_box is not None:
                 stats_box[:] = [st]
-            if warn:
-                warn_if_not_converged(st, "DEQFusion adjoint (backward) solve", "b_tol")
-            return cs.state.res.best_x.clone()
+            check_converged(st, on_nonconvergence, "DEQFusion adjoint (backward) solve", "b_tol", "b_max_iter",
+                            kw["max_iter"])
+            return cs.state.res.best_x + grad
         return run

@@ -1,34 +1,54 @@
 """Gradients through a fixed point z* = f(z*): implicit differentiation, phantom gradient, and the
 Hutchinson Jacobian regulariser. Independent of the cell: everything works on flat [B, L] states.
 """
-import warnings
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import profiling
 from ._validate import check_choice
+from .errors import ConvergenceError, ConvergenceWarning, warn
 from .rowwise import PlusRows, is_rowwise
 from .solvers import solve
 
 
-def warn_if_not_converged(stats, what: str, tol_name: str):
-    """One host sync: a RuntimeWarning if some samples of the solve did not reach the tolerance."""
-    if stats.all_converged:
+NONCONVERGENCE = ("warn", "ignore", "raise")
+
+
+def check_converged(stats, mode: str, what: str, tol_name: str, iter_name: str, max_iter: int, module=None):
+    """What a solve that left samples above its tolerance does, by mode: 'warn' a ConvergenceWarning (stable
+    text, attributed to the caller: see deqfuse.errors), 'raise' a ConvergenceError with the counts, 'ignore'
+    nothing (read the stats). One host sync unless 'ignore'. A solve whose residuals are not finite because
+    `module` holds non-finite parameters raises a ValueError naming them (in 'warn' and 'raise' modes)."""
+    if mode == "ignore" or stats.all_converged:
         return
-    s = stats.summary()
-    warnings.warn(f"{what}: {s['batch'] - s['converged']}/{s['batch']} samples did not reach {tol_name}="
-                  f"{s['tol']} ({s['stop_mode']} residual) in {s['steps']} steps (max residual {s['max_res']:.3g}); "
-                  f"returning each sample's best iterate", RuntimeWarning, stacklevel=3)
+    if module is not None and not bool(torch.isfinite(stats.best_res).all()):
+        bad = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"{what}: the layer's parameters {bad} hold NaN or Inf (an optimiser step diverged?); "
+                             f"every output would be non-finite")
+    if mode == "raise":
+        s = stats.summary()
+        raise ConvergenceError(f"{what}: {s['batch'] - s['converged']}/{s['batch']} samples did not reach "
+                               f"{tol_name}={stats.tol:g} ({stats.stop_mode} residual) in {s['steps']} steps "
+                               f"(largest residual {s['max_res']:.3g})")
+    warn(f"{what}: some samples did not reach {tol_name}={stats.tol:g} ({stats.stop_mode} residual) within "
+         f"{iter_name}={max_iter} steps; each returns its best iterate (counts: the layer's info, "
+         f"return_info=True)", ConvergenceWarning)
+
+
+SECOND_ORDER = ("DEQFusion(grad='implicit') is differentiable once: its adjoint solve has no graph, so a "
+                "second-order gradient (create_graph=True: gradient penalties, hvp, hessian, "
+                "torch.autograd.functional.jvp) through it would be wrong. Use grad='unrolled' (differentiable twice "
+                "on every backend) or grad='phantom' for such losses")
 
 
 class ImplicitAdjoint(torch.autograd.Function):
     """Identity on f(z*) in the forward; in the backward replaces the incoming gradient `grad` by
     adjoint(grad), the solution g of the adjoint fixed point g = J^T g + grad (J = df/dz at z*).
     Once differentiable: the adjoint solve runs without a graph, so a second-order gradient through it
-    would be wrong; a double backward raises instead (grad='unrolled' or 'phantom' are differentiable
-    twice)."""
+    would be wrong; a backward with create_graph=True raises (SECOND_ORDER) instead of returning a
+    gradient whose own derivative would miss the adjoint's."""
 
     @staticmethod
     def forward(ctx, fz, adjoint: Callable):
@@ -36,37 +56,51 @@ class ImplicitAdjoint(torch.autograd.Function):
         return fz.view_as(fz)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(SECOND_ORDER)
         with torch.no_grad(), profiling.range("adjoint_solve"):
             return ctx.adjoint(grad.contiguous()), None
 
 
-def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, init: str = "grad",
-                   **solver_kw):
+def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, on_nonconvergence: str = "ignore",
+                   init: str = "grad", **solver_kw):
     """grad -> g solving g = vjp(g) + grad per sample with a batched solver (vjp: [B, L] -> [B, L],
     e.g. a fused kernel on saved tensors; if vjp is row-wise (deqfuse.rowwise) the adjoint solve can
     shrink its batch to the unconverged rows). The solver's stats land in stats_box[0] if a list is
-    given; warn: a RuntimeWarning when samples do not converge (one host sync); init: the initial guess,
+    given; on_nonconvergence: check_converged's mode (b_tol, b_max_iter); init: the initial guess,
     'grad' (the solution of the Jacobian-free approximation) or 'zeros' (the official code's)."""
     check_choice("init", init, ("grad", "zeros"))
 
     def adjoint(grad):
-        f = PlusRows(vjp, grad) if is_rowwise(vjp) else (lambda y: vjp(y) + grad)
-        # the solvers never write x0 (their iterate and best iterate are copies): grad serves as x0 itself
-        g, stats = solve(solver, f, grad if init == "grad" else torch.zeros_like(grad), **solver_kw)
+        getattr(vjp, "check_versions", lambda: None)()
+        if init == "zeros":  # the official formulation: g = J^T g + grad from g = 0, residuals of g
+            g, stats = solve(solver, plus(vjp, grad), torch.zeros_like(grad), **solver_kw)
+        else:
+            # y = J^T (y + grad) = J^T y + J^T grad, g = y + grad: the residuals of g = J^T g + grad (the problem
+            # shifted by grad), but the relative residual is measured against J^T g, the part of the gradient
+            # the solve computes (against g it would call a solve converged once grad dominates, before J^T g
+            # is accurate). From y = J^T grad: one Picard step from g = grad. (The solvers never write x0.)
+            c = vjp(grad)
+            y, stats = solve(solver, plus(vjp, c), c, **solver_kw)
+            g = y + grad
         if stats_box is not None:
             stats_box[:] = [stats]
-        if warn:
-            warn_if_not_converged(stats, "DEQFusion adjoint (backward) solve", "b_tol")
+        check_converged(stats, on_nonconvergence, "DEQFusion adjoint (backward) solve", "b_tol", "b_max_iter",
+                        solver_kw.get("max_iter", 50))
         return g
     return adjoint
 
 
-def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, warn: bool = False, init: str = "grad",
-                  **solver_kw):
+def plus(vjp: Callable, c: torch.Tensor):
+    """y -> vjp(y) + c, row-wise (deqfuse.rowwise) when vjp is."""
+    return PlusRows(vjp, c) if is_rowwise(vjp) else (lambda y: vjp(y) + c)
+
+
+def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, on_nonconvergence: str = "ignore",
+                  init: str = "grad", **solver_kw):
     """Attach the implicit gradient to fz = f(z*) ([B, L], computed with grad enabled)."""
-    return ImplicitAdjoint.apply(fz, adjoint_solver(vjp, solver, stats_box, warn, init, **solver_kw))
+    return ImplicitAdjoint.apply(fz, adjoint_solver(vjp, solver, stats_box, on_nonconvergence, init, **solver_kw))
 
 
 def autograd_vjp(fz, z):

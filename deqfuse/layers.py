@@ -1,7 +1,7 @@
 """DEQFusion: the deep-equilibrium multimodal fusion layer (Ni et al.), and its unrolled ablation."""
 import functools
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,10 +10,11 @@ from . import profiling
 from .cell import (ExtCellRows, FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad, ext_jacobian_reg,
                    ext_vjp_anderson_solve)
 from .graphs import GraphedSolves
-from .implicit import ImplicitAdjoint, implicit_grad, jacobian_reg, phantom_grad, warn_if_not_converged
+from .implicit import (NONCONVERGENCE, ImplicitAdjoint, check_converged, implicit_grad, jacobian_reg,
+                       phantom_grad)
 from .reference.cell import fuse_inputs
 from .rowwise import RowwiseFn
-from ._validate import (check_bool, check_choice, check_feature_values, check_features, check_float, check_int,
+from ._validate import (check_bool, check_choice, check_feature_values, check_float, check_int, check_rows,
                         host_sync_allowed)
 from .backend import BACKENDS, resolve
 from .solvers import SOLVERS, SolverStats, check_options, solve, solver_options
@@ -23,76 +24,123 @@ _LAYER_SET = {"max_iter": "f_max_iter / b_max_iter", "tol": "f_tol / b_tol", "st
               "backend": "backend"}
 
 
-@dataclass
+@dataclass(repr=False)
 class DEQInfo:
+    """What one DEQFusion forward did. forward_stats: the forward solve's SolverStats (None for
+    grad='unrolled' and when every row was masked); jac_loss: the Jacobian loss (0 unless jac_reg > 0 in
+    training); backward_stats: the adjoint solve's SolverStats once backward() has run (grad='implicit'),
+    else None. summary(): numbers only, for a metrics logger."""
     forward_stats: Optional[SolverStats]
     jac_loss: torch.Tensor
-    backward_stats: list  # filled by the backward pass (implicit mode): [SolverStats]
+    _backward: list = field(default_factory=list)  # filled by the backward pass: [SolverStats]
+
+    @property
+    def backward_stats(self) -> Optional[SolverStats]:
+        return self._backward[0] if self._backward else None
+
+    def summary(self) -> dict:
+        """{'forward/steps', 'forward/converged_frac', ..., 'backward/...' (after backward), 'jac_loss'}: one
+        host sync; every value an int or float."""
+        out = {}
+        for name, st in (("forward", self.forward_stats), ("backward", self.backward_stats)):
+            if st is not None:
+                out.update({f"{name}/{k}": v for k, v in st.summary().items()})
+        out["jac_loss"] = float(self.jac_loss)
+        return out
+
+    def __repr__(self):
+        return (f"DEQInfo(forward_stats={self.forward_stats!r}, backward_stats={self.backward_stats!r}, "
+                f"jac_loss={float(self.jac_loss):.4g})")
 
 
 DEFAULT_TOL = 1e-4        # f_tol / b_tol left as None, float32/float64 solves
 LOW_PRECISION_TOL = 1e-3  # ... under torch.autocast or with bf16/fp16 parameters
+INPUT_GAIN = 2.0          # input_norm: the LayerNorms' gain at init
+OUT_GAIN = 0.5            # init='contractive': the cell's last GroupNorm gains (GN3_i, GN_f) at init
+INITS = ("contractive", "official")
 
 
 class DEQFusion(nn.Module):
-    """Fuse N modality features [B, D] into one [B, D] at the joint fixed point z* = f(z*, x).
+    """Fuse N modality features into one at the joint fixed point z* = f(z*, x) (Ni et al.).
+
+    What it takes: features[i] of shape [B, *, D_i] (vectors [B, D_i], tokens [B, T, D_i], channel-last
+    maps [B, H, W, D_i]; every modality the same leading dims [B, *], size-1 dims broadcast), in the
+    parameters' dtype (or an autocast dtype). D_i = `dim`, or in_dims[i] when in_dims is given. Each row
+    of the leading dims is fused on its own: it has its own solve, stops when it converges, and masked
+    rows (mask [B, *] bool, True = a real row) are never evaluated and come back as zeros.
+    What it returns: [B, *, dim] (with return_info=True: (that, DEQInfo)). With autograd on (training, or
+    eval mode with inputs or parameters that need gradients) the output is f(z*), one more application of
+    the cell, which carries the gradient (it equals z* to the solve's tolerance).
+    What it does to the features before the solve: with in_dims, a Linear(D_i, dim) per modality; with
+    input_norm (default), a LayerNorm(dim) per modality (gain initialised to INPUT_GAIN = 2), so the
+    encoders' output scale does not decide whether the solve converges; init='contractive' (default)
+    starts the cell's last GroupNorm gains at OUT_GAIN = 0.5, so the first solves converge (in ~12
+    steps at tol 1e-4 for random inputs). input_norm=False, init='official' is the paper's cell exactly
+    (DEQFusion.official also takes the official solver settings).
 
     Args:
-      dim, num_modalities, groups: width D, N, GroupNorm groups (D % groups == 0).
-      solver: 'anderson' | 'broyden' | 'fixed_point' for both the forward and the adjoint solve.
+      dim, num_modalities: width D of the fused state and N.
+      in_dims: widths D_i of the raw features (each gets a Linear to dim); None: every feature has width dim.
+      groups: GroupNorm groups of the cell (dim % groups == 0).
+      input_norm, init: see above.
+      solver: 'anderson' | 'broyden' | 'fixed_point' | 'anderson_official' for the forward and adjoint solves.
       f_max_iter/b_max_iter, f_tol/b_tol: limits of the forward / adjoint solve. Tolerances default
         (None) to DEFAULT_TOL = 1e-4 for float32/64 solves and LOW_PRECISION_TOL = 1e-3 for a forward
         under torch.autocast or a module cast to bf16/fp16 (chosen from the training-gradient error
-        against cost on BRCA, benchmarks/grad_accuracy.py and RESULTS.md: 1e-3 -> 1e-4 takes the
-        gradient error from 0.4-1.3% to 0.03-0.07% for +17-22% time; a bf16/fp16 solve cannot reach 1e-4).
+        against cost on BRCA, benchmarks/grad_accuracy.py; a bf16/fp16 solve cannot reach 1e-4).
       stop_mode, b_stop_mode: residual of the forward / adjoint stopping rule ('rel' or 'abs'). The
         adjoint's is relative by default: its right-hand side is the incoming gradient, whose scale is
         the loss's, so an absolute rule would make the gradient depend on how the loss is scaled.
       grad: 'implicit' (adjoint fixed point) | 'phantom' (k damped steps) | 'unrolled' (no solve:
         `unrolled_steps` weight-tied applications with full backprop; the paper's ablation).
-      jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off; info.jac_loss), taken at
-        the fixed point (grad='implicit' or 'phantom'; 'unrolled' has none and raises). On the C++ CPU path
-        its gradient is one exact op (cell_jac_backward), else autograd's double backward.
+      jac_reg: Hutchinson samples for the Jacobian-norm loss in training (0 = off; info.jac_loss, add it to
+        your loss with a weight), taken at the fixed point (grad='implicit' or 'phantom').
       backend: 'auto' | 'triton' | 'cuda' | 'reference' for the kernels used inside the solves.
       solver_kw: further options of the solver, for both solves (e.g. m, lam, beta for Anderson;
-        check_every / compact for adaptive compute: by default a solve stops once every sample has
-        converged and shrinks its batch to the unconverged samples, see deqfuse/solvers.py).
-      on_nonconvergence: 'warn' (one host sync per forward) | 'ignore' (read info.forward_stats).
-      triton_cell: Triton cell variant of the 'triton' backend: 'cublas' | 'fused' (deqfuse.cell.TRITON_CELLS;
-        None: DEQFUSE_CELL_GEMM or 'cublas').
-      cuda_graph: on CUDA, run each solve (forward, and the adjoint in training) as one CUDA-graph
-        replay, captured on first use per batch size (see graphs.py; needs grad='implicit' to graph
-        the backward). The biggest win at small batches, where the solves are launch-bound.
-    forward(features) -> [B, D]; with return_info=True -> ([B, D], DEQInfo).
+        check_every / compact for adaptive compute, see deqfuse/solvers.py).
+      on_nonconvergence: a solve that leaves rows above its tolerance: 'warn' (a deqfuse.ConvergenceWarning
+        with a stable text, once per calling line by Python's default filter; one host sync per solve),
+        'raise' (a deqfuse.ConvergenceError) or 'ignore' (read info.forward_stats / backward_stats).
+      triton_cell: Triton cell variant of the 'triton' backend: 'cublas' | 'fused' (None: the default).
+      cuda_graph: on CUDA, run each solve as CUDA-graph replays captured per row count (graphs.py).
+    forward(features, mask=None, return_info=False).
 
-    Mixed precision (torch.autocast): only the cell's GEMMs run in the autocast dtype, and only where the
-    cell goes through ATen (backend='reference', the Triton cell); the C++ CPU cell op computes in the
-    parameters' dtype regardless. Everything a solve accumulates stays in the parameters' dtype (keep
-    them float32): features that an autocast layer produced in bf16/fp16 are cast up, the fused input,
-    the iterate, the Anderson histories (unless solver_kw=dict(history_dtype=...)), the Gram matrices
-    and mixing solves, norms, residuals and tolerances; the adjoint solve runs in backward(), outside
-    autocast. Low-precision GEMMs put a floor under the residual (about 2e-4 relative at B=32, D=64),
-    so the default tolerance there is LOW_PRECISION_TOL = 1e-3 (an explicit f_tol should be >= 5e-4).
+    Optimiser: no_weight_decay() names the gains and biases (the cell's are stacked [N, D], so the usual
+    "ndim < 2" rule would decay them); deqfuse.param_groups(model, weight_decay) builds AdamW groups.
+
+    Mixed precision (torch.autocast): only the cell's GEMMs (and the projections) run in the autocast
+    dtype, and only where the cell goes through ATen (backend='reference', the Triton cell); the C++ CPU
+    cell computes in the parameters' dtype. Everything a solve accumulates stays in the parameters' dtype
+    (keep them float32): the fused input, the iterate, the Anderson histories, Gram matrices, norms and
+    residuals; the adjoint solve runs in backward(), outside autocast. Low-precision GEMMs put a floor
+    under the residual (about 2e-4 relative at B=32, D=64), so the default tolerance there is 1e-3.
     Measured against float64 (tests/test_training_stack.py): outputs within 1.2x and gradients within
     0.8x of PyTorch's own error in the same precision.
-    A module cast to bf16/fp16 keeps its solver state in that dtype too (f_tol >= 3e-3 for bf16).
     """
 
-    def __init__(self, dim: int, num_modalities: int, groups: int = 4, solver: str = "anderson",
+    def __init__(self, dim: int, num_modalities: int, in_dims: Optional[Sequence[int]] = None, *, groups: int = 4,
+                 input_norm: bool = True, init: str = "contractive", solver: str = "anderson",
                  f_max_iter: int = 55, b_max_iter: int = 56, f_tol: Optional[float] = None,
-                 b_tol: Optional[float] = None,
-                 stop_mode: str = "rel", grad: str = "implicit", phantom_steps: int = 5,
-                 phantom_lam: float = 0.8, unrolled_steps: int = 6, jac_reg: int = 0,
-                 backend: str = "auto", solver_kw: Optional[dict] = None,
-                 on_nonconvergence: str = "warn", cuda_graph: bool = False, b_stop_mode: str = "rel",
-                 triton_cell: Optional[str] = None):
+                 b_tol: Optional[float] = None, stop_mode: str = "rel", grad: str = "implicit",
+                 phantom_steps: int = 5, phantom_lam: float = 0.8, unrolled_steps: int = 6, jac_reg: int = 0,
+                 backend: str = "auto", solver_kw: Optional[dict] = None, on_nonconvergence: str = "warn",
+                 cuda_graph: bool = False, b_stop_mode: str = "rel", triton_cell: Optional[str] = None):
         super().__init__()
         # every argument is checked here, with the argument's own name in the message
+        check_int("num_modalities", num_modalities, 1)
+        if in_dims is not None:
+            if isinstance(in_dims, (bool, int)) or not isinstance(in_dims, Sequence):
+                raise ValueError(f"in_dims must be a list of {num_modalities} feature widths (or None), got "
+                                 f"{in_dims!r} (groups and the other options are keyword arguments)")
+            if len(in_dims) != num_modalities:
+                raise ValueError(f"in_dims must give one width per modality ({num_modalities}), got {len(in_dims)}")
+            in_dims = [check_int(f"in_dims[{i}]", d, 1) for i, d in enumerate(in_dims)]
+        check_bool("input_norm", input_norm)
+        check_choice("init", init, INITS)
         check_choice("grad", grad, ("implicit", "phantom", "unrolled"))
-        check_choice("on_nonconvergence", on_nonconvergence, ("warn", "ignore"))
+        check_choice("on_nonconvergence", on_nonconvergence, NONCONVERGENCE)
         check_choice("solver", solver, sorted(SOLVERS))
         check_choice("backend", backend, BACKENDS)
-        check_int("num_modalities", num_modalities, 1)
         check_int("phantom_steps", phantom_steps, 1)
         check_float("phantom_lam", phantom_lam, 0, 1, lo_open=True)
         check_int("unrolled_steps", unrolled_steps, 1)
@@ -118,8 +166,18 @@ class DEQFusion(nn.Module):
                       max_iter=f_max_iter, tol=f_tol, stop_mode=stop_mode)
         check_options(solver, dict(max_iter="b_max_iter", tol="b_tol", stop_mode="b_stop_mode"),
                       max_iter=b_max_iter, tol=b_tol, stop_mode=b_stop_mode)
-        self.cell = FusionCell(dim, num_modalities, groups, triton_cell)
-        self.dim, self.n = dim, num_modalities
+        if cuda_graph and solver == "anderson_official":
+            raise ValueError("cuda_graph=True needs a graph-capturable solver; 'anderson_official' syncs every step")
+        self.cell = FusionCell(dim, num_modalities, groups, triton_cell,
+                               out_gain=OUT_GAIN if init == "contractive" else 1.0)
+        self.dim, self.n, self.in_dims = dim, num_modalities, in_dims
+        self.input_norm, self.init = input_norm, init
+        self.proj = None if in_dims is None else nn.ModuleList(nn.Linear(d, dim) for d in in_dims)
+        self.norms = None
+        if input_norm:
+            self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_modalities))
+            for ln in self.norms:
+                nn.init.constant_(ln.weight, INPUT_GAIN)
         self.weights = nn.Parameter(torch.ones(num_modalities))  # x_f = sum_i w_i x_i + b
         self.bias = nn.Parameter(torch.zeros(1))
         self.solver, self.grad, self.backend = solver, grad, backend
@@ -130,12 +188,25 @@ class DEQFusion(nn.Module):
         self.phantom_steps, self.phantom_lam = phantom_steps, phantom_lam
         self.unrolled_steps, self.jac_reg = unrolled_steps, jac_reg
         self.on_nonconvergence = on_nonconvergence
-        if cuda_graph and solver == "anderson_official":
-            raise ValueError("cuda_graph=True needs a graph-capturable solver; 'anderson_official' syncs every step")
         self.cuda_graph = cuda_graph
         self.adjoint_init = "zeros" if solver == "anderson_official" else "grad"
         self._graphs = GraphedSolves(self)
-        self.info: Optional[DEQInfo] = None
+        self.info: Optional[DEQInfo] = None  # the last forward's (each call also returns its own)
+
+    def extra_repr(self) -> str:
+        tol = lambda i, v: "default" if self._tol_defaulted[i] else f"{v:g}"  # noqa: E731
+        return (f"dim={self.dim}, num_modalities={self.n}, in_dims={self.in_dims}, groups={self.cell.groups}, "
+                f"input_norm={self.input_norm}, init={self.init!r}, solver={self.solver!r}, grad={self.grad!r}, "
+                f"f_tol={tol(0, self.f_kw['tol'])}, b_tol={tol(1, self.b_kw['tol'])}, "
+                f"f_max_iter={self.f_kw['max_iter']}, b_max_iter={self.b_kw['max_iter']}, jac_reg={self.jac_reg}, "
+                f"backend={self.backend!r}, on_nonconvergence={self.on_nonconvergence!r}")
+
+    def no_weight_decay(self) -> set:
+        """Names (relative to this module) of the parameters weight decay should skip: every gain and bias
+        (the cell's GroupNorm gains/biases and Linear biases, the input mixing weights, the projections'
+        biases, the LayerNorms). The timm convention; deqfuse.param_groups uses it."""
+        keep = {"cell.w1", "cell.w2", "cell.wg", "cell.wf"} | {f"proj.{i}.weight" for i in range(self.n)}
+        return {name for name, _ in self.named_parameters() if name not in keep}
 
     def __getstate__(self):
         """Copies and pickles leave out the transient state: info (graph-attached tensors of the last
@@ -146,6 +217,10 @@ class DEQFusion(nn.Module):
 
     def __setstate__(self, state):
         state.setdefault("_tol_defaulted", (False, False))  # pickled by an older version: tolerances as given
+        for k, v in dict(in_dims=None, input_norm=False, init="official").items():
+            state.setdefault(k, v)
+        for k in ("proj", "norms"):
+            state["_modules"].setdefault(k, None)
         super().__setstate__(state)
         self._graphs = GraphedSolves(self)
 
@@ -163,18 +238,43 @@ class DEQFusion(nn.Module):
             return ExtCellRows(rows, x, xf, list(p), self.cell.groups)
         return RowwiseFn(rows, x, xf)
 
-    def forward(self, features, return_info: bool = False):
-        B = check_features(features, self.n, self.dim, self.weights, check_finite=False)
-        x = torch.stack(list(features), 1)  # [B, N, D]
-        if x.dtype != self.weights.dtype:  # autocast outputs cast up
-            x = x.to(self.weights.dtype)
-        if host_sync_allowed(x):  # finite and within range: one reduction over the stacked features
-            check_feature_values(x.detach(), self.weights.dtype)
+    def forward(self, features, mask: Optional[torch.Tensor] = None, return_info: bool = False):
+        """features: N tensors [B, *, D_i]; mask: None or bool [B, *] (True = a real row). -> [B, *, dim]
+        (and the call's DEQInfo with return_info=True)."""
+        _check_runnable(self)
+        widths = self.in_dims or [self.dim] * self.n
+        lead = check_rows(features, self.n, widths, self.weights, mask, "in_dims" if self.in_dims else "dim")
+        rows, idx = _flatten_rows(features, lead, mask)
+        if rows[0].shape[0] and host_sync_allowed(rows[0]):  # finite and within range (the kept rows): one sync
+            check_feature_values(rows if len(rows) > 1 else rows[0][:, None], self.weights.dtype)
+        x = self._embed(rows)                                            # [r, N, D]
+        out, info = self._fuse_rows(x)                                   # [r, D]
+        object.__setattr__(self, "info", info)  # (nn.Module's __setattr__ costs ~3 us a forward)
+        if idx is not None:
+            out = out.new_zeros(mask.numel(), self.dim).index_copy(0, idx, out)
+        if len(lead) != 1:
+            out = out.view(*lead, self.dim)
+        return (out, info) if return_info else out
+
+    def _embed(self, rows):
+        """The solve's input x [r, N, D] in the parameters' dtype from the N row blocks [r, D_i]: projected
+        (in_dims) and normalised (input_norm)."""
+        if self.proj is not None:
+            rows = [p(f) for p, f in zip(self.proj, rows)]
+        if self.norms is not None:
+            rows = [ln(f) for ln, f in zip(self.norms, rows)]
+        x = torch.stack(rows, 1)
+        return x if x.dtype == self.weights.dtype else x.to(self.weights.dtype)  # autocast outputs cast up
+
+    def _fuse_rows(self, x):
+        """The fixed point's fused state [r, D] for the inputs x [r, N, D], and this call's DEQInfo."""
+        B = x.shape[0]
+        info = DEQInfo(None, x.new_zeros(()))
+        if B == 0:  # every row masked: nothing to solve (x's graph kept: backward() works as usual)
+            return x[:, 0] * 0, info
         xf = fuse_inputs(x, self.weights, self.bias)         # [B, D]
         f = self._flat_cell(x, xf)
         z0 = x.new_zeros(B, (self.n + 1) * self.dim)
-        jac = None
-        fstats, bstats = None, []
         if self.grad == "unrolled":
             z = z0
             for _ in range(self.unrolled_steps):
@@ -187,19 +287,21 @@ class DEQFusion(nn.Module):
                 else:
                     with torch.no_grad():
                         z_star, fstats = solve(self.solver, f, z0, **self._solve_kw(0, x))
+            info.forward_stats = fstats
             # a host sync: skipped while a CUDA graph is captured and under torch.compile (read
             # info.forward_stats there)
-            if self.on_nonconvergence == "warn" and host_sync_allowed(z0):
-                warn_if_not_converged(fstats, "DEQFusion forward solve", "f_tol")
+            if host_sync_allowed(z0):
+                check_converged(fstats, self.on_nonconvergence, "DEQFusion forward solve", "f_tol", "f_max_iter",
+                                self.f_kw["max_iter"], self)
             z = z_star
-            if self.training and torch.is_grad_enabled():
+            # the gradient is attached whenever autograd will ask for it (eval mode too: saliency maps,
+            # adversarial inputs); the Jacobian loss is a training loss only
+            if torch.is_grad_enabled() and (self.training or x.requires_grad or xf.requires_grad):
                 with profiling.range("attach_grad"):
-                    z, jac = self._attach_grad(z_star, x, xf, B, bstats, graphed, isinstance(f, ExtCellRows))
-        # (object.__setattr__: nn.Module's costs ~3 us a forward; info is a plain attribute)
-        object.__setattr__(self, "info", DEQInfo(fstats, x.new_zeros(()) if jac is None else jac, bstats))
-        out = z.narrow(1, self.n * self.dim, self.dim).contiguous()  # the fused state [B, D]; not a view: FSDP2
-        # hooks, in-place safe
-        return (out, self.info) if return_info else out
+                    z, jac = self._attach_grad(z_star, x, xf, B, info._backward, graphed, isinstance(f, ExtCellRows))
+                if jac is not None:
+                    info.jac_loss = jac
+        return z.narrow(1, self.n * self.dim, self.dim).contiguous(), info  # not a view: FSDP2 hooks, in-place safe
 
     def _solve_kw(self, which: int, x: torch.Tensor) -> dict:
         """The forward (0) / adjoint (1) solve's options; a defaulted tolerance becomes LOW_PRECISION_TOL
@@ -217,8 +319,9 @@ class DEQFusion(nn.Module):
         zs = z_star.detach().view(B, self.n + 1, self.dim)
         if ext is None:
             ext = cell_path(self.backend, zs) == "ext"
+        want_jac = self.jac_reg > 0 and self.training
         if self.grad == "phantom":
-            if self.jac_reg > 0:
+            if want_jac:
                 jac = self._jacobian_loss(zs, x, xf, ext)
             return phantom_grad(self._flat_cell(x, xf), z_star, self.phantom_steps, self.phantom_lam), jac
         if ext:
@@ -226,17 +329,16 @@ class DEQFusion(nn.Module):
             # the Jacobian loss (C++ VJP and its exact backward, no double backward through a graph)
             fz, ext_saved = ext_cell_with_grad(zs, x, xf, list(self.cell.params()), self.cell.groups)
             saved = dict(ext=ext_saved)
-            if self.jac_reg > 0:
+            if want_jac:
                 jac = self._jacobian_loss(zs, x, xf, ext, ext_saved)
         else:  # reference autograd (double-differentiable: the Jacobian regulariser needs create_graph)
-            zs = zs.requires_grad_(self.jac_reg > 0)
+            zs = zs.requires_grad_(want_jac)
             fz, saved = self.cell(zs, x, xf, "reference", save=True)
-            if self.jac_reg > 0:
+            if want_jac:
                 jac = jacobian_reg(fz, zs, self.jac_reg)
         fz = fz.reshape(B, -1)
         if graphed:
-            return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats,
-                                                                  warn=self.on_nonconvergence == "warn")), jac
+            return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats, self.on_nonconvergence)), jac
         z_star, x, xf = z_star.detach(), x.detach(), xf.detach()
         if "ext" in saved:
             vjp = SavedVJP(self, z_star, x, xf, saved)
@@ -246,7 +348,7 @@ class DEQFusion(nn.Module):
             vjp = SavedVJP(self, z_star, x, xf, saved)
         else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
             vjp = self.saved_vjp(z_star, x, xf)
-        return implicit_grad(fz, vjp, self.solver, stats_box=bstats, warn=self.on_nonconvergence == "warn",
+        return implicit_grad(fz, vjp, self.solver, stats_box=bstats, on_nonconvergence=self.on_nonconvergence,
                              init=self.adjoint_init, **self._solve_kw(1, x)), jac
 
     def _jacobian_loss(self, zs, x, xf, ext: bool, ext_saved=None):
@@ -269,10 +371,10 @@ class DEQFusion(nn.Module):
     def official(cls, dim: int, num_modalities: int, **kw) -> "DEQFusion":
         """The settings of the official DEQ-fusion code (jinhong-ni/DEQFusion, BRCA script): its Anderson
         solver with whole-batch stopping and an absolute Tikhonov term (solvers.anderson_official, m=6),
-        forward 'abs' 1e-3 over the batch in 55 steps, adjoint 'rel' 1e-3 in 56 steps from zeros. kw
-        overrides any of them (e.g. jac_reg). For faithful reproduction beside deqfuse's defaults."""
+        forward 'abs' 1e-3 over the batch in 55 steps, adjoint 'rel' 1e-3 in 56 steps from zeros, and its cell
+        exactly (no input normalisation, the official init). kw overrides any of them (e.g. jac_reg)."""
         cfg = dict(solver="anderson_official", f_max_iter=55, b_max_iter=56, f_tol=1e-3, b_tol=1e-3, stop_mode="abs",
-                   b_stop_mode="rel", solver_kw=dict(m=6, lam=1e-4))
+                   b_stop_mode="rel", solver_kw=dict(m=6, lam=1e-4), input_norm=False, init="official")
         cfg.update(kw)
         return cls(dim, num_modalities, **cfg)
 
@@ -329,6 +431,7 @@ class SavedVJP:
             with torch.no_grad():
                 _, saved = cell(self._shaped(z_star), x, xf, layer.backend, save=True)
         self.saved, self.params = saved, cell.params()
+        self._versions = [t._version for t in self.params]
         if "ext" in saved:  # the C++ op: call it directly, and let it add the adjoint's right-hand side
             op, plist, G = torch.ops.deqfuse.cell_vjp.default, list(self.params), cell.groups
             self._ext = profiling.wrap(lambda g, c: op(self._shaped(g), saved["ext"], plist, G,
@@ -341,6 +444,15 @@ class SavedVJP:
 
     def _shaped(self, t):
         return t.view(t.shape[0], self.layer.n + 1, self.layer.dim)
+
+    def check_versions(self):
+        """Raise as autograd does if a parameter was changed in place since the forward saved this point
+        (the VJP reads the parameters themselves)."""
+        for name, t, v in zip(type(self.params)._fields, self.params, self._versions):
+            if t._version != v:
+                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                                   f"inplace operation: DEQFusion's parameter cell.{name} is at version {t._version}; "
+                                   f"expected version {v} (the forward's). Step the optimiser after backward()")
 
     def __call__(self, g):
         if "ext" in self.saved:
@@ -355,3 +467,37 @@ class SavedVJP:
     def subset(self, idx):
         return SavedVJP(self.layer, self.z.index_select(0, idx), self.x.index_select(0, idx),
                         self.xf.index_select(0, idx))
+
+
+def _flatten_rows(features, lead, mask):
+    """The N features [*lead, D_i] as row blocks [r, D_i] (size-1 leading dims broadcast), only the rows
+    mask [*lead] keeps; and the kept rows' flat indices (None without a mask)."""
+    R = 1
+    for d in lead:
+        R *= d
+    rows = [f if f.dim() == 2 and f.shape[0] == R else f.expand(*lead, f.shape[-1]).reshape(R, f.shape[-1])
+            for f in features]
+    if mask is None:
+        return rows, None
+    idx = mask.reshape(R).nonzero().squeeze(1)
+    return [f.index_select(0, idx) for f in rows], idx
+
+
+def _check_runnable(layer: DEQFusion):
+    """Clear errors, before any work, for what the solves cannot do: parameters on the meta device, and
+    torch.func transforms (vmap / grad / jacrev / jvp), whose wrapped tensors the solver loops and compiled
+    ops cannot take."""
+    if layer.weights.is_meta:
+        raise RuntimeError("DEQFusion's parameters are on the meta device: materialise them first "
+                           "(module.to_empty(device=...) and load or re-initialise the weights)")
+    if _functorch_active():
+        raise RuntimeError("DEQFusion does not run under torch.func transforms (vmap, grad, jacrev, jvp): its "
+                           "solves stop per sample on data-dependent tests. Use torch.autograd.grad (first-order; "
+                           "grad='unrolled' is differentiable twice), or call the layer per sample in a loop")
+
+
+def _functorch_active() -> bool:
+    if torch.compiler.is_compiling():  # (dynamo traces the solves' ops itself)
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None

@@ -1,6 +1,8 @@
 """Fake (meta) kernels of the compiled ops so torch.compile traces through them without graph breaks."""
 import torch
 
+from .flops import register_ext_formulas
+
 
 def _same_device(op: str, named: dict):
     """Fake kernels run for meta / fake tensors; a mix with real tensors would otherwise compute nothing
@@ -71,3 +73,6 @@ def _gather_rows_multi_fake(srcs, idx):
 def _scatter_rows_fake(src, idx, out):
     _same_device("scatter_rows", dict(src=src, idx=idx, out=out))
     return None
+
+
+register_ext_formulas()  # what the compiled ops cost, for torch.utils.flop_counter (deqfuse/flops.py)

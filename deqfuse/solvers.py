@@ -75,12 +75,21 @@ class SolverStats:
         return bool(self.converged.all())
 
     def summary(self) -> dict:
-        """Host-side digest (one sync)."""
-        empty = self.converged.numel() == 0
-        return dict(steps=self.steps, converged=int(self.converged.sum()), batch=self.converged.numel(),
-                    max_res=float("nan") if empty else float(self.best_res.max()),
-                    mean_nstep=float("nan") if empty else float(self.nstep.float().mean()),
-                    rows=self.rows, compactions=self.compactions, stop_mode=self.stop_mode, tol=self.tol)
+        """Numbers only (one host sync), loggable as is: steps run, samples and how many converged (and
+        their fraction), the largest returned residual, the mean step of the returned iterates, rows the
+        map was evaluated on, compactions, the tolerance."""
+        n = self.converged.numel()
+        conv = int(self.converged.sum())
+        return dict(steps=self.steps, batch=n, converged=conv, converged_frac=conv / n if n else 1.0,
+                    max_res=float(self.best_res.max()) if n else 0.0,
+                    mean_nstep=float(self.nstep.float().mean()) if n else 0.0,
+                    rows=self.rows, compactions=self.compactions, tol=self.tol)
+
+    def __repr__(self):
+        s = self.summary()
+        return (f"SolverStats(steps={s['steps']}, converged={s['converged']}/{s['batch']}, "
+                f"max_res={s['max_res']:.3g} ({self.stop_mode}, tol={self.tol:g}), mean_nstep={s['mean_nstep']:.1f}, "
+                f"rows={s['rows']}, compactions={s['compactions']})")
 
 
 def _acc_dtype(x):
@@ -379,6 +388,7 @@ def run(state: _State, f: Callable, max_iter: int, check_every: int, compact: fl
 
 
 HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+MAX_ITER = 10_000  # solver steps: the residual traces are [max_iter, B] (16 bytes per sample and step)
 
 
 def _check_option(key: str, v, name: str, solver: str):
@@ -401,8 +411,8 @@ def _option_passed(key: str, v, name: str, solver: str):
 
 
 def _check_option_value(key: str, v, name: str, solver: str):
-    if key == "max_iter":
-        check_int(name, v, 1)
+    if key == "max_iter":  # (traces hold max_iter x batch residuals)
+        check_int(name, v, 1, MAX_ITER)
     elif key == "tol":
         check_float(name, v, 0, lo_open=True)
     elif key == "stop_mode":
@@ -462,6 +472,9 @@ def _check_anderson(x0, m, lam, beta, max_iter, tol, stop_mode, history_dtype, b
     step function are looked up once per combination and device (every solve of a layer passes the same
     ones; checking them one by one cost ~9 us a solve)."""
     _check_x0(x0)
+    if history_dtype in HISTORY_DTYPES and history_dtype not in (x0.dtype, torch.bfloat16, torch.float16):
+        raise ValueError(f"history_dtype (a layer's solver_kw['history_dtype']) must be None, the solve's dtype "
+                         f"({x0.dtype}), torch.bfloat16 or torch.float16 for this solve, got {history_dtype}")
     opts = (m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend)
     if not torch.compiler.is_compiling():  # (options are symbolic while torch.compile traces)
         try:

@@ -50,8 +50,10 @@ def make_inputs(B, N, D, dtype=torch.float64, device="cpu", seed=1):
 
 
 def contractive_layer(layer, w_scale=0.2, gn3_scale=0.2, seed=0):
-    """Load contractive random parameters into a DEQFusion layer (for tests that need a solvable cell)."""
+    """Make a DEQFusion layer the paper's cell on the raw features (no input normalisation) with contractive
+    random parameters (for tests that compare it with the reference cell, or need a solvable cell)."""
     p = make_params(layer.n, layer.dim, torch.float64, w_scale=w_scale, gn3_scale=gn3_scale, seed=seed)
+    layer.norms, layer.input_norm = None, False
     with torch.no_grad():
         for name, t in zip(p._fields, p):
             getattr(layer.cell, name).copy_(t)

@@ -5,9 +5,11 @@ digits and compare fusion methods (concatenation, late fusion, DEQ fusion, DynMM
 Prints accuracy / macro-F1 per method (and DynMM's compute saving), writes results.json, results.md
 and convergence.png (DEQ solver residual vs iteration on the test set) into --out.
 """
+import hashlib
 import json
 import os
 import time
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -15,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import VIEWS, load_uci_multifeature, split_standardize
-from .dynamic import DynamicFusion, GumbelSchedule, SubsetExpert
+from .dynamic import ConcatGate, DynamicFusion, GumbelSchedule, SubsetExpert
 from .layers import DEQFusion
 
 METHODS = ("concat", "late", "deq", "dynmm", "unrolled")
+BATCH, LR = 128, 2e-3  # train_one's minibatch and Adam learning rate
 
 
 class Encoders(nn.Module):
@@ -68,12 +71,33 @@ class _ViewsToLogits(nn.Module):
         return self.net(feats)
 
 
-def build_dynmm(dims, D, classes, lambda_cost=0.3):
-    """Two experts as in DynMM: a cheap unimodal one (the pixel view) and a full concatenation fusion."""
+def dynmm_gate_epochs(epochs: int) -> int:
+    """Epochs of DynMM's second stage (the gate) after `epochs` of the first (the experts)."""
+    return max(5, epochs // 2)
+
+
+class _Experts(nn.Module):
+    """DynMM's first stage as a module (for DDP): every expert of a DynamicFusion on every sample -> their
+    outputs (each trained on its own loss; the gate and the resource loss wait)."""
+
+    def __init__(self, dyn):
+        super().__init__()
+        self.experts, self.encoders = dyn.experts, dyn.encoders
+        object.__setattr__(self, "dyn", dyn)  # not a submodule: DDP sees the experts' parameters only
+
+    def forward(self, xs):
+        return self.dyn.expert_outputs(xs)
+
+
+def build_dynmm(dims, D, classes, lambda_cost=0.0, target=0.3):
+    """Two experts as in DynMM: a cheap unimodal one (the pixel view) and a full concatenation fusion; saving
+    against the full one."""
     pix = VIEWS.index("pix")
     experts = [SubsetExpert([pix], _ViewsToLogits([dims[pix]], D // 2, classes, "concat")),
                SubsetExpert(list(range(len(dims))), _ViewsToLogits(dims, D, classes, "concat"))]
-    return DynamicFusion(experts, dims, gate_hidden=32, tau=1.0, lambda_cost=lambda_cost)
+    # a small gate over the concatenated views; the resource weight follows the dual update toward the
+    # saving target (target 0: a fixed lambda_cost)
+    return DynamicFusion(experts, ConcatGate(dims, 2, 8), tau=1.0, lambda_cost=lambda_cost, target_saving=target or None)
 
 
 def f1_scores(pred: torch.Tensor, y: torch.Tensor, classes: int):
@@ -108,6 +132,19 @@ def adam(params, **kw) -> torch.optim.Adam:
 
 def train_epoch(net: nn.Module, opt, xs: List[torch.Tensor], y: torch.Tensor, batch: int,
                 extra_loss: Optional[Callable[[], torch.Tensor]] = None, min_rows: int = 1) -> float:
+    """See _epoch (cross-entropy of net's logits)."""
+    return _epoch(net, opt, xs, y, batch, extra_loss, min_rows)
+
+
+def _sum_ce(out, y):
+    """Cross-entropy summed over the rows, of one output or averaged over a list of them (each expert's)."""
+    if isinstance(out, (list, tuple)):
+        return sum(F.cross_entropy(o, y, reduction="sum") for o in out) / len(out)
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def _epoch(net: nn.Module, opt, xs: List[torch.Tensor], y: torch.Tensor, batch: int,
+           extra_loss: Optional[Callable[[], torch.Tensor]] = None, min_rows: int = 1) -> float:
     """One epoch of minibatch training (net in train mode; the permutation draws from torch's global
     RNG); returns the mean cross-entropy over the epoch's samples, summed across ranks.
 
@@ -127,22 +164,127 @@ def train_epoch(net: nn.Module, opt, xs: List[torch.Tensor], y: torch.Tensor, ba
         if glob.numel() < min_rows * world:
             continue
         idx = ddp.shard(glob)
-        ce = F.cross_entropy(net([v[idx] for v in xs]), y[idx], reduction="sum")
+        ce = _sum_ce(net([v[idx] for v in xs]), y[idx])
         loss = ce * (world / glob.numel()) + (extra_loss() if extra_loss is not None else 0.0)
         opt.zero_grad()
-        loss.backward()
+        with ddp.collective("the gradient all-reduce (DDP backward)"):
+            loss.backward()
         opt.step()
         total += float(ce.detach())
     return ddp.sum_across_ranks(total) / y.shape[0]
 
 
-def train_one(method, data, D=64, epochs=25, batch=128, lr=2e-3, seed=0, progress=True, deq_kw=None,
-              dynmm_lambda=0.3, return_model=False, checkpoint=None, stop_after=None):
+# ------------------------------------------------------------------------------------------ checkpoints
+CHECKPOINT_FORMAT = "deqfuse.train checkpoint 1"
+_CHECKPOINT_KEYS = ("format", "config", "epoch", "train_seconds", "model", "optimizer", "rng", "sha256")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (path) that cannot be resumed: unreadable, refused by the weights-only load, not a
+    deqfuse training checkpoint, corrupt, or from another configuration (then diffs: [(train_config key,
+    the checkpoint's value, this run's)]; for epochs the epochs done)."""
+
+    def __init__(self, path: str, msg: str, diffs=()):
+        super().__init__(f"checkpoint {path}{msg}")
+        self.path, self.diffs = path, list(diffs)
+
+
+def train_config(method: str, D: int = 64, seed: int = 0, epochs: int = 25, deq_kw=None, dynmm_lambda: float = 0.0,
+                 batch: int = BATCH, lr: float = LR, dynmm_target: float = 0.3) -> dict:
+    """What a method's training run depends on, stored in its checkpoint and compared on resume: the
+    options the method uses (DynMM's resource weight for dynmm, deq_kw for deq / unrolled) and the data
+    (run's: the digits). Plain values."""
+    cfg = dict(method=method, data="digits", seed=seed, dim=D, batch=batch, lr=lr, epochs=epochs)
+    if method == "dynmm":  # epochs: both stages (the experts', then the gate's)
+        cfg.update(epochs=epochs + dynmm_gate_epochs(epochs), dynmm_lambda=dynmm_lambda, dynmm_target=dynmm_target)
+    if method in ("deq", "unrolled"):
+        cfg.update(sorted((deq_kw or {}).items()))
+    return cfg
+
+
+def _digest(entries: dict) -> str:
+    """sha256 over a checkpoint's entries: tensors by dtype, shape and bytes; dicts, lists and tuples by
+    structure (in order); anything else by repr."""
+    h = hashlib.sha256()
+
+    def feed(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)};".encode())
+            for k, v in o.items():
+                feed(k)
+                feed(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)};".encode())
+            for v in o:
+                feed(v)
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+    feed(entries)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, config: dict, epoch: int, train_seconds: float, model: nn.Module, opt) -> None:
+    """Atomically (a temporary file renamed over path): the model, optimiser, epochs done (epoch + 1),
+    RNG state, config and a sha256 of all of it; only tensors, plain containers, numbers and strings."""
+    ck = dict(format=CHECKPOINT_FORMAT, config=config, epoch=epoch, train_seconds=train_seconds,
+              model=model.state_dict(), optimizer=opt.state_dict(), rng=torch.get_rng_state())
+    ck["sha256"] = _digest(ck)
+    tmp = path + ".tmp"
+    torch.save(ck, tmp)
+    os.replace(tmp, path)  # an interruption never leaves half a checkpoint
+
+
+def load_checkpoint(path: str, config: Optional[dict] = None, force: bool = False) -> dict:
+    """The checkpoint save_checkpoint wrote at path, or CheckpointError naming path. Read with
+    torch.load(weights_only=True): a pickle of anything but tensors, plain containers, numbers and strings
+    (one that would run code) is refused unread; its sha256 must match. config (this run's train_config):
+    every entry but epochs must equal the stored one, and epochs must be at least the epochs done
+    (raising it continues the run), unless force."""
+    try:
+        with warnings.catch_warnings():  # (torch warns about the pickle protocol of files it did not write)
+            warnings.simplefilter("ignore", UserWarning)
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not torch.save's format, or refused by the weights-only unpickler
+        msg = str(e)
+        if "WeightsUnpickler error:" in msg:
+            detail = next((ln.strip() for ln in msg.split("WeightsUnpickler error:", 1)[1].splitlines()
+                           if ln.strip()), "")
+            why = (f"refused by the weights-only load, nothing in it ran (not a pickle of tensors, plain containers, "
+                   f"numbers and strings only: {detail.split('. ')[0]})")
+        else:
+            why = f"not readable ({type(e).__name__}: {(msg.strip().splitlines() or ['empty or truncated'])[0]})"
+        raise CheckpointError(path, f": {why}") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or set(ck) != set(_CHECKPOINT_KEYS):
+        raise CheckpointError(path, f": not a deqfuse training checkpoint of this version ({CHECKPOINT_FORMAT!r}); "
+                                    f"delete it, or train without --resume")
+    if _digest({k: v for k, v in ck.items() if k != "sha256"}) != ck["sha256"]:
+        raise CheckpointError(path, ": corrupt (its contents do not match their sha256)")
+    if config is not None and not force:
+        saved, done = ck["config"], ck["epoch"] + 1
+        diffs = [(k, saved.get(k), config.get(k)) for k in dict.fromkeys([*saved, *config])
+                 if k != "epochs" and saved.get(k) != config.get(k)]
+        if config["epochs"] < done:
+            diffs.append(("epochs", done, config["epochs"]))
+        if diffs:
+            raise CheckpointError(path, " is from another configuration: " + ", ".join(
+                f"{done} epochs done, epochs={new} now (epochs may be raised on resume, not lowered)" if k == "epochs"
+                else f"{k}={old!r} in the checkpoint, {k}={new!r} now" for k, old, new in diffs), diffs)
+    return ck
+
+
+def train_one(method, data, D=64, epochs=25, batch=BATCH, lr=LR, seed=0, progress=True, deq_kw=None,
+              dynmm_lambda=0.0, return_model=False, checkpoint=None, stop_after=None, resume_force=False,
+              dynmm_target=0.3):
     """Train one method; returns its result dict (and the trained model if return_model).
 
-    checkpoint: a file path: the model, optimiser, epoch and RNG state are saved there after every
-    epoch, and a training run finds them there and resumes (giving the result an uninterrupted run
-    gives). stop_after: end after that many epochs in total (an interruption, for tests); returns None.
+    checkpoint: a file path: the model, optimiser, epoch, RNG state and train_config are saved there after
+    every epoch (save_checkpoint), and a training run finds them there and resumes (giving the result an
+    uninterrupted run gives; load_checkpoint's checks, the configuration's skipped if resume_force).
+    stop_after: end after that many epochs in total (an interruption, for tests); returns None.
     Under torchrun (deqfuse.distributed) each global batch is split across the ranks and the gradients
     averaged (DDP); the evaluation and the checkpoint are rank 0's."""
     from . import distributed as ddp
@@ -150,39 +292,54 @@ def train_one(method, data, D=64, epochs=25, batch=128, lr=2e-3, seed=0, progres
     (xtr, ytr), (xte, yte), dims = data["train"], data["test"], data["dims"]
     classes = int(ytr.max()) + 1
     deq_kw = deq_kw or {}
-    model = build_dynmm(dims, D, classes, dynmm_lambda) if method == "dynmm" else FusionClassifier(method, dims, D, classes, **deq_kw)
+    config = train_config(method, D, seed, epochs, deq_kw, dynmm_lambda, batch, lr, dynmm_target)
+    model = (build_dynmm(dims, D, classes, dynmm_lambda, dynmm_target) if method == "dynmm" else
+             FusionClassifier(method, dims, D, classes, **deq_kw))
     opt = adam(model.parameters(), lr=lr)
     sched = GumbelSchedule(1.0, 0.85, 0.1)
     start, train_s = 0, 0.0
     if checkpoint and os.path.exists(checkpoint):
-        ck = torch.load(checkpoint, weights_only=False)
+        ck = load_checkpoint(checkpoint, config, force=resume_force)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         start, train_s = ck["epoch"] + 1, ck["train_seconds"]
-    net = ddp.wrap(model)
+    # DynMM, the paper's recipe: stage 1 trains each expert on every sample (its own loss; the gate waits),
+    # stage 2 freezes them and trains the gate with the resource loss for gate_epochs more
+    total = epochs + (dynmm_gate_epochs(epochs) if method == "dynmm" else 0)
+    stage = None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
     show = progress and tqdm is not None and ddp.is_main()
-    bar = tqdm(range(start, epochs), desc=f"{method:>8}", leave=True) if show else range(start, epochs)
+    bar = tqdm(range(start, total), desc=f"{method:>8}", leave=True) if show else range(start, total)
     for ep in bar:
         t0 = time.perf_counter()
-        if method == "dynmm":
-            model.tau = sched(ep)
-        extra = model.resource_loss if method == "dynmm" else None
-        loss = train_epoch(net, opt, xtr, ytr, batch, extra)
+        extra = None
+        if method != "dynmm":
+            net = net if stage else ddp.wrap(model)
+            stage = "all"
+        elif ep < epochs:
+            if stage != "experts":
+                model.gate.requires_grad_(False)
+                net, stage = ddp.wrap(_Experts(model)), "experts"
+        else:
+            if stage != "gate":
+                model.gate.requires_grad_(True)
+                model.freeze_experts()
+                net, stage = ddp.wrap(model), "gate"
+            model.tau, extra = sched(ep - epochs), model.resource_loss
+        loss = _epoch(net, opt, xtr, ytr, batch, extra)
         train_s += time.perf_counter() - t0
         if show:
             bar.set_postfix(loss=f"{loss:.3f}")
         if checkpoint and ddp.is_main():
-            tmp = checkpoint + ".tmp"
-            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=ep, rng=torch.get_rng_state(),
-                            train_seconds=train_s), tmp)
-            os.replace(tmp, checkpoint)  # atomic: an interruption never leaves half a checkpoint
+            save_checkpoint(checkpoint, config, ep, train_s, model, opt)
         if stop_after is not None and ep + 1 >= stop_after:
             return None
+    if method == "dynmm" and model.target() is not None:
+        model.calibrate(xtr)  # the inference cost shift with which the gate's choices meet the target
     model.eval()
     with torch.no_grad():
         pred = model(xte).argmax(1)
@@ -224,24 +381,36 @@ def plot_convergence(rel_trace, path):
     plt.close(fig)
 
 
+def checkpoint_path(out: str, method: str) -> str:
+    return os.path.join(out, "checkpoints", f"{method}.pt")
+
+
 def run(methods=METHODS, epochs=25, D=64, out="runs", seed=0, progress=True, deq_kw=None,
-        dynmm_lambda=0.3, resume=False) -> List[Dict]:
+        dynmm_lambda=0.0, resume=False, resume_force=False, dynmm_target=0.3) -> List[Dict]:
     """Train and compare the methods; rank 0 writes results.md / results.json / convergence.png.
-    resume: continue from out/checkpoints/<method>.pt where a run stopped (each method checkpoints
-    after every epoch)."""
+    resume: continue from checkpoint_path(out, method) where a run stopped (each method checkpoints after
+    every epoch); every checkpoint it will read is checked first (load_checkpoint: CheckpointError before
+    any method trains); resume_force: resume from another configuration."""
     from . import distributed as ddp
+    if resume:
+        for m in methods:
+            if os.path.exists(checkpoint_path(out, m)):
+                load_checkpoint(checkpoint_path(out, m),
+                                train_config(m, D, seed, epochs, deq_kw, dynmm_lambda, dynmm_target=dynmm_target),
+                                force=resume_force)
     ddp.init_from_env()
     views, labels = load_uci_multifeature()
     data = split_standardize(views, labels, seed=seed)
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     results = []
     for m in methods:
-        ck = os.path.join(out, "checkpoints", f"{m}.pt")
+        ck = checkpoint_path(out, m)
         if not resume and os.path.exists(ck) and ddp.is_main():
             os.remove(ck)  # a fresh run
         ddp.barrier()  # no rank looks for a checkpoint before rank 0 has removed a stale one
         results.append(train_one(m, data, D=D, epochs=epochs, seed=seed, progress=progress, deq_kw=deq_kw,
-                                 dynmm_lambda=dynmm_lambda, checkpoint=ck))
+                                 dynmm_lambda=dynmm_lambda, checkpoint=ck, resume_force=resume_force,
+                                 dynmm_target=dynmm_target))
     if not ddp.is_main():
         return results
     lines = ["| method | accuracy | macro-F1 | notes |", "|---|---|---|---|"]

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deqfuse.flops import anderson_macs, hint
 from deqfuse.reference import anderson as _ref
 
 # Triton reads module globals inside kernels only when they are constexpr
@@ -152,6 +153,7 @@ def anderson_step_triton(x, fx, X, G, GG, best_x, best_res, converged, nstep, ab
     hd = _TL_DTYPES[X.dtype]
     block = block or min(1024, triton.next_power_of_2(L))
     num_warps = num_warps or (8 if block >= 1024 else 4)
+    hint(x, anderson_macs(B, m, L))  # for torch.utils.flop_counter (deqfuse/flops.py)
     _anderson_step_kernel[(B,)](
         x, fx, X, G, GG, best_x, best_res, converged.view(torch.uint8), nstep, abs_out, rel_out,
         L, k, k % m, min(k + 1, m), float(lam), float(tol),

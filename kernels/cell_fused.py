@@ -36,6 +36,7 @@ from deqfuse.cell import FUSED_MAX_GROUP_WIDTH
 from deqfuse.reference.groupnorm import EPS
 
 from .cell import _check, _fusion_bwd_kernel, _gn_bwd, _gn_fwd, _meta, _modality_bwd_kernel
+from deqfuse.flops import cell_macs, hint
 
 # a [BM, 256] fp32 accumulator already fills a warpgroup's registers at BM=128 (constant kept in deqfuse/cell.py)
 MAX_GROUP_WIDTH = FUSED_MAX_GROUP_WIDTH
@@ -391,6 +392,7 @@ def cell_forward_fused(z, x, xf, p, groups: int = 4, save: bool = False):
     else:  # never written (SAVE=False); any valid pointer will do
         a1 = a2 = u = ga = a3 = st1 = st2 = st3 = stf = q
     rows = lambda M: triton.cdiv(B, M["BM"])  # noqa: E731
+    hint(z, cell_macs(B, N, D))  # its GEMMs are Triton's: told to torch.utils.flop_counter (deqfuse/flops.py)
     _launch(_l1_kernel, lambda M: (rows(M), groups, N), bn, z, w1, p.b1, p.gn1_w, p.gn1_b, h, a1, st1,
             B, N, D, DG, groups, EPS, **meta)
     _launch(_l2_kernel, lambda M: (rows(M), groups, N), bn, h, w2, p.b2, x, z, p.gn2_w, p.gn2_b, p.gn3_w, p.gn3_b,
@@ -418,6 +420,7 @@ def cell_vjp_fused(gbar, saved, p, groups: int = 4):
         saved["_wT_dtype"] = dt
     w1t, w2t, wgt, wft = saved["_wT"]
     meta = _gemm_meta(dt, gbar.is_cuda)
+    hint(gbar, cell_macs(B, N, D))
     kw = dict(dtype=dt, device=gbar.device)
     rmeta, _ = _meta(D, groups, dt)
     da3 = torch.empty(B, D, **kw)

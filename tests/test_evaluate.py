@@ -119,7 +119,7 @@ def test_eval_tune_picks_per_seed_configuration(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--data", "mnist"], "--data must be one of"), (["--methods", "concat,gated"], "unknown method"),
+    (["--data", "mnist"], "(built-in data sets: brca, digits)"), (["--methods", "concat,gated"], "unknown method"),
     (["--seeds", "0"], "--seeds must be >= 1"), (["--dim", "30"], "--dim must be a multiple of 4"),
     (["--lambdas", "0,x"], "--lambdas must be a comma list"), (["--dynmm-cheap", "7"], "--dynmm-cheap must be"),
 ])

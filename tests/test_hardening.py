@@ -61,9 +61,8 @@ def test_double_backward_through_implicit_gradient_raises():
     torch.manual_seed(0)
     layer = contractive_layer(DEQFusion(8, 2, f_max_iter=30, b_max_iter=30, on_nonconvergence="ignore").double())
     x = [t.double().requires_grad_() for t in feats(3, 8, 2)]
-    (g,) = torch.autograd.grad(layer(x).square().sum(), x[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(layer(x).square().sum(), x[0], create_graph=True)
 
 
 def test_double_backward_through_unrolled_is_right():
@@ -88,7 +87,7 @@ def test_adjoint_nonconvergence_warns():
     torch.manual_seed(0)
     layer = DEQFusion(16, 3, f_max_iter=30, b_max_iter=2, b_tol=1e-12)
     out = layer(feats())
-    with pytest.warns(RuntimeWarning, match=r"adjoint \(backward\) solve: 4/4 samples did not reach b_tol"):
+    with pytest.warns(RuntimeWarning, match=r"adjoint \(backward\) solve: some samples did not reach b_tol=1e-12"):
         out.sum().backward()
 
 
@@ -110,7 +109,7 @@ def test_deepcopy_and_pickle_after_training_forward():
     torch.manual_seed(0)
     deq = DEQFusion(8, 2, jac_reg=1, f_max_iter=4, b_max_iter=4, on_nonconvergence="ignore")
     deq(feats(3, 8, 2))
-    dyn = DynamicFusion([SubsetExpert([0], MLPHead(8, 3)), SubsetExpert([0, 1], MLPHead(16, 3))], [8, 8])
+    dyn = DynamicFusion([SubsetExpert([0], MLPHead(8, 3)), SubsetExpert([0, 1], MLPHead(16, 3))])
     dyn(feats(3, 8, 2))
     depth = DepthGatedFusion(MLPHead(16, 8), [torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)], torch.nn.Linear(8, 2))
     depth(feats(3, 8, 2))
@@ -126,7 +125,7 @@ def test_deepcopy_and_pickle_after_training_forward():
 
 # 8. options: validated at construction, named as the user typed them
 @pytest.mark.parametrize("kw,match", [
-    (dict(f_max_iter=0), "f_max_iter must be >= 1"), (dict(b_max_iter=2.5), "b_max_iter must be an int"),
+    (dict(f_max_iter=0), r"f_max_iter must be in \[1, 10000\]"), (dict(b_max_iter=2.5), "b_max_iter must be an int"),
     (dict(f_tol=0.0), "f_tol must be > 0"), (dict(b_tol=float("nan")), "b_tol must be a finite number"),
     (dict(stop_mode="max"), "stop_mode must be one of"), (dict(b_stop_mode="x"), "b_stop_mode must be one of"),
     (dict(solver="newton"), "solver must be one of"), (dict(backend="gpu"), "backend must be one of"),
@@ -157,7 +156,7 @@ def test_solver_function_options_are_validated():
     f, x0 = (lambda z: 0.5 * z), torch.zeros(2, 3)
     for kw, match in [(dict(beta=-1.0), "beta must be > 0"), (dict(m=True), "m must be an int"),
                       (dict(history_dtype=torch.int64), "history_dtype must be None or one of"),
-                      (dict(max_iter=0), "max_iter must be >= 1")]:
+                      (dict(max_iter=0), r"max_iter must be in \[1, 10000\]")]:
         with pytest.raises(ValueError, match=match):
             anderson(f, x0, **kw)
     with pytest.raises(ValueError, match=r"tau must be in \(0"):
@@ -178,13 +177,14 @@ def test_ring_size_beyond_the_compiled_step_falls_back_or_raises_alike():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], [8], tau=0.0), "tau must be > 0"),
-    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], [8], lambda_cost=-1.0), "lambda_cost must be >= 0"),
-    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))] * 2, [8], costs=[1.0]), "costs must give one cost per expert"),
-    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], [8], costs=[-1.0]), r"costs\[0\] must be >= 0"),
-    (lambda: DynamicFusion([SubsetExpert([1], MLPHead(8, 3))], [8]), r"experts\[0\] reads modality 1"),
+    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], tau=0.0), "tau must be > 0"),
+    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], lambda_cost=-1.0), "lambda_cost must be >= 0"),
+    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))] * 2, costs=[1.0]), "costs must give one cost per expert"),
+    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], costs=[-1.0]), r"costs\[0\] must be >= 0"),
+    (lambda: DynamicFusion([SubsetExpert([1], MLPHead(8, 3))])([torch.randn(2, 8)]),
+     r"inputs holds 1 modalities, the experts read modality 1"),
     (lambda: SubsetExpert([-1], MLPHead(8, 3)), r"modalities\[0\] must be >= 0"),
-    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], [8], backend="gpu"), "backend must be one of"),
+    (lambda: DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], backend="gpu"), "backend must be one of"),
     (lambda: GumbelSchedule(tau_min=0.0), "tau_min must be > 0"),
 ])
 def test_dynamic_options_are_validated(make, match):
@@ -230,17 +230,17 @@ def test_gradient_is_invariant_to_the_loss_scale_with_abs_forward_tolerance():
         layer.zero_grad()
         (scale * (layer(x) * r).mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in layer.parameters()]) / scale)
-        assert layer.info.backward_stats[0].steps > 1  # the adjoint really iterated
+        assert layer.info.backward_stats.steps > 1  # the adjoint really iterated
     assert rel_err(grads[0], grads[1]) < 2e-3
 
 
 # 12. empty batches and mixed dtypes: clear errors
 def test_empty_batch_and_mixed_dtypes_are_clear_errors():
-    dyn = DynamicFusion([SubsetExpert([0], MLPHead(8, 3))], [8, 8])
+    dyn = DynamicFusion([SubsetExpert([0], MLPHead(8, 3)), SubsetExpert([1], MLPHead(8, 3))])
     with pytest.raises(ValueError, match="batch size 0"):
         dyn([torch.zeros(0, 8), torch.zeros(0, 8)])
-    with pytest.raises(TypeError, match=r"features\[1\] is torch.float64 on cpu, features\[0\] is torch.float32"):
-        dyn([torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"inputs\[1\] has batch 3, inputs\[0\] has 2"):
+        dyn([torch.zeros(2, 8), torch.zeros(3, 8)])
     deq = DEQFusion(8, 2)
     with pytest.raises(TypeError, match=r"features\[1\] is torch.float64, the layer's parameters are torch.float32"):
         deq([torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.float64)])

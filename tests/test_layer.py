@@ -88,7 +88,7 @@ def test_training_step_all_solvers(solver):
     r = torch.randn(4, 16, dtype=torch.float64)
     (layer(x) * r).sum().backward()
     got = [p.grad.clone() for p in layer.parameters()] + [t.grad.clone() for t in x]
-    assert layer.info.forward_stats.all_converged and layer.info.backward_stats[0].all_converged
+    assert layer.info.forward_stats.all_converged and layer.info.backward_stats.all_converged
     layer.zero_grad()
     for t in x:
         t.grad = None

@@ -4,7 +4,7 @@ out-of-range cases, errors; and DynamicFusion routing through each backend."""
 import pytest
 import torch
 
-from deqfuse import DynamicFusion, MLPHead, SubsetExpert
+from deqfuse import ConcatGate, DynamicFusion, MLPHead, SubsetExpert
 from deqfuse.dynamic import _router, group_by_choice
 from deqfuse.reference.routing import gather_rows_multi_ref, group_by_choice_ref, scatter_rows_ref
 from conftest import backend_params
@@ -75,7 +75,7 @@ def test_compiled_ops_name_their_bad_arguments(dev):
 def test_dynamic_fusion_routes_alike_on_every_backend(backend, dev):
     torch.manual_seed(0)
     experts = [SubsetExpert([0], MLPHead(6, 4)), SubsetExpert([0, 1], MLPHead(11, 4, hidden=16))]
-    m = DynamicFusion(experts, [6, 5]).double().eval().to(dev)
+    m = DynamicFusion(experts, ConcatGate([6, 5], 2)).double().eval().to(dev)
     f = [torch.randn(61, 6, dtype=torch.float64, device=dev), torch.randn(61, 5, dtype=torch.float64, device=dev)]
     with torch.no_grad():
         m.backend = "reference"
