@@ -19,7 +19,7 @@ layer = DEQFusion(32, 2, f_max_iter=10, b_max_iter=10, on_nonconvergence="ignore
 x = [torch.randn(8, 32, requires_grad=True) for _ in range(2)]
 (layer(x) * torch.randn(8, 32)).sum().backward()
 assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
-dyn = DynamicFusion([SubsetExpert([0], MLPHead(32, 4)), SubsetExpert([0, 1], MLPHead(64, 4))], [32, 32]).eval()
+dyn = DynamicFusion([SubsetExpert([0], MLPHead(32, 4)), SubsetExpert([0, 1], MLPHead(64, 4))]).eval()
 with torch.no_grad():
     assert dyn([t.detach() for t in x]).shape == (8, 4)
 out = subprocess.run([sys.executable, "-m", "deqfuse", "info"], capture_output=True, text=True, check=True).stdout

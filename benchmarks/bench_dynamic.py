@@ -23,8 +23,8 @@ def build(device, dtype=torch.float32):
                SubsetExpert([0, 1, 2], MLPHead(896, 256, hidden=4096))]           # full fusion
     m = DynamicFusion(experts, ConcatGate(DIMS, len(experts))).to(device, dtype).eval()
     with torch.no_grad():  # a gate that sends ~60% / 25% / 15% of the samples to experts 0 / 1 / 2
-        m.gate[-1].weight.mul_(0.0)
-        m.gate[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
+        m.gate.net[-1].weight.mul_(0.0)
+        m.gate.net[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
     return m
 
 
@@ -52,7 +52,7 @@ def run(device, B, reps=15):
             return m.route(feats, choice)
 
         def run_all():
-            outs = torch.stack([e(feats) for e in m.experts], 1)
+            outs = torch.stack([e([feats[i] for i in e.modalities]) for e in m.experts], 1)
             return outs[torch.arange(B, device=device), choice]
         torch.testing.assert_close(routed()[0], run_all(), rtol=1e-4, atol=1e-4)
         t_routed = timeit(routed, device, reps)
@@ -70,7 +70,7 @@ def run(device, B, reps=15):
               + "  ".join(f"{b} {t:.3f} ms" for b, t in by_backend.items()))
         counts = torch.bincount(choice, minlength=3).tolist()
         launches = {k: count_launches(f) for k, f in (("all", run_all), ("routed", routed))} if device == "cuda" else {}
-    costs = m.costs.tolist()
+    costs = list(m.costs)
     mac_saving = 1 - sum(c * k for c, k in zip(costs, counts)) / (B * sum(costs))
     time_saving = 1 - t_routed / t_all
     print(f"{device:<5} B={B} counts={counts} all-experts {t_all:8.3f} ms  routed {t_routed:8.3f} ms  "

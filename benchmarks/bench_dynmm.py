@@ -14,7 +14,8 @@ them and trains the default PooledGate with the resource loss, lambda following 
 target_saving. DepthGatedFusion (fusion level: the stem runs every encoder; 3 fusion stages of which the
 gate picks how many) is trained jointly with a fixed resource weight and shown on the same axes. Per seed
 and method: test accuracy, MACs per sample actually spent (gate and encoders included), and the eval
-forward's CPU wall time over the test set (batches of 256, median of 5 runs, torch threads as given).
+forward's CPU wall time over the test set (batches of 256; the methods alternated over 7 rounds, medians;
+torch threads as given).
 Output: a table (mean +- std over seeds) and <out>/<date>-dynmm-<data>.png.
 """
 import argparse
@@ -153,21 +154,30 @@ def train(net, data, steps, seed, extra=None, bs=64, lr=1e-3):
     return net.eval()
 
 
-def evaluate(fn, data, macs_fn, reps=5, bs=256):
+def evaluate(fn, data, macs_fn, bs=256):
+    """Accuracy and MACs per sample of fn over the test set (batches of bs)."""
     xs, y = data
     with torch.no_grad():
         preds, macs = [], 0.0
         for i in range(0, y.shape[0], bs):
             preds.append(fn([x[i:i + bs] for x in xs]).argmax(1))
             macs += macs_fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for i in range(0, y.shape[0], bs):
-                fn([x[i:i + bs] for x in xs])
-            times.append(time.perf_counter() - t0)
-    acc = float((torch.cat(preds) == y).float().mean())
-    return dict(acc=acc, macs=macs / y.shape[0], ms=1e3 * statistics.median(times))
+    return dict(acc=float((torch.cat(preds) == y).float().mean()), macs=macs / y.shape[0])
+
+
+def time_all(fns, data, rounds=7, bs=256):
+    """CPU ms of one pass over the test set per method, the methods alternated in each round (so drift in the
+    machine's speed falls on all alike); medians over rounds."""
+    xs, y = data
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                for i in range(0, y.shape[0], bs):
+                    fn([x[i:i + bs] for x in xs])
+                times[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run_seed(data_name, seed, targets):
@@ -176,11 +186,13 @@ def run_seed(data_name, seed, targets):
     experts = make_experts()
     for e, ex in enumerate(experts):
         train(ex.net, tr, steps, seed + 10 * e)
-    res = {}
+    res, fns = {}, {}
     for e, ex in enumerate(experts):
         macs = count_macs(ex, ([x[:8] for i, x in enumerate(tr[0]) if i in ex.modalities],))
-        res[f"{names[e]} alone"] = evaluate(lambda xs, ex=ex: ex([xs[i] for i in ex.modalities]), te, lambda m=macs: m * 256)
-        res[f"{names[e]} alone"]["macs"] = macs
+        name = f"{names[e]} alone"
+        fns[name] = lambda xs, ex=ex: ex([xs[i] for i in ex.modalities])
+        res[name] = evaluate(fns[name], te, lambda m=macs: m * 256)
+        res[name]["macs"] = macs
     for t in targets:
         dyn = DynamicFusion(make_experts(), target_saving=t)
         dyn.experts.load_state_dict(nn.ModuleList(experts).state_dict())
@@ -188,10 +200,14 @@ def run_seed(data_name, seed, targets):
         g = torch.Generator().manual_seed(seed)
         dyn.measure_costs([x[:8] for x in xs])
         fit_gate(dyn, lambda: batches(xs, y, 128, g), epochs=15, lr=3e-3)
+        fns[f"DynMM target {t:.2f}"] = dyn
         res[f"DynMM target {t:.2f}"] = evaluate(dyn, te, lambda d=dyn: d.info.realized_macs)
     net = make_depth()
     train(net, tr, steps, seed + 99, extra=lambda: 0.3 * (net.dgf.info.expected_cost / max(net.dgf.stage_costs) / 3))
+    fns["DepthGated"] = net
     res["DepthGated"] = evaluate(net, te, lambda n=net: n.dgf.info.realized_macs)
+    for k, ms in time_all(fns, te).items():
+        res[k]["ms"] = ms
     return res
 
 
@@ -214,18 +230,18 @@ def main(argv=None):
     runs = []
     for seed in range(a.seeds):
         runs.append(run_seed(a.data, seed, targets))
-        print(f"seed {seed}: " + "; ".join(f"{k} {v['acc']:.3f} / {v['macs'] / 1e3:.0f}k / {v['ms']:.0f} ms"
+        print(f"seed {seed}: " + "; ".join(f"{k} {v['acc']:.3f} / {v['macs'] / 1e3:.0f}k / {v['ms']:.2f} ms"
                                           for k, v in runs[-1].items()), flush=True)
     full = [k for k in runs[0] if k.startswith("full")][0]
     print(f"\n{a.data}, {a.seeds} seeds, {torch.get_num_threads()} threads (mean +- std; vs the full network)")
-    print(f"{'method':22s} {'accuracy':>15s} {'MACs/sample':>14s} {'saved':>7s} {'CPU ms':>12s} {'faster':>7s}")
+    print(f"{'method':22s} {'accuracy':>15s} {'MACs/sample':>14s} {'saved':>7s} {'CPU ms':>16s} {'faster':>7s}")
     rows = {}
     for k in runs[0]:
         acc, macs, ms = (np.array([r[k][f] for r in runs]) for f in ("acc", "macs", "ms"))
         fm, ft = np.array([r[full]["macs"] for r in runs]), np.array([r[full]["ms"] for r in runs])
         rows[k] = (acc, macs, ms)
         print(f"{k:22s} {acc.mean():.3f} +- {acc.std():.3f} {macs.mean() / 1e3:9.0f}k     {1 - (macs / fm).mean():6.1%}"
-              f" {ms.mean():7.0f} +- {ms.std():3.0f} {1 - (ms / ft).mean():6.1%}")
+              f" {ms.mean():8.2f} +- {ms.std():5.2f} {1 - (ms / ft).mean():6.1%}")
     try:
         import matplotlib
         matplotlib.use("Agg")

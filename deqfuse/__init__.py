@@ -15,3 +15,15 @@ __all__ = ["DEQFusion", "DynamicFusion", "DepthGatedFusion", "SubsetExpert", "ML
            "GumbelSchedule", "PooledGate", "ConcatGate", "fit_gate", "DEQInfo", "FusionCell", "SolverStats", "anderson", "broyden", "fixed_point",
            "implicit_grad", "autograd_vjp", "jacobian_reg", "phantom_grad", "reference", "solvers",
            "extension_status", "triton_status", "param_groups", "ConvergenceWarning", "ConvergenceError"]
+
+
+def _load_extension():
+    """Load the compiled ops at import (~10 ms): their FLOP formulas and fake kernels must be registered before
+    a FlopCounterMode or torch.compile first sees them. A bad DEQFUSE_* value is reported at first use."""
+    try:
+        extension_status()
+    except ValueError:
+        pass
+
+
+_load_extension()

@@ -15,7 +15,7 @@ Costs are MACs per sample counted with torch.utils.flop_counter (FLOPs / 2); deq
 Triton kernels report theirs to it (deqfuse/ops.py), so a DEQ expert costs the same on every backend.
 """
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import backend as _backend
 from . import profiling
 from ._validate import check_bool, check_choice, check_float, check_int
+from .errors import warn
 from .reference.routing import gather_rows_multi_ref, group_by_choice_ref, scatter_rows_ref
 
 Key = Union[int, str]
@@ -238,6 +239,23 @@ class RoutingInfo:
                 f"full_macs={s['full_macs']:.4g}, lambda_cost={s['lambda_cost']:.4g})")
 
 
+def _check_outputs(outs, experts, batch=None, counts=None):
+    """Each expert's output is a tensor with one row per sample it got, all of one shape (names the expert)."""
+    shape = None
+    for y, e in zip(outs, experts):
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"experts[{e}] returned a {type(y).__name__}; an expert must return a tensor [b, *] "
+                            f"(return only the output, e.g. not (output, info))")
+        rows = batch if counts is None else counts[e]
+        if y.dim() < 1 or y.shape[0] != rows:
+            raise ValueError(f"experts[{e}] returned shape {list(y.shape)} for {rows} samples; it must return [b, *]")
+        if shape is None:
+            shape, first = y.shape[1:], e
+        elif y.shape[1:] != shape:
+            raise ValueError(f"experts[{e}] returns [b, {', '.join(map(str, y.shape[1:]))}] but experts[{first}] "
+                             f"[b, {', '.join(map(str, shape))}]: every expert must return one shape")
+
+
 def _as_list(inputs, keys):
     """The inputs (a list / tuple, or a dict of named modalities) as a list in `keys` order, checked."""
     if isinstance(inputs, Mapping):
@@ -279,7 +297,8 @@ class DynamicFusion(nn.Module):
 
     Args:
       experts: modules with a `modalities` attribute naming what they read (SubsetExpert(modalities, net));
-        each gets the list of those inputs for its samples only. An expert without `modalities` reads all.
+        each gets the list of those inputs for its samples only, and returns a tensor [b, *] (one shape for
+        all experts).
       gate: module over the raw inputs (the list, in the modalities' order: sorted keys / indices) ->
         logits [B, E]. Default: PooledGate (cheap summaries of each input -> small MLP). Its MACs count in
         the realised cost.
@@ -312,6 +331,10 @@ class DynamicFusion(nn.Module):
             raise ValueError("experts must hold at least one module")
         encoders = dict(encoders or {})
         names = [list(getattr(e, "modalities", [])) for e in experts]
+        unnamed = [e for e, n in enumerate(names) if not n]
+        if unnamed and len(unnamed) < len(experts):
+            raise ValueError(f"experts[{unnamed[0]}] names no modalities while others do: wrap it in "
+                             f"SubsetExpert([...], net) naming the inputs it reads")
         keys = sorted({k for n in names for k in n} | set(encoders), key=lambda k: (isinstance(k, str), k))
         if not keys:
             raise ValueError("the experts name no modality: give them a `modalities` attribute (SubsetExpert)")
@@ -405,8 +428,9 @@ class DynamicFusion(nn.Module):
         with torch.no_grad():
             return enc(t)
 
+    @property
     def target(self) -> Optional[float]:
-        """The compute target in MACs per sample (None without one)."""
+        """The compute target in MACs per sample (None without one, or before the costs are counted)."""
         if self.target_macs is not None:
             return self.target_macs
         if self.target_saving is not None and self.costs is not None:
@@ -438,7 +462,7 @@ class DynamicFusion(nn.Module):
             info = RoutingInfo(probs, probs.argmax(1), [], expected, gate_macs + sum(self.costs) * B, full,
                                self.lambda_cost)
         else:
-            choice = (logits - self.cost_shift * costs / costs.max()).argmax(1) if self.cost_shift else logits.argmax(1)
+            choice = (logits - self.cost_shift * (costs / costs.max())).argmax(1) if self.cost_shift else logits.argmax(1)
             out, counts = self.route(xs, choice)
             bad = ~torch.isfinite(logits).all(1)
             if bool(bad.any()):  # a non-finite gate score (e.g. NaN inputs): that sample's output is NaN
@@ -460,8 +484,10 @@ class DynamicFusion(nn.Module):
         ctx = torch.no_grad() if self._frozen else torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad()
         with ctx:
             enc = {m: self._encoder(m)(xs[self.keys.index(m)]) for m in self._enc_keys.values()}
-            return [ex([enc[m] if m in enc else xs[self.keys.index(m)] for m in self.reads[e]])
+            outs = [ex([enc[m] if m in enc else xs[self.keys.index(m)] for m in self.reads[e]])
                     for e, ex in enumerate(self.experts)]
+        _check_outputs(outs, range(len(outs)), xs[0].shape[0])
+        return outs
 
     def route(self, xs, choice):
         """Run expert e (and the shared encoders it reads) only on the samples with choice == e. xs: the
@@ -497,22 +523,18 @@ class DynamicFusion(nn.Module):
                     grouped[self.keys.index(m)][starts[e]:starts[e] + n] for m in self.reads[e]]
             with profiling.range(f"expert[{e}]"):
                 ys.append(self.experts[e](args))
-        shape = ys[0].shape[1:]
-        for e, y in enumerate(ys):
-            if y.shape[1:] != shape:
-                raise ValueError(f"the experts' outputs differ in shape: {list(shape)} and {list(y.shape[1:])} "
-                                 f"(each expert must return [b, *] of one shape)")
+        _check_outputs(ys, [e for e, n in enumerate(counts) if n], None, counts)
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         with profiling.range("unroute"):
             flat = y.reshape(y.shape[0], -1)
             out = scatter(flat, order, flat.new_empty(choice.shape[0], flat.shape[1]))
-        return out.view(choice.shape[0], *shape), counts
+        return out.view(choice.shape[0], *y.shape[1:]), counts
 
     # ------------------------------------------------------------------ the resource loss and its weight
     def _dual_step(self, logits):
         """The dual update of lambda toward the compute target (no-op without one), on the batch's expected
         cost under the gate's softmax (smooth in the gate, unlike its argmax)."""
-        target = self.target()
+        target = self.target
         if target is None:
             return
         cmax = max(self.costs)
@@ -524,31 +546,47 @@ class DynamicFusion(nn.Module):
         set) cost at most `target` MACs per sample (default: the model's target), as close to it as they
         can: inference picks argmax_e (logit_e - shift * C_e / max C), and the spend falls as the shift
         grows, so a bisection finds it. Returns the MACs per sample the choices spend on these inputs."""
-        target = self.target() if target is None else check_float("target", target, 0, lo_open=True)
-        if target is None:
-            raise ValueError("calibrate needs a target: give target=, or build the model with target_macs / "
-                             "target_saving")
         xs, B = _as_list(inputs, self.keys)
         if self.costs is None:
             self.measure_costs(inputs)
+        target = self.target if target is None else check_float("target", target, 0, lo_open=True)
+        if target is None:
+            raise ValueError("calibrate needs a target: give target=, or build the model with target_macs / "
+                             "target_saving")
         was = self.training
         self.eval()
         with torch.no_grad():
-            logits = torch.cat([self.gate([t[i:i + batch] for t in xs]) for i in range(0, B, batch)]).double()
+            logits = torch.cat([self.gate([t[i:i + batch] for t in xs]) for i in range(0, B, batch)])
         self.train(was)
-        c = torch.tensor(self.costs, dtype=torch.float64, device=logits.device)
-        rel = c / c.max()
+        costs = logits.new_tensor(self.costs)
+        rel = costs / costs.max()  # (the forward's expression, in its dtype: the same picks)
+        c64 = torch.tensor(self.costs, dtype=torch.float64)
 
         def spent(shift):
-            return float(c[(logits - shift * rel).argmax(1)].mean()) + (self.gate_cost or 0.0)
+            return float(c64[(logits - shift * rel).argmax(1).cpu()].mean()) + (self.gate_cost or 0.0)
         span = float(logits.max() - logits.min()) + 1.0
         gap = float((rel[:, None] - rel[None, :]).abs().masked_fill(rel[:, None] == rel[None, :], 2.0).min())
         lo, hi = -span / gap, span / gap   # lo: every sample to its costliest pick, hi: to the cheapest
         for _ in range(60):
             mid = 0.5 * (lo + hi)
             lo, hi = (lo, mid) if spent(mid) <= target else (mid, hi)
+        # hi: the smallest shift that meets the target. Move it halfway to the next shift that changes a pick,
+        # so that a sample at the decision boundary does not tip with the last bits of its logits.
+        at, top = spent(hi), span / gap
+        a, b = hi, top
+        if spent(top) < at:
+            for _ in range(60):
+                mid = 0.5 * (a + b)
+                a, b = (mid, b) if spent(mid) == at else (a, mid)
+            hi = 0.5 * (hi + a)
+        else:
+            hi = hi + 0.5 * (top - hi)
         self.cost_shift = hi
-        return spent(hi)
+        got = spent(hi)
+        if got > target:
+            warn(f"calibrate: the target ({target:.4g} MACs per sample) is below what the cheapest picks cost "
+                 f"({got:.4g}); every sample takes its cheapest expert")
+        return got
 
     def resource_loss(self):
         """lambda * E[cost] / max_e C_e (or the hinge max(0, E[cost] - budget) form) of the last forward."""
@@ -579,17 +617,22 @@ class DynamicFusion(nn.Module):
         return self
 
 
-def fit_gate(model: DynamicFusion, batches: Callable[[], Iterable], epochs: int = 10, lr: float = 1e-3,
+def fit_gate(model: DynamicFusion, batches, epochs: int = 10, lr: float = 1e-3,
              loss_fn: Callable = F.cross_entropy, schedule: Optional[GumbelSchedule] = None,
              weight_decay: float = 0.0) -> List[dict]:
     """DynMM's second stage: the experts (and shared encoders), trained beforehand, are frozen; the gate is
     trained with loss_fn(mixture output, target) + model.resource_loss() (and lambda follows the compute
     target if the model has one; then, at the end, calibrate() on the first epoch's inputs sets the
-    inference cost shift that meets the target). batches: a callable returning an iterable of (inputs,
-    target) per epoch (e.g. a DataLoader's __iter__, or lambda: zip(...)). Returns per epoch {'loss',
+    inference cost shift that meets the target). batches: (inputs, target) pairs for one epoch, as a list,
+    a DataLoader, or a callable returning a fresh iterable per epoch. Returns per epoch {'loss',
     'lambda_cost'}. The model is left in eval mode with the experts frozen."""
     check_int("epochs", epochs, 1)
     check_float("lr", lr, 0, lo_open=True)
+    if not callable(batches):
+        if iter(batches) is batches:  # a generator or iterator: one epoch's worth only
+            raise TypeError("batches must give a fresh iterable per epoch: a callable (e.g. lambda: iter(loader)), "
+                            "a list or a DataLoader, not a one-shot iterator or generator")
+        batches = (lambda b: (lambda: b))(batches)
     schedule = schedule or GumbelSchedule(1.0, 0.85, 0.1)
     seen = []
     model.freeze_experts()

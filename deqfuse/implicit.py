@@ -34,7 +34,8 @@ def check_converged(stats, mode: str, what: str, tol_name: str, iter_name: str, 
                                f"(largest residual {s['max_res']:.3g})")
     warn(f"{what}: some samples did not reach {tol_name}={stats.tol:g} ({stats.stop_mode} residual) within "
          f"{iter_name}={max_iter} steps; each returns its best iterate (counts: the layer's info, "
-         f"return_info=True)", ConvergenceWarning)
+         f"return_info=True; in training, jac_reg=1 with info.jac_loss added to the loss keeps the fixed point "
+         f"easy)", ConvergenceWarning)
 
 
 SECOND_ORDER = ("DEQFusion(grad='implicit') is differentiable once: its adjoint solve has no graph, so a "

@@ -318,8 +318,8 @@ def train_one(method, data, D=64, epochs=25, batch=BATCH, lr=LR, seed=0, progres
         t0 = time.perf_counter()
         extra = None
         if method != "dynmm":
-            net = net if stage else ddp.wrap(model)
-            stage = "all"
+            if stage is None:
+                net, stage = ddp.wrap(model), "all"
         elif ep < epochs:
             if stage != "experts":
                 model.gate.requires_grad_(False)
@@ -338,7 +338,7 @@ def train_one(method, data, D=64, epochs=25, batch=BATCH, lr=LR, seed=0, progres
             save_checkpoint(checkpoint, config, ep, train_s, model, opt)
         if stop_after is not None and ep + 1 >= stop_after:
             return None
-    if method == "dynmm" and model.target() is not None:
+    if method == "dynmm" and model.target is not None:
         model.calibrate(xtr)  # the inference cost shift with which the gate's choices meet the target
     model.eval()
     with torch.no_grad():

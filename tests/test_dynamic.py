@@ -374,3 +374,63 @@ def test_depth_gating_shrinks_batch_and_matches_full_depth_selection():
     assert m.gate.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"gate returned logits of shape \[40, 2\]; with 3 stages"):
         DepthGatedFusion(CatLinear(24, D), stages, nn.Linear(D, 2))(f)
+
+
+def test_the_first_flop_count_in_a_process_sees_the_compiled_solve():
+    """deqfuse loads its compiled ops (and their FLOP formulas) at import: a fresh process's first
+    FlopCounterMode counts the solve (it counted only the projections before)."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom torch.utils.flop_counter import FlopCounterMode\nfrom deqfuse import DEQFusion\n"
+            "f = DEQFusion(64, 2, in_dims=[48, 32]).eval()\nx = [torch.randn(8, 48), torch.randn(8, 32)]\n"
+            "counts = []\nfor _ in range(2):\n"
+            "    with FlopCounterMode(display=False) as fc, torch.no_grad():\n        f(x)\n"
+            "    counts.append(fc.get_total_flops())\nprint(counts[0], counts[1])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    first, second = map(int, out.stdout.split())
+    assert first == second > 10 * 2 * 8 * (48 + 32) * 64
+
+
+def test_fit_gate_takes_lists_and_loaders_and_names_a_one_shot_iterator():
+    torch.manual_seed(0)
+    m = DynamicFusion([SubsetExpert([0], MLPHead(4, 2)), SubsetExpert([0], MLPHead(4, 2, hidden=64))],
+                      target_saving=0.3)
+    data = [([torch.randn(16, 4)], torch.randint(0, 2, (16,))) for _ in range(2)]
+    assert len(fit_gate(m, data, epochs=2)) == 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))),
+                                         batch_size=8, collate_fn=lambda b: ([torch.stack([r[0] for r in b])],
+                                                                              torch.stack([r[1] for r in b])))
+    assert len(fit_gate(m, loader, epochs=2)) == 2
+    with pytest.raises(TypeError, match="batches must give a fresh iterable per epoch"):
+        fit_gate(m, (b for b in data), epochs=2)
+
+
+def test_expert_outputs_and_names_are_checked():
+    class Pair(nn.Module):
+        def forward(self, xs):
+            return xs[0][:, :2], {}
+    x = [torch.randn(5, 4)]
+    for experts, match in (([SubsetExpert([0], MLPHead(4, 2)), SubsetExpert([0], Pair())], r"experts\[1\] returned a tuple"),
+                           ([SubsetExpert([0], MLPHead(4, 2)), SubsetExpert([0], MLPHead(4, 3))],
+                            r"experts\[1\] returns \[b, 3\] but experts\[0\] \[b, 2\]")):
+        m = DynamicFusion(experts, costs=[1.0, 2.0])
+        for mode in (True, False):
+            m.train(mode)
+            with pytest.raises((TypeError, ValueError), match=match):
+                m(x)
+    with pytest.raises(ValueError, match=r"experts\[1\] names no modalities while others do"):
+        DynamicFusion([SubsetExpert([0], MLPHead(4, 2)), MLPHead(4, 2)])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_calibrated_choices_meet_the_target_on_the_calibration_inputs(seed):
+    torch.manual_seed(seed)
+    experts = [SubsetExpert([0], MLPHead(6, 3)), SubsetExpert([0, 1], MLPHead(14, 3, hidden=200))]
+    m = DynamicFusion(experts, ConcatGate([6, 8], 2), target_saving=0.4)
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(301, 6, generator=g), torch.randn(301, 8, generator=g)]
+    spend = m.calibrate(x)
+    with torch.no_grad():
+        _, info = m.eval()(x, return_info=True)
+    assert info.realized_macs / 301 == pytest.approx(spend) and spend <= m.target
+    assert info.saving >= 0.4 - 0.02

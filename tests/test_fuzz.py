@@ -12,7 +12,7 @@ from torch import nn
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from deqfuse import DEQFusion, DynamicFusion, MLPHead, SubsetExpert  # noqa: E402
+from deqfuse import DEQFusion, DynamicFusion, SubsetExpert  # noqa: E402
 
 FAST = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 

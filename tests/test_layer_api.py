@@ -32,6 +32,28 @@ def test_raw_features_of_any_width_and_scale_converge_at_init(scales):
         assert info.forward_stats.summary()["mean_nstep"] < 20
 
 
+@pytest.mark.parametrize("kind", ["zeros", "constant", "one_missing", "tiny"])
+def test_zero_constant_or_missing_modalities_converge_at_init(kind):
+    """A missing modality fed as zeros (or a constant, or features far below LayerNorm's eps) still converges:
+    the input LayerNorms' biases inject a signal."""
+    for D, N, seed in ((64, 2, 0), (32, 3, 1), (128, 2, 2)):
+        torch.manual_seed(seed)
+        layer = DEQFusion(D, N).eval()
+        g = torch.Generator().manual_seed(seed)
+        f = [torch.randn(32, D, generator=g) for _ in range(N)]
+        if kind == "zeros":
+            f = [torch.zeros(32, D) for _ in range(N)]
+        elif kind == "constant":
+            f = [torch.full((32, D), 3.0) for _ in range(N)]
+        elif kind == "one_missing":
+            f[-1] = torch.zeros(32, D)
+        else:
+            f = [t * 1e-6 for t in f]
+        with torch.no_grad():
+            _, info = layer(f, return_info=True)
+        assert info.forward_stats.all_converged, (kind, D, N, info.forward_stats)
+
+
 def test_defaults_and_the_paper_exact_cell():
     layer = DEQFusion(32, 3)
     assert layer.proj is None and len(layer.norms) == 3
