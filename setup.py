@@ -49,8 +49,17 @@ def ext_modules():
     else:
         ext = CppExtension("deqfuse._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     print(f"deqfuse: building deqfuse._C ({'CUDA + CPU' if with_cuda else 'CPU only'})")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class Build(BuildExtension):
+        """One object directory per source tree (build/ext-cpu or build/ext-cuda): an editable install and a
+        wheel built from the same tree share their objects (ninja rebuilds only what changed)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(HERE, "build", f"ext-{'cuda' if with_cuda else 'cpu'}")
+    return [ext], {"build_ext": Build.with_options(use_ninja=True)}
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 exts, cmdclass = ext_modules()
 setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=exts, cmdclass=cmdclass)

@@ -3,10 +3,11 @@
 //
 // Layout: z, out, gbar [B, N+1, D]; x [B, N, D]; xf [B, D]; params in CellParams order
 // (w1 [N, D, D], b1 [N, D], w2, b2, gn1_w, gn1_b, gn2_w, gn2_b, gn3_w, gn3_b [N, D], wg [D, D], bg [D],
-// wf [D, D], bf [D], gnf_w [D], gnf_b [D]). GEMMs go through torch's BLAS (cpu_blas.h); everything between two
-// GEMMs (bias, GroupNorm, ReLU, residual, injection, the modality sum, the gate product) is one pass
-// over rows per stage, parallel over the batch. Intermediates are modality-major [N, B, D] so every
-// GEMM reads and writes contiguous blocks.
+// wf [D, D], bf [D], gnf_w [D], gnf_b [D]). The GEMMs run in register tiles or torch's BLAS (gemm_small.h picks
+// by CPU and D); everything between two GEMMs (bias, GroupNorm, ReLU, residual, injection, the modality sum,
+// the gate product) is one pass over rows per stage, in blocks of rows parallel over the batch
+// (cell_cpu_kernels.h). Intermediates are modality-major [N, B, D] so every GEMM reads and writes contiguous
+// blocks.
 //
 // Saved for the VJP (cell_forward(save=True) returns them in this order; SAVED_NAMES in deqfuse/ops.py):
 //   yhat1 [N,B,D], rstd1 [N,B,G], g1 [N,B,D], yhat2, rstd2, u [N,B,D], yhat3, rstd3,

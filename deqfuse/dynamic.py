@@ -496,6 +496,10 @@ class DynamicFusion(nn.Module):
         runs once on the concatenated slices of the experts that read it; the outputs go back to batch
         order in one scatter."""
         _, gather_multi, scatter = _router(choice.device, self.backend, len(self.experts))
+        # the compiled and Triton routing ops have no autograd formula: where a graph is recorded (inputs
+        # or expert parameters that need gradients), ATen's gathers and index_copy record it
+        if torch.is_grad_enabled() and any(t.requires_grad for t in xs):
+            gather_multi = gather_rows_multi_ref
         with profiling.range("route"):
             order, counts = group_by_choice(choice, len(self.experts), self.backend)
             flat = [t.reshape(t.shape[0], -1) for t in xs]
@@ -527,7 +531,8 @@ class DynamicFusion(nn.Module):
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         with profiling.range("unroute"):
             flat = y.reshape(y.shape[0], -1)
-            out = scatter(flat, order, flat.new_empty(choice.shape[0], flat.shape[1]))
+            out = (scatter_rows_ref if flat.requires_grad else scatter)(
+                flat, order, flat.new_empty(choice.shape[0], flat.shape[1]))
         return out.view(choice.shape[0], *y.shape[1:]), counts
 
     # ------------------------------------------------------------------ the resource loss and its weight

@@ -37,9 +37,10 @@ def test_second_order_through_implicit_is_a_clear_error(backend):
     layer = _layer("implicit", backend)
     with pytest.raises(RuntimeError, match=r"differentiable once.*grad='unrolled'"):
         _penalty(layer, _feats())
-    with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.functional.hvp(lambda a, b: layer([a, b]).sum(), tuple(t.detach() for t in _feats()),
-                                      tuple(torch.ones(3, 16, dtype=torch.float64) for _ in range(2)))
+    ones = tuple(torch.ones(3, 16, dtype=torch.float64) for _ in range(2))
+    for fn in (torch.autograd.functional.hvp, torch.autograd.functional.jvp):
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            fn(lambda a, b: layer([a, b]).sum(), tuple(t.detach() for t in _feats()), ones)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,3 +151,48 @@ def test_parameter_changed_in_place_before_backward_is_an_error_on_every_backend
             layer.cell.w1.mul_(1.1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+def test_default_adjoint_on_a_trained_cell_within_1e_2_per_parameter():
+    """The same accuracy promise on a cell trained for a while (AdamW on a random regression task, with the
+    Jacobian loss the README recommends, so every sample's fixed point stays reachable to 1e-13)."""
+    torch.manual_seed(1)
+    layer = DEQFusion(32, 2, in_dims=[12, 20], jac_reg=1).double()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(64, 12, generator=g, dtype=torch.float64), torch.randn(64, 20, generator=g, dtype=torch.float64)]
+    target = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    opt = torch.optim.AdamW(layer.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = (layer(xs) - target).square().mean() + layer.info.jac_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tight = DEQFusion(32, 2, in_dims=[12, 20], f_tol=1e-13, b_tol=1e-13, f_max_iter=400, b_max_iter=400).double()
+    tight.load_state_dict(layer.state_dict())
+    grads = []
+    for m in (layer, tight):
+        m.zero_grad()
+        x = [t.clone().requires_grad_() for t in xs]
+        (m(x) - target).square().mean().backward()
+        assert m.info.forward_stats.all_converged and m.info.backward_stats.all_converged
+        grads.append([("features", x[0].grad)] + [(n, p.grad) for n, p in m.named_parameters()])
+    for (name, a), (_, b) in zip(*grads):
+        assert rel_err(a, b) < 1e-2, name
+
+
+def test_meta_device_and_non_finite_parameters_are_clear_errors():
+    meta = DEQFusion(8, 2).to("meta")
+    with pytest.raises(RuntimeError, match="meta device"):
+        meta([torch.randn(2, 8, device="meta")] * 2)
+    layer = DEQFusion(8, 2)
+    with torch.no_grad():
+        layer.cell.w1[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameters \['cell.w1'\] hold NaN or Inf"):
+        layer([torch.randn(3, 8), torch.randn(3, 8)])
+
+
+def test_history_dtype_the_compiled_step_cannot_hold_names_the_option():
+    layer = DEQFusion(8, 2, solver_kw=dict(history_dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"solver_kw\['history_dtype'\]"):
+        layer([torch.randn(3, 8), torch.randn(3, 8)])
+    DEQFusion(8, 2, solver_kw=dict(history_dtype=torch.bfloat16))([torch.randn(3, 8), torch.randn(3, 8)])
