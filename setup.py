@@ -40,14 +40,16 @@ def ext_modules():
     # `#pragma omp simd` vectorises the row reductions. -fno-math-errno: sqrt inline (no errno branch);
     # NaN/Inf semantics are kept (no -ffast-math). The C++ standard is left to torch.
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    sha = [("DEQFUSE_SOURCES_SHA", f"0x{_env.sources_sha(HERE)}ULL")]  # deqfuse._C.sources_sha()
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and not _env.env_flag("DEQFUSE_NO_CUDA")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-        ext = CUDAExtension("deqfuse._C", cpp + cu, define_macros=[("WITH_CUDA", None)],
+        ext = CUDAExtension("deqfuse._C", cpp + cu, define_macros=[("WITH_CUDA", None)] + sha,
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
                             extra_link_args=["-fopenmp"])
     else:
-        ext = CppExtension("deqfuse._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = CppExtension("deqfuse._C", cpp, define_macros=sha, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-fopenmp"])
     print(f"deqfuse: building deqfuse._C ({'CUDA + CPU' if with_cuda else 'CPU only'})")
 
     class Build(BuildExtension):

@@ -4,11 +4,11 @@ iteration counts (tol 1e-30: no sample stops), (t(hi) - t(lo)) / (hi - lo), besi
 of one cell evaluation (deqfuse._C.cell_gemm_floor_seconds: the 2N+2 GEMMs alone, same kernels and threads).
 
   python benchmarks/bench_op_iter.py [--B 128] [--D 64] [--N 2] [--threads 2] [--m 5] [--reps 40]
-                                     [--lo 4] [--hi 34] [--dtype float32]
+                                     [--lo 4] [--hi 34] [--dtype float32] [--gemm G] [--rows R] [--layout L]
 
 Prints one line per configuration: us per iteration (median of reps; min in brackets) and the ratio to the
-floor, and the whole solves' layout (deqfuse._C.cell_solve_layout: 'fm' feature-major or 'rows';
-DEQFUSE_SOLVE_LAYOUT=rows|fm forces one). Needs the compiled extension.
+floor, and the kernel plan that ran (deqfuse.cpu_plan; --gemm / --rows / --layout force parts of it through
+deqfuse.force_cpu_plan). Needs the compiled extension.
 """
 import argparse
 import statistics
@@ -60,12 +60,11 @@ def measure(B, D, N, m, reps, lo, hi, dtype):
         return statistics.median(d), min(d)
 
     floor = statistics.median(ext.cell_gemm_floor_seconds(z0, p, 200, False) * 1e6 for _ in range(7))
-    layout = ext.cell_solve_layout(D, G) if dtype == torch.float32 else "rows"
-    return per_iter(fwd), per_iter(adj), floor, layout
+    return per_iter(fwd), per_iter(adj), floor, deqfuse.cpu_plan(D, G, dtype)
 
 
 def main(argv=None):
-    """Returns the rows printed: dicts of B, D, N, floor_us, forward_us, adjoint_us (medians)."""
+    """Returns the rows printed: dicts of B, D, N, floor_us, forward_us, adjoint_us (medians), plan."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--B", type=_ints, default=[128])
     ap.add_argument("--D", type=_ints, default=[64])
@@ -76,11 +75,16 @@ def main(argv=None):
     ap.add_argument("--lo", type=int, default=4)
     ap.add_argument("--hi", type=int, default=34)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    from deqfuse.backend import CPU_PLAN_CHOICES
+    for part, choices in CPU_PLAN_CHOICES.items():
+        ap.add_argument(f"--{part}", default="auto", choices=choices, help="force this part of the kernel plan")
     a = ap.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
     try:
-        return _run(a)
+        from deqfuse import force_cpu_plan
+        with force_cpu_plan(gemm=a.gemm, rows=a.rows, layout=a.layout):
+            return _run(a)
     finally:
         torch.set_num_threads(threads)
 
@@ -88,16 +92,15 @@ def main(argv=None):
 def _run(a):
     dtype = getattr(torch, a.dtype)
     print(f"threads={a.threads} m={a.m} {a.dtype}: us per iteration, median (min) of {a.reps}")
-    print(f"{'B':>5} {'D':>4} {'N':>2} {'floor':>7} {'forward':>16} {'x floor':>7} {'adjoint':>16} {'x floor':>7} "
-          f"{'layout':>6}")
+    print(f"{'B':>5} {'D':>4} {'N':>2} {'floor':>7} {'forward':>16} {'x floor':>7} {'adjoint':>16} {'x floor':>7}  plan")
     rows = []
     for B in a.B:
         for D in a.D:
             for N in a.N:
-                (fm, fmin), (am, amin), floor, layout = measure(B, D, N, a.m, a.reps, a.lo, a.hi, dtype)
+                (fm, fmin), (am, amin), floor, plan = measure(B, D, N, a.m, a.reps, a.lo, a.hi, dtype)
                 print(f"{B:>5} {D:>4} {N:>2} {floor:>7.1f} {fm:>8.1f} ({fmin:>5.1f}) {fm / floor:>7.2f} "
-                      f"{am:>8.1f} ({amin:>5.1f}) {am / floor:>7.2f} {layout:>6}", flush=True)
-                rows.append(dict(B=B, D=D, N=N, floor_us=floor, forward_us=fm, adjoint_us=am, layout=layout))
+                      f"{am:>8.1f} ({amin:>5.1f}) {am / floor:>7.2f}  {plan}", flush=True)
+                rows.append(dict(B=B, D=D, N=N, floor_us=floor, forward_us=fm, adjoint_us=am, plan=plan))
     return rows
 
 

@@ -132,8 +132,7 @@ DEQFUSE_SIMD_CLONES void anderson_mix_row(scalar_t* xb, hist_t* Xb, hist_t* Gb, 
 }
 
 #ifdef DEQFUSE_X86_TARGETS
-// float, L % 8 == 0, with AVX2 + FMA: the two passes of the step over the ring (perf: latency-bound on Zen 3,
-// bandwidth-bound on Intel). Each computes exactly what the generic loops above compute in the x86-64-v3
+// float, L % 8 == 0, with AVX2 + FMA: the two passes of the step over the ring. Each computes exactly what the generic loops above compute in the x86-64-v3
 // clone (GCC's `omp simd` code), so the step's values do not depend on which one ran:
 //   gram_row_avx2: g = f(x) - x (stored to gp), |g|^2, |f(x)|^2 and <G_j, g> for ND slots in one pass, each
 //     sum in 8 lanes (lane q: the elements l = q mod 8, in order, one FMA each), the lanes then added to 0 in
@@ -242,8 +241,7 @@ __attribute__((target("avx2,fma"))) inline void mix_row_avx2(float* xb, float* X
 #ifdef DEQFUSE_X86_TARGETS
 // mix_row_avx2 with 16-lane vectors where the CPU has AVX-512F: the mixing is elementwise (each element's
 // sum over the slots in slot order, the same two FMAs), so the lane width does not change a value; half the
-// instructions per element (measured: no clear change in the mixing's share of a solve on Zen 4, which splits
-// 512-bit operations; kept for CPUs with full-width AVX-512 units).
+// instructions per element.
 template <int V, bool MIXED>  // V 16-element vectors of x
 __attribute__((target("avx512f,avx2,fma"))) inline void mix_tile_avx512(float* xo, float* Xb, float* Gb,
                                                                        const float* gp, const float* alpha,
@@ -342,8 +340,8 @@ DEQFUSE_INLINE void cholesky_lanes(const acc_t (*H)[kMaxM][kStepRows], acc_t lam
 }
 
 #if defined(__x86_64__)
-// cholesky_lanes for float with SSE2 intrinsics, kStepRows / 4 vectors side by side: GCC compiled the
-// `omp simd` loop above as scalar code (mulss / subss per lane, perf: a tenth of a whole solve at D = 32).
+// cholesky_lanes for float with SSE2 intrinsics, kStepRows / 4 vectors side by side: GCC compiles the
+// `omp simd` loop above as scalar code (mulss / subss per lane).
 // The same IEEE operations in the same order per lane (the baseline ISA has no FMA, nothing is
 // contracted), so the same values as bordered_solve_n.
 template <int NC>

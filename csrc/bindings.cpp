@@ -12,11 +12,44 @@ namespace deqfuse {
 double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas);
 std::string cell_rows_kernel(int64_t D, int64_t G);
 std::string cell_solve_layout(int64_t D, int64_t G);
+std::string cell_plan(int64_t D, int64_t G, bool dbl);
+
+PlanForce& plan_force() {
+  static PlanForce f;
+  return f;
 }
+
+namespace {
+// name -> the PlanForce value (0: "auto"); an unknown name is an error naming the argument.
+int plan_choice(const char* arg, const std::string& v, std::initializer_list<const char*> names) {
+  if (v == "auto") return 0;
+  int i = 1;
+  std::string list = "'auto'";
+  for (const char* n : names) {
+    if (v == n) return i;
+    ++i;
+    list += std::string(", '") + n + "'";
+  }
+  TORCH_CHECK_VALUE(false, "set_cpu_plan: ", arg, " must be one of ", list, ", got '", v, "'");
+}
+const char* plan_name(int v, std::initializer_list<const char*> names) {
+  return v == 0 ? "auto" : names.begin()[v - 1];
+}
+}  // namespace
+}  // namespace deqfuse
+
+#ifndef DEQFUSE_SOURCES_SHA  // setup.py: deqfuse/_env.py's sources_sha of the tree this was built from
+#define DEQFUSE_SOURCES_SHA 0ULL
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deqfuse compiled ops: torch.ops.deqfuse.{anderson_step, cell_forward, cell_vjp, cell_backward, "
             "cell_jac_backward, anderson_cell_solve, anderson_vjp_solve, group_by_choice, gather_rows_multi, scatter_rows}";
+  m.def("sources_sha", []() {
+    char s[20];
+    std::snprintf(s, sizeof s, "%015llx", (unsigned long long)DEQFUSE_SOURCES_SHA);
+    return std::string(s);
+  }, "the fingerprint of the csrc/ sources this extension was built from (deqfuse/_env.py: sources_sha)");
   m.def("has_cuda", []() {
 #ifdef WITH_CUDA
     return true;
@@ -35,19 +68,45 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "which GEMMs the C++ CPU cell ops run: a tile kernel (gemm_small.h: AVX-512 or AVX2 + FMA) where it "
         "applies, else torch's BLAS (sgemm_/dgemm_) or the at::mm fallback");
+  // The names below list each choice in its PlanForce order (cpu_simd.h; gemm: 1 + SmallGemm).
+  m.def("set_cpu_plan",
+        [](const std::string& gemm, const std::string& rows, const std::string& layout, int64_t chunk) {
+          TORCH_CHECK_VALUE(chunk >= 0, "set_cpu_plan: chunk must be >= 0 (0: by cache size), got ", chunk);
+          auto& f = deqfuse::plan_force();
+          f.gemm = deqfuse::plan_choice("gemm", gemm, {"blas", "avx2", "avx512"});
+          f.rows = deqfuse::plan_choice("rows", rows, {"zmm", "ymm"});
+          f.layout = deqfuse::plan_choice("layout", layout, {"rows", "fm"});
+          f.chunk = chunk;
+        },
+        pybind11::arg("gemm") = "auto", pybind11::arg("rows") = "auto", pybind11::arg("layout") = "auto",
+        pybind11::arg("chunk") = 0,
+        "force parts of the C++ CPU kernel plan for the whole process ('auto' / 0: the plan's own choice; a "
+        "choice the CPU or the shape does not allow falls back to it): use deqfuse.force_cpu_plan");
+  m.def("get_cpu_plan",
+        []() {
+          const auto& f = deqfuse::plan_force();
+          return pybind11::dict(pybind11::arg("gemm") = deqfuse::plan_name(f.gemm, {"blas", "avx2", "avx512"}),
+                                pybind11::arg("rows") = deqfuse::plan_name(f.rows, {"zmm", "ymm"}),
+                                pybind11::arg("layout") = deqfuse::plan_name(f.layout, {"rows", "fm"}),
+                                pybind11::arg("chunk") = f.chunk.load());
+        },
+        "the forced parts of the C++ CPU kernel plan (set_cpu_plan's arguments)");
   m.def("cell_gemm_kernel", [](int64_t D) { return std::string(deqfuse::small_gemm_name(deqfuse::small_gemm_for(D))); },
         pybind11::arg("D"),
         "the kernel of the C++ CPU cell ops' float32 D x D GEMMs on this CPU: 'avx512', 'avx2' or 'blas' "
-        "(DEQFUSE_CPU_GEMM forces one where the CPU allows; float64 always takes the BLAS)");
+        "(set_cpu_plan(gemm=) forces one where the CPU allows; float64 always takes the BLAS)");
   m.def("cell_rows_kernel", &deqfuse::cell_rows_kernel, pybind11::arg("D"), pybind11::arg("G"),
         "the variant of the C++ CPU cell ops' float32 row passes (bias, GroupNorm, ReLU, residual, gate) for "
         "width D in G groups on this CPU: 'zmm' (512-bit, Intel CPUs with AVX-512, where it gives the same floats) "
-        "or 'ymm' (AVX2 + FMA, or the baseline ISA); DEQFUSE_CPU_ROWS=zmm|ymm forces one where the CPU allows");
+        "or 'ymm' (AVX2 + FMA, or the baseline ISA); set_cpu_plan(rows=) forces one where the CPU allows");
+  m.def("cell_plan", &deqfuse::cell_plan, pybind11::arg("D"), pybind11::arg("G"), pybind11::arg("dbl"),
+        "the kernel plan of the C++ CPU cell ops and whole solves at width D in G groups, float64 (dbl) or float32, "
+        "on this CPU with what set_cpu_plan forces now: 'gemm=... rows=... layout=...' (deqfuse.cpu_plan)");
   m.def("cell_solve_layout", &deqfuse::cell_solve_layout, pybind11::arg("D"), pybind11::arg("G"),
         "the layout of the whole solves (anderson_cell_solve, anderson_vjp_solve) in float32 at width D in G groups on "
         "this CPU: 'fm' (feature-major "
         "chunks, samples in SIMD lanes: Intel CPUs with AVX-512, tile GEMMs, GroupNorm group width 16 or 8 with G % 4 "
-        "== 0; the same floats) or 'rows'; DEQFUSE_SOLVE_LAYOUT=rows|fm (read per call) forces one where it applies");
+        "== 0; the same floats) or 'rows'; set_cpu_plan(layout=) forces one where it applies");
   m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),
         pybind11::arg("reps"), pybind11::arg("blas") = false,
         "benchmarks: wall seconds per cell evaluation of its 2N + 2 GEMMs alone (z [B, (N+1) D], the 16 CellParams "

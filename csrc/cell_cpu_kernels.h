@@ -73,10 +73,10 @@ DEQFUSE_INLINE void gn_row_n(const T* y, const T* gamma, const T* beta, int64_t 
 // they replace, so the same values.
 template <typename T>
 struct GnRow {
-  const T* y;
-  T* out;
-  T* yhat;
-  T* rstd;
+  const T* y;         // [D] the GroupNorm's input
+  T* out;             // [D]
+  T* yhat = nullptr;  // [D] or null
+  T* rstd = nullptr;  // [G] or null
   const T* add = nullptr;
   T* acc = nullptr;
   T* relu = nullptr;
@@ -118,9 +118,8 @@ inline bool gn_float_kernels(int64_t D, int64_t G) { return G % 4 == 0 && (D / G
 // float GroupNorm of rows with AVX2 + FMA (G % 4 == 0, group width n a multiple of 8), four
 // groups at a time: a group's partial sums in one 8-lane register, a row's four horizontal sums by one
 // hadd tree, its four 1/sqrt(var + eps) by one vector sqrt and divide, and four rows' chains side by side.
-// Row by row and group by group (gn_row_n) every group was a chain of dependent reductions, a divide and
-// a square root -- latency the out-of-order window did not hide: about a quarter of an Anderson solve's
-// time at D = 64, G = 4 (perf). Same two-pass statistics; the sums are added in another order.
+// (Row by row and group by group, gn_row_n, every group is a chain of dependent reductions, a divide and a
+// square root: latency.) Same two-pass statistics; the sums are added in another order.
 __attribute__((target("avx2,fma"))) inline __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));  // [sum a, sum b, sum c, sum d]
@@ -136,8 +135,8 @@ __attribute__((target("avx2,fma"))) inline __m256 lane_avx2(__m128 v, int q) {
 // neighbours in the batch). W: 8-lane vectors per group (n = 8 W) as a compile-time constant, or 0 (read
 // from D / G); SAVE: write yhat and rstd (every row of a call has both or neither: forward_block). With W
 // and SAVE known the group loops unroll, a group's sums stay in registers and the row pointers are not
-// reloaded per vector (the stores could alias them): 33 -> 21 ns per row at D = 64, G = 4 (Zen 3,
-// standalone); the operations, and so the values, are those of the W = 0 loops.
+// reloaded per vector (the stores could alias them); the operations, and so the values, are those of the
+// W = 0 loops.
 template <int K, int W, bool SAVE>
 __attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>* rw, const float* gamma,
                                                              const float* beta, int64_t D, int64_t G) {
@@ -225,8 +224,7 @@ inline void gn_rows_avx2_any(const GnRow<float>* rw, const float* gamma, const f
 #if defined(DEQFUSE_AVX2_GN) && defined(DEQFUSE_AVX512_GEMM)
 #define DEQFUSE_AVX512_GN 1
 // The group width (16 or 8) whose float GroupNorms run in the AVX-512 kernels below (G % 4 == 0), else 0. Width
-// 8 only where the row passes run in 512-bit vectors (cpu_rows_zmm: Intel; not measured on AMD's Zen 4, which
-// splits 512-bit operations). Either way the values of the AVX2 kernels.
+// 8 only where the row passes run in 512-bit vectors (cpu_rows_zmm). Either way the values of the AVX2 kernels.
 inline int gn_wide_avx512(int64_t D, int64_t G) {
   if (G % 4 || !cpu_has_avx512f()) return 0;
   return D / G == 16 ? 16 : D / G == 8 && cpu_rows_zmm() ? 8 : 0;
@@ -257,8 +255,7 @@ __attribute__((target("avx512f,avx2,fma"))) inline __m512 hadd_avx512(__m512 a, 
 // q), in two steps: tree_pair_avx512 per pair of rows, pr[q] = [partial of the pair's first row, group q | of
 // its second row], then tree_join_avx512 of the pairs (rows 0, 1) and (2, 3). Each sum is ((a0 + a1) + (a2 +
 // a3)) + ((a4 + a5) + (a6 + a7)), hsum4_avx2's tree, so the values of the AVX2 kernels. Transposed, every shuffle
-// and add serves 16 sums, not 4: 14 shuffles and 7 adds where four hsum4_avx2 took 28 and 16. (Measured on
-// Emerald Rapids: the forward GroupNorm's time did not change with it.)
+// and add serves 16 sums, not 4: 14 shuffles and 7 adds where four hsum4_avx2 take 28 and 16.
 __attribute__((target("avx512f,avx2,fma"))) inline __m512 tree_pair_avx512(const __m512 (&pr)[4]) {
   // 128-bit lanes: the first row's two halves of each sum (lanes 0, 1), the second row's (lanes 2, 3)
   return hadd_avx512(hadd_avx512(pr[0], pr[1]), hadd_avx512(pr[2], pr[3]));
@@ -299,20 +296,19 @@ __attribute__((target("avx512f,avx2,fma"))) inline void spill16_avx512(float (&a
 // A GnRow's epilogue pointers, read into locals once per row (the kernel's intrinsic stores may alias
 // anything: read through the row, they were reloaded and tested at every store). Copied field by field where
 // a row is taken, not as a whole struct: the caller has just written the rows with 8-byte stores, and a struct
-// copy GCC made of vector loads waited for them (a store-forwarding stall, perf: a quarter of the
-// GroupNorm's time).
+// copy GCC makes of vector loads waits for them (a store-forwarding stall).
 struct GnEpi {
-  float* out;
-  const float* add;
-  float* acc;
-  float* relu;
-  bool store_out;  // out != relu
+  float* out = nullptr;
+  const float* add = nullptr;
+  float* acc = nullptr;
+  float* relu = nullptr;
+  bool store_out = true;  // out != relu
 };
 
 DEQFUSE_INLINE GnEpi gn_epi(const GnRow<float>& p) {
   float *out = p.out, *acc = p.acc, *relu = p.relu;
   const float* add = p.add;
-  return GnEpi{out, add, acc, relu, out != relu};
+  return GnEpi{.out = out, .add = add, .acc = acc, .relu = relu, .store_out = out != relu};
 }
 
 // ReLU as torch.relu: v unless v < 0 (NaN and -0 kept)
@@ -337,11 +333,8 @@ __attribute__((target("avx512f,avx2,fma"))) inline void gn_store_avx512(const Gn
 // groups is 4 (or 2) registers per row, loaded once; K rows side by side (the same arithmetic per row either way;
 // with K = 1 the tree's other rows are zeros). The means and variances are the group sums times 1/NW -- exactly
 // the quotient (a power of two), without a divide's latency on the row's dependency chain; a row's chain (sums,
-// mean, squares, sums, 1/sqrt) is long, four rows interleaved hide it (perf, Zen 4, B=128 D=64 N=2 whole
-// solve: GroupNorm time -26% against one row at a time). The values of gn_rows_avx2<K, NW / 8>, so a CPU
-// without AVX-512 gets the same floats: same partial sums (for NW = 16 the squares' by its fma chain), same
-// tree, same lane operations. (Until 2026-12-06 the NW = 16 squares' partials were d_lo^2 + d_hi^2, two
-// roundings where that chain has one: the AVX-512 and AVX2 CPUs' D = 64 cells differed in the last bits.)
+// mean, squares, sums, 1/sqrt) is long, four rows interleaved hide it. The values of gn_rows_avx2<K, NW / 8>:
+// same partial sums (for NW = 16 the squares' by its fma chain), same tree, same lane operations.
 template <int NW, int K>
 __attribute__((target("avx512f,avx2,fma"))) inline void gn_rows_wide_avx512(const GnRow<float>* rw, const float* gamma,
                                                                             const float* beta, int64_t G) {
@@ -882,8 +875,9 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
                  GemmEpi<T>{b1 + i * D});
     gn_rows<T>(M, g1w + i * D, g1b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // g1 (saved), h = ReLU(g1)
       const int64_t row = i * B + sample_of(rows, b0, r);  // row of the [N, B, .] saved buffers
-      return GnRow<T>{a + r * D, save ? g1s + row * D : h + r * D, save ? yh1 + row * D : nullptr,
-                      save ? rs1 + row * G : nullptr, nullptr, nullptr, h + r * D};
+      return GnRow<T>{.y = a + r * D, .out = save ? g1s + row * D : h + r * D,
+                      .yhat = save ? yh1 + row * D : nullptr, .rstd = save ? rs1 + row * G : nullptr,
+                      .relu = h + r * D};
     });
     // a2 = h W2_i^T ; + b2 + x_i, GN2, u = . + z_i (saved), ReLU, GN3 -> out_i ; s += out_i
     for (int64_t r = 0; r < M; ++r) xrows[r] = xp + (sample_of(rows, b0, r) * N + i) * D;
@@ -895,13 +889,13 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
     // u = GN2 + z_i, a2's row = ReLU(u)
     gn_rows<T>(M, g2w + i * D, g2b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = i * B + sample_of(rows, b0, r);
-      return GnRow<T>{a + r * D, u_of(r), save ? yh2 + row * D : nullptr, save ? rs2 + row * G : nullptr,
-                      zp + r * ZS + i * D, nullptr, a + r * D};
+      return GnRow<T>{.y = a + r * D, .out = u_of(r), .yhat = save ? yh2 + row * D : nullptr,
+                      .rstd = save ? rs2 + row * G : nullptr, .add = zp + r * ZS + i * D, .relu = a + r * D};
     });
     gn_rows<T>(M, g3w + i * D, g3b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // out_i, s += out_i
       const int64_t row = i * B + sample_of(rows, b0, r);
-      return GnRow<T>{a + r * D, outp + r * ZS + i * D, save ? yh3 + row * D : nullptr,
-                      save ? rs3 + row * G : nullptr, nullptr, s + r * D};
+      return GnRow<T>{.y = a + r * D, .out = outp + r * ZS + i * D, .yhat = save ? yh3 + row * D : nullptr,
+                      .rstd = save ? rs3 + row * G : nullptr, .acc = s + r * D};
     });
   }
   // gate: ga = s Wg^T + N bg ; q = z_f * ga ; a3 = q Wf^T + bf + x_f (saved) ; out_f = GN_f(ReLU(a3))
@@ -926,7 +920,8 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
   }
   gn_rows<T>(M, gfw, gfb, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
     const int64_t b = sample_of(rows, b0, r);
-    return GnRow<T>{a + r * D, outp + r * ZS + N * D, save ? yhf + b * D : nullptr, save ? rsf + b * G : nullptr};
+    return GnRow<T>{.y = a + r * D, .out = outp + r * ZS + N * D, .yhat = save ? yhf + b * D : nullptr,
+                    .rstd = save ? rsf + b * G : nullptr};
   });
 }
 
@@ -962,7 +957,8 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
   // fusion branch: da3 = GN_f^T(gbar_f) * (a3 > 0) ; dq = da3 Wf ; ds = (dq * z_f) Wg
   gn_rows_backward<T>(M, gfw, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
     const int64_t b = sample_of(rows, b0, r);
-    return GnBackRow<T>{gp + r * ZS + N * D, yhf + b * D, rsf + b * G, da + r * D, nullptr, nullptr, a3s + b * D};
+    return GnBackRow<T>{.dout = gp + r * ZS + N * D, .yhat = yhf + b * D, .rstd = rsf + b * G, .dy = da + r * D,
+                        .out_gate = a3s + b * D};
   });
   if (kp.da3)
     for (int64_t r = 0; r < M; ++r) keep_row(kp.da3, sample_of(rows, b0, r), D, da + r * D);
@@ -995,8 +991,9 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
     auto gn3_row = [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = row_of(r);
       const T* add_i = addp ? addp + sample_of(rows, b0, r) * ZS + i * D : nullptr;
-      return GnBackRow<T>{gp + r * ZS + i * D, yh3 + row * D, rs3 + row * G, du + r * D, ds + r * D, nullptr,
-                          us + row * D, outp + r * ZS + i * D, add_i};
+      return GnBackRow<T>{.dout = gp + r * ZS + i * D, .yhat = yh3 + row * D, .rstd = rs3 + row * G, .dy = du + r * D,
+                          .dout_add = ds + r * D, .out_gate = us + row * D, .copy = outp + r * ZS + i * D,
+                          .copy_add = add_i};
     };
     if (kp.dzn)  // kept: gbar_i + ds formed first, in du (else in the GroupNorm's loads)
       for (int64_t r = 0; r < M; ++r) {
@@ -1010,7 +1007,7 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
       for (int64_t r = 0; r < M; ++r) keep_row(kp.du, row_of(r), D, du + r * D);
     gn_rows_backward<T>(M, g2w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = row_of(r);
-      return GnBackRow<T>{du + r * D, yh2 + row * D, rs2 + row * G, t + r * D};
+      return GnBackRow<T>{.dout = du + r * D, .yhat = yh2 + row * D, .rstd = rs2 + row * G, .dy = t + r * D};
     });
     if (kp.da2)
       for (int64_t r = 0; r < M; ++r) keep_row(kp.da2, row_of(r), D, t + r * D);
@@ -1018,7 +1015,8 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
     cell_gemm<T>(c, M, t, D, w2 + i * D * D, w2 + i * D * D, false, 0, da, D);
     auto gn1_row = [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = row_of(r);
-      return GnBackRow<T>{da + r * D, yh1 + row * D, rs1 + row * G, da + r * D, nullptr, g1s + row * D};
+      return GnBackRow<T>{.dout = da + r * D, .yhat = yh1 + row * D, .rstd = rs1 + row * G, .dy = da + r * D,
+                          .in_gate = g1s + row * D};
     };
     if (kp.dg1)  // kept: the ReLU mask applied first (else in the GroupNorm's loads)
       for (int64_t r = 0; r < M; ++r) {

@@ -6,8 +6,8 @@
 // Below, "[D][S]" names such an array of D rows.
 //
 // Why: in the row layout a GroupNorm group of 16 (or 8) features is one register whose sums are horizontal --
-// shuffle trees, and about 100 instructions per row and GroupNorm (cell_cpu_kernels.h: gn_rows_wide_avx512,
-// a fifth of a forward iteration on Emerald Rapids), and the Anderson step's dot products end in horizontal
+// shuffle trees, and about 100 instructions per row and GroupNorm (cell_cpu_kernels.h: gn_rows_wide_avx512),
+// and the Anderson step's dot products end in horizontal
 // sums too. Here a group's sums are vertical adds of its feature rows, the dot products are vertical FMA
 // chains, and the GEMMs are the tiles with the roles of the weight and the activations swapped.
 //
@@ -166,13 +166,14 @@ DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const flo
   for (int64_t i = 0; i < N; ++i) {
     const float* zi = zT + i * DS;
     gemm_fm(V, D, c.w1 + i * D * D, zi, S, P, a, c.b1 + i * D);  // a1 = W1_i z_i + b1
-    // h = ReLU(GN1(a1)) (GnEpi{out, add, acc, relu, store_out})
-    gn_fm<NW, false>(a, c.g1w + i * D, c.g1b + i * D, G, S, P, V, GnEpi{h, nullptr, nullptr, h, false});
+    // h = ReLU(GN1(a1))
+    gn_fm<NW, false>(a, c.g1w + i * D, c.g1b + i * D, G, S, P, V, GnEpi{.out = h, .relu = h, .store_out = false});
     gemm_fm(V, D, c.w2 + i * D * D, h, S, P, a, c.b2 + i * D, inT + i * DS);  // a2 = W2_i h + (b2 + x_i)
     // u = GN2(a2) + z_i (not kept: no saved tensors), a = ReLU(u)
-    gn_fm<NW, false>(a, c.g2w + i * D, c.g2b + i * D, G, S, P, V, GnEpi{nullptr, zi, nullptr, a, false});
+    gn_fm<NW, false>(a, c.g2w + i * D, c.g2b + i * D, G, S, P, V, GnEpi{.add = zi, .relu = a, .store_out = false});
     // out_i = GN3(a), s += out_i
-    gn_fm<NW, false>(a, c.g3w + i * D, c.g3b + i * D, G, S, P, V, GnEpi{fT + i * DS, nullptr, s, nullptr, true});
+    gn_fm<NW, false>(a, c.g3w + i * D, c.g3b + i * D, G, S, P, V,
+                     GnEpi{.out = fT + i * DS, .acc = s, .store_out = true});
   }
   gemm_fm(V, D, c.wg, s, S, P, ga, c.bg, nullptr, (float)N);  // ga = Wg s + N bg
   for (int64_t j = 0; j < D; ++j)  // q = z_f * ga (into h)
@@ -182,7 +183,7 @@ DEQFUSE_FM void cell_forward_fm(const Cell<float>& c, const float* zT, const flo
     }
   gemm_fm(V, D, c.wf, h, S, P, a, c.bf, xfT);  // a3 = Wf q + (bf + x_f)
   // out_f = GN_f(ReLU(a3))
-  gn_fm<NW, true>(a, c.gfw, c.gfb, G, S, P, V, GnEpi{fT + N * DS, nullptr, nullptr, nullptr, true});
+  gn_fm<NW, true>(a, c.gfw, c.gfb, G, S, P, V, GnEpi{.out = fT + N * DS, .store_out = true});
 }
 
 // x gamma, rounded, kept apart from the adds it feeds (opaque_fm)

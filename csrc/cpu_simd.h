@@ -6,8 +6,8 @@
 // per-row work lives in such functions, not in the at::parallel_for lambdas.
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
+#include <atomic>
+#include <cstdint>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && !defined(DEQFUSE_NO_CLONES)
 #define DEQFUSE_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -24,8 +24,8 @@
 #endif
 
 // The same for a lambda, written after its parameter list: GCC compiles a lambda as a function of its own, for
-// the baseline ISA, and left the cell's GroupNorm row lambdas (each builds a row's pointers) out of line once
-// their rows grew: called per row, they took 3% of an adjoint solve's samples (perf, B=128 D=64 N=2).
+// the baseline ISA, and may leave the cell's GroupNorm row lambdas (each builds a row's pointers, called per
+// row) out of line.
 #if defined(__GNUC__)
 #define DEQFUSE_LAMBDA_INLINE __attribute__((always_inline))
 #else
@@ -39,6 +39,16 @@
 #define DEQFUSE_X86_TARGETS 1
 #endif
 namespace deqfuse {
+// The choices of the CPU kernel plan that a caller forced (deqfuse.force_cpu_plan -> _C.set_cpu_plan):
+// process-wide, read at each call; 0 = the plan's own choice. gemm: 1 + SmallGemm (gemm_small.h); rows: 1 zmm,
+// 2 ymm; layout: 1 rows, 2 fm (solve_cpu.cpp); chunk: samples per chunk of the whole solves. A forced choice
+// the CPU or the shape does not allow falls back to the plan's own. Defined in bindings.cpp.
+struct PlanForce {
+  std::atomic<int> gemm{0}, rows{0}, layout{0};
+  std::atomic<int64_t> chunk{0};
+};
+PlanForce& plan_force();
+
 namespace {
 #ifdef DEQFUSE_X86_TARGETS
 inline bool cpu_has_avx2_fma() {
@@ -55,24 +65,24 @@ inline bool cpu_has_avx512f() { return false; }
 #endif
 
 // The cell's row passes (forward_block, vjp_block) in 512-bit vectors: on Intel CPUs with AVX-512
-// (x86-64-v4), which run them at full width (Emerald Rapids, B=128 D=64 N=2: the forward_block's share of a
-// solve 14% -> 9%); not on AMD's, whose Zen 4 splits 512-bit operations (an x86-64-v4 forward_block measured
-// 0.90x there). DEQFUSE_CPU_ROWS=zmm|ymm forces the choice (read once; zmm still needs x86-64-v4, and
-// cell_cpu_kernels.h's rows_zmm takes it only where the floats stay those of the ymm variant).
+// (x86-64-v4), which run them at full width; not on AMD's, whose Zen 4 splits 512-bit operations (slower there:
+// RESULTS.md, 2026-12-06). PlanForce::rows forces the choice (zmm still needs x86-64-v4, and cell_cpu_kernels.h's
+// rows_zmm takes it only where the floats stay those of the ymm variant).
 #if defined(DEQFUSE_X86_TARGETS) && __GNUC__ >= 11  // target("arch=x86-64-v4")
 #define DEQFUSE_ZMM_ROWS __attribute__((target("arch=x86-64-v4")))
-inline bool cpu_rows_zmm() {
+inline bool cpu_has_x86_64_v4() {
   static const bool v = [] {
     __builtin_cpu_init();  // x86-64-v4's AVX-512 subsets (every CPU with them has x86-64-v3)
-    const bool can = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                     __builtin_cpu_supports("avx512cd");
-    const char* e = std::getenv("DEQFUSE_CPU_ROWS");
-    if (e && !std::strcmp(e, "zmm")) return can;
-    if (e && !std::strcmp(e, "ymm")) return false;
-    return can && __builtin_cpu_is("intel");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512cd");
   }();
   return v;
+}
+inline bool cpu_rows_zmm() {
+  static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
+  const int f = plan_force().rows.load(std::memory_order_relaxed);
+  return cpu_has_x86_64_v4() && (f == 1 || (f == 0 && intel));
 }
 #else
 inline bool cpu_rows_zmm() { return false; }

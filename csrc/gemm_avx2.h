@@ -1,14 +1,12 @@
-// Small float GEMMs with AVX2 + FMA for the cell's hot loop on CPUs without AVX-512 (most AMD Zen 2/3
-// servers, many Intel client parts): the contract of gemm_avx512.h,
+// Small float GEMMs with AVX2 + FMA for the cell's hot loop on CPUs without AVX-512: the contract of gemm_avx512.h,
 //   C[M, Nc] (row stride ldc) = (accumulate ? C : 0) + A[M, K] (row stride lda) . Bk[K, Nc] (row stride ldb)
 // row-major, here with Nc a multiple of 8. For each output the K products are added in order with one FMA
 // each, starting from 0 or C -- the same operations as gemm_avx512's, so the two kernels give the same
 // values bit for bit, and a row's result depends on neither the other rows nor M.
 // Register tiles of 6 rows x 16 columns (12 accumulators, 2 weight vectors, 1 broadcast: 15 of the 16 ymm
 // registers), the weight read in place as 16-column panels (K x 16 values, 4 KB at K = 64) from L1. Why not
-// the BLAS: at the cell's sizes (row blocks of <= 64 rows, K = Nc = D) MKL packs both operands on every call
-// (at D = 64 its copies and scaling took a fifth of its time: perf, Zen 3), and a block's 6 small GEMMs run
-// back to back on the same few KB.
+// the BLAS: at the cell's sizes (row blocks of <= 64 rows, K = Nc = D) MKL packs both operands on every call,
+// and a block's 6 small GEMMs run back to back on the same few KB (RESULTS.md, 2026-12-03 afternoon).
 #pragma once
 #include <cstdint>
 
@@ -93,7 +91,7 @@ __attribute__((target("avx2,fma"))) inline void gemm_avx2(int64_t M, int64_t Nc,
 // selects. The tiles of gemm_avx2 with A's element (r, k) broadcast from A + k lda + r: each output is the K
 // products added in batch order by one FMA each from 0, so it depends on neither the thread count nor the
 // slice of rows a thread computes. Why not the BLAS: called per thread on a column slice inside the backward's
-// parallel region, MKL went through its OpenMP driver and copied both operands on every call (perf, Zen 3).
+// parallel region, MKL goes through its OpenMP driver and copies both operands on every call.
 __attribute__((target("avx2,fma"))) inline void gemm_tn_avx2(int64_t M, int64_t Nc, int64_t K, const float* A,
                                                             int64_t lda, const float* Bk, int64_t ldb, float* C,
                                                             int64_t ldc) {
@@ -102,8 +100,7 @@ __attribute__((target("avx2,fma"))) inline void gemm_tn_avx2(int64_t M, int64_t 
 
 // wt = w^T for a D x D row-major float matrix, D % 8 == 0, in 8 x 8 blocks (unpack / shuffle / lane
 // permute): the [K][Nc] weight copies the tile kernels read in a Linear's forward (Cell's constructor, once
-// per op call). The element-wise loop wrote one float per strided store and was three quarters of a
-// cell_forward call at B = 1, D = 64 (perf).
+// per op call); an element-wise loop's strided stores dominated a small cell_forward call.
 __attribute__((target("avx2,fma"))) inline void transpose_avx2(const float* w, float* wt, int64_t D) {
   for (int64_t r0 = 0; r0 < D; r0 += 8) {
     for (int64_t c0 = 0; c0 < D; c0 += 8) {

@@ -23,9 +23,8 @@ namespace deqfuse {
 namespace {
 
 // The widest D gemm_small.h's auto choice gives this kernel. Each 4-row tile streams a 64-column panel of
-// the weight (D x 64 values) from L1 and has no K blocking: at D = 64 (a 16 KB panel) it beats the BLAS, at
-// D = 128 the BLAS, which blocks for the cache, is faster (a whole solve 375 vs 423 us per iteration,
-// B = 128, one thread), at D = 256 more so.
+// the weight (D x 64 values) from L1 and has no K blocking: up to D = 64 (a 16 KB panel) it beats the BLAS;
+// from D = 128 the BLAS, which blocks for the cache, is faster (RESULTS.md, 2026-11-23 night).
 constexpr int64_t kAvx512GemmMaxD = 64;
 
 // R rows x V 16-column vectors of C. bias / rows: the store's epilogue (gemm_small.h: GemmEpi), bias offset to

@@ -1,16 +1,14 @@
 // Which kernel runs the cell's D x D float GEMMs on this CPU (cell_cpu_kernels.h: Cell::gemm, cell_gemm):
 //   kAvx512  gemm_avx512 (gemm_avx512.h): AVX-512F, D % 16 == 0, D <= kAvx512GemmMaxD
-//   kAvx2    gemm_avx2 (gemm_avx2.h): AVX2 + FMA without AVX-512F, D % 8 == 0, D <= kAvx2GemmMaxD (measured
-//            on such a CPU only: where AVX-512 is there the BLAS's wider kernels keep the other widths)
+//   kAvx2    gemm_avx2 (gemm_avx2.h): AVX2 + FMA without AVX-512F, D % 8 == 0, D <= kAvx2GemmMaxD (where
+//            AVX-512 is there the BLAS's wider kernels keep the other widths)
 //   kBlas    torch's BLAS (cpu_blas.h): float64, other widths, other CPUs
 // The two tile kernels give the same values bit for bit (the same FMA chain per output), so which one a CPU
-// gets changes speed only; the BLAS rounds differently. DEQFUSE_CPU_GEMM=avx512|avx2|blas (read once, at the
-// first call) forces one where the CPU and D allow it, whatever D's size (tests: both tile kernels on one
-// machine; benchmarks: the crossover with the BLAS); unset or "auto": the rules above.
+// gets changes speed only; the BLAS rounds differently. PlanForce::gemm (cpu_simd.h) forces one where the CPU and
+// D allow it, whatever D's size (tests: both tile kernels on one machine; benchmarks: the crossover with the
+// BLAS); 0: the rules above.
 #pragma once
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "gemm_avx2.h"
 #include "gemm_avx512.h"
@@ -20,23 +18,12 @@ namespace {
 
 enum class SmallGemm { kBlas, kAvx2, kAvx512 };
 
-// The floor timer (cell_gemm_floor_seconds, 2N + 2 GEMMs, N = 2) on a Zen 3 EPYC, AVX2 tiles vs MKL: D <= 64
-// 1.2-1.4x faster on one thread, 1.3-2.4x on two; D = 128 1.0-1.2x (a 16-column weight panel, 8 KB, still
-// stays in L1); D = 256 0.9x on one thread (benchmarks/RESULTS.md, 2026-12-03 Zen 3 section).
+// Up to D = 128 a 16-column weight panel (8 KB) stays in L1 and the tiles beat the BLAS; past it the BLAS,
+// which blocks for the cache, wins (RESULTS.md, 2026-12-03 afternoon).
 constexpr int64_t kAvx2GemmMaxD = 128;
 
-// 0: auto, else the SmallGemm forced by DEQFUSE_CPU_GEMM + 1.
-inline int small_gemm_forced() {
-  static const int v = [] {
-    const char* e = std::getenv("DEQFUSE_CPU_GEMM");
-    if (!e || !*e || !std::strcmp(e, "auto")) return 0;
-    if (!std::strcmp(e, "blas")) return 1 + (int)SmallGemm::kBlas;
-    if (!std::strcmp(e, "avx2")) return 1 + (int)SmallGemm::kAvx2;
-    if (!std::strcmp(e, "avx512")) return 1 + (int)SmallGemm::kAvx512;
-    return 0;  // anything else: auto (deqfuse/backend.py warns about it)
-  }();
-  return v;
-}
+// 0: auto, else 1 + the SmallGemm forced (PlanForce::gemm).
+inline int small_gemm_forced() { return plan_force().gemm.load(std::memory_order_relaxed); }
 
 inline bool small_gemm_fits(SmallGemm k, int64_t D, bool any_size) {
   switch (k) {

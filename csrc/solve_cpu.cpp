@@ -1,5 +1,4 @@
-// Whole Anderson solves of the fusion cell on the CPU, one op call per solve (issue 17: small problems
-// at full speed). The loop of deqfuse/solvers.py (`anderson` driven by `run`) for the two maps the
+// Whole Anderson solves of the fusion cell on the CPU, one op call per solve. The loop of deqfuse/solvers.py (`anderson` driven by `run`) for the two maps the
 // layer solves, with no Python, no tensor allocation and no dispatcher call per iteration:
 //   anderson_cell_solve: z = f(z, x, xf)            (the forward fixed point; f = cell_forward)
 //   anderson_vjp_solve:  g = J^T g + add            (the adjoint fixed point; J^T = cell_vjp at the point
@@ -11,12 +10,12 @@
 // moving only (gathered into a contiguous block when they are not already one), so a solve costs the
 // rows it needs, without the compaction heuristics of the Python driver.
 //
-// Layout: where the floats allow it, both solves run each chunk feature-major, its samples in SIMD lanes
-// (solve_loop_fm, cell_fm_avx512.h: float32, tile GEMMs, GroupNorm group width 16 or 8; by default on Intel CPUs
-// with AVX-512): the same floats in less time per iteration (benchmarks/RESULTS.md, 2026-12-06 fourth session).
+// Layout (the kernel plan's `layout`, fm_solve_width): where the plan allows it, both solves run each chunk
+// feature-major, its samples in SIMD lanes (solve_loop_fm, cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
+// group width 16 or 8), else row by row.
 //
-// Threads: one parallel region for the whole solve, no barrier per step: threads take chunks of consecutive
-// samples and solve each to the end (solve_loop's schedule comment). The solve stops when no sample is
+// Threads: the SolvePool's team (run_team), no barrier per step: threads take chunks of consecutive samples
+// from a shared counter and solve each to the end (solve_loop's schedule comment). The solve stops when no sample is
 // active or after max_iter steps. Returns (steps run = the last step any sample was active + 1, rows
 // evaluated).
 //
@@ -138,17 +137,13 @@ inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int64_t weight_bytes, b
                            int64_t U = 8) {
   const int64_t l2 = l2_bytes();
   // Weights that leave L2 little room are streamed once per chunk and step, and a BLAS GEMM packs its
-  // operands on every call: then the largest chunks amortise them (Zen 4, N=2, B=128: D=256 with 1.5 MB of
-  // weights, chunks of 8 samples 1.4x slower per step than 64; D=128 through MKL, chunks of 11 1.6x slower).
+  // operands on every call: then the largest chunks amortise them (RESULTS.md, 2026-12-04 evening).
   int64_t rows = !tile_gemm || weight_bytes > l2 / 2 ? kBlock
                                                      : (l2 - weight_bytes) / 2 / std::max<int64_t>(1, row_bytes);
   rows = std::max<int64_t>(U, std::min<int64_t>(kBlock, rows)) / U * U;
-  if (const char* e = std::getenv("DEQFUSE_SOLVE_CHUNK")) {
-    const long v = std::atol(e);
-    if (v > 0) rows = std::min<int64_t>(kBlock, v);
-  }
-  // Chunks of whole U-sample units (rows: the Anderson step's groups, two GEMM row tiles): a chunk of 21 made
-  // the GEMMs run 1- and 2-row tail tiles every step (B=128 D=64 N=3, Zen 4: 76.5 us per step vs 68.5 at 16).
+  if (const int64_t v = plan_force().chunk.load(std::memory_order_relaxed)) rows = std::min<int64_t>(kBlock, v);
+  // Chunks of whole U-sample units (rows: the Anderson step's groups, two GEMM row tiles), so the GEMMs run no
+  // 1- or 2-row tail tiles every step.
   const int64_t unit = rows % U == 0 ? U : 1, units = (B + unit - 1) / unit, per = rows / unit;
   int64_t count = (units + per - 1) / per;
   count = std::min<int64_t>(units, (count + nt - 1) / nt * nt);
@@ -340,13 +335,12 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 #ifdef DEQFUSE_FM_SOLVE
 // The group width (16 or 8) with which the whole solves run feature-major (solve_loop_fm), else 0: where
 // the row layout's float kernels are the tile GEMMs and the AVX-512 GroupNorms (cell_fm_avx512.h: the same
-// floats), on the CPUs whose row passes run in 512-bit vectors (cpu_rows_zmm: Intel; not measured on Zen 4).
-// DEQFUSE_SOLVE_LAYOUT (read per call; tests, benchmarks): "rows" never, "fm" wherever the floats allow it.
+// floats), on the CPUs whose row passes run in 512-bit vectors (cpu_rows_zmm).
+// PlanForce::layout (tests, benchmarks): rows never, fm wherever the floats allow it.
 // kn: the cell's GEMMs run in a tile kernel (Cell::kn).
 inline int fm_solve_width(bool kn, int64_t D, int64_t G) {
-  const char* e = std::getenv("DEQFUSE_SOLVE_LAYOUT");
-  const bool force = e && !std::strcmp(e, "fm");
-  if ((e && !std::strcmp(e, "rows")) || !kn || !(force || cpu_rows_zmm())) return 0;
+  const int f = plan_force().layout.load(std::memory_order_relaxed);
+  if (f == 1 || !kn || !(f == 2 || cpu_rows_zmm())) return 0;
   return gn_wide_avx512(D, G);
 }
 
@@ -672,6 +666,23 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
     res = solve_from<scalar_t>(VjpMap<scalar_t>{c, ac.data_ptr<scalar_t>()}, gc, out, B, L, D, a);
   });
   return res;
+}
+
+// The kernel plan of the cell ops and whole solves of width D in G groups in float64 (dbl) or float32 on this CPU,
+// as the kernels choose it at each call (with what PlanForce forces now): "gemm=... rows=... layout=..." and
+// " chunk=N" when forced (bindings.cpp: cell_plan; deqfuse.cpu_plan; SolverStats.plan).
+std::string cell_plan(int64_t D, int64_t G, bool dbl) {
+  TORCH_CHECK_VALUE(D > 0 && G > 0 && D % G == 0, "cpu_plan: dim must be a positive multiple of groups, got dim=",
+                    D, " groups=", G);
+  auto plan = [&](auto zero) {
+    using T = decltype(zero);
+    const char* gemm = std::is_same_v<T, float> ? small_gemm_name(small_gemm_for(D)) : "blas";
+    return std::string("gemm=") + gemm + " rows=" + (rows_zmm<T>(D, G) ? "zmm" : "ymm") +
+           " layout=" + (fm_solve_for<T>(D, G) ? "fm" : "rows");
+  };
+  std::string s = dbl ? plan(0.0) : plan(0.0f);
+  if (const int64_t c = plan_force().chunk.load()) s += " chunk=" + std::to_string(c);
+  return s;
 }
 
 // The layout of the whole solves' float32 solves of width D in G groups on this CPU (bindings.cpp).

@@ -16,7 +16,7 @@ def _info():
     import torch
 
     from . import __version__
-    from .backend import extension_status, triton_status
+    from .backend import cpu_plan, extension_status, triton_status
     print(f"deqfuse {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     try:
         import triton
@@ -27,6 +27,12 @@ def _info():
     print(f"CUDA device: {dev}   torch CUDA: {torch.version.cuda}")
     ext, why = extension_status()
     print(f"backend cuda (compiled extension deqfuse._C): {why}")
+    if ext is not None:
+        print(f"C++ CPU kernel plan (deqfuse.cpu_plan(dim, groups=4, dtype); deqfuse.force_cpu_plan forces parts; CPU "
+              f"capability {torch.backends.cpu.get_cpu_capability()}):")
+        for dtype, dims in ((torch.float32, (16, 32, 64, 128, 256)), (torch.float64, (64,))):
+            for dim in dims:
+                print(f"  {str(dtype)[6:]:8s} dim={dim:<4d} {cpu_plan(dim, 4, dtype)}")
     ok, why = triton_status()
     print(f"backend triton: {why}")
     print("backend reference: ok (plain PyTorch, always available)")
@@ -158,7 +164,17 @@ def _check_eval_args(ap, a):
 
 ENV_HELP = ("environment: DEQFUSE_DIST_TIMEOUT=SECONDS (under torchrun: how long a collective, and the start-up, "
             "waits for the other ranks; default 300; a rank whose collective times out exits with status 1 naming "
-            "the stalled ranks); the DEQFUSE_* kernel switches (README) are checked before anything runs")
+            "the stalled ranks); DEQFUSE_NO_EXT, DEQFUSE_CELL_GEMM, DEQFUSE_AUTOTUNE and DEQFUSE_NVTX are checked "
+            "before anything runs")
+
+
+def _show_defaults(*parsers):
+    """Every option's help ends with its default (flags and options without one excepted)."""
+    for p in parsers:
+        for a in p._actions:
+            shown = a.default in (None, False, argparse.SUPPRESS) or "%(default)" in (a.help or "")
+            if a.option_strings and not shown:
+                a.help = (a.help + " " if a.help else "") + "(default: %(default)s)"
 
 
 def main(argv=None):
@@ -201,7 +217,8 @@ def main(argv=None):
     e.add_argument("--view-prefixes", metavar="P0,P1,...",
                    help="a .csv --data (required): view k is the columns whose names start with Pk (e.g. "
                    "mrna_,meth_); other columns are ignored")
-    e.add_argument("--seeds", type=int, default=5)
+    e.add_argument("--seeds", type=int, default=5, help="seeds per method (all methods x seeds x --epochs: minutes "
+                   "on a CPU; --methods and --epochs shorten it)")
     e.add_argument("--methods", default="all", help="all, or a comma list of: single, single:<i>, concat, late, "
                    "deq, deq+jac, unrolled:<k>, dynmm, dynmm+deq")
     e.add_argument("--epochs", type=int, default=hp0.epochs)
@@ -218,6 +235,7 @@ def main(argv=None):
     e.add_argument("--memory", action="store_true", help="training memory of DEQ vs unrolled depth (plot)")
     e.add_argument("--out", default="runs_eval")
     e.add_argument("--no-progress", action="store_true")
+    _show_defaults(t, e)
     b = sub.add_parser("bench", help="time the kernels against the references on this machine (CSV)")
     b.add_argument("--out", default="bench_out")
     b.add_argument("--quick", action="store_true", help="small sizes (seconds on a CPU)")

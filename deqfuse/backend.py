@@ -7,6 +7,7 @@ Triton step beat the CUDA one for fp32 and bf16 history on an H100); cuda ext (C
 the CPU. Triton on the CPU only runs under
 TRITON_INTERPRET=1 and is chosen there only when asked for by name.
 """
+import contextlib
 import functools
 import os
 import warnings
@@ -15,34 +16,24 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._env import env_flag
+from ._env import env_flag, sources_sha
 from ._validate import check_choice
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
-# DEQFUSE_CPU_GEMM: the kernel of the C++ CPU cell ops' float32 GEMMs (csrc/gemm_small.h), read once by the
-# extension; unset or 'auto' lets it choose by CPU and D (deqfuse._C.cell_gemm_kernel(D) says which).
-CPU_GEMMS = ("", "auto", "avx512", "avx2", "blas")
-# DEQFUSE_CPU_ROWS: the vectors of their row passes (csrc/cpu_simd.h: 512-bit on Intel CPUs with AVX-512),
-# read once; deqfuse._C.cell_rows_kernel(D, G) says which runs.
-CPU_ROWS = ("", "auto", "zmm", "ymm")
-# DEQFUSE_SOLVE_LAYOUT: the layout of the whole solves' chunks (csrc/solve_cpu.cpp: feature-major on Intel
-# CPUs with AVX-512 where the floats allow it), read per solve; deqfuse._C.cell_solve_layout(D, G) says which runs.
-SOLVE_LAYOUTS = ("", "auto", "rows", "fm")
-
-
-def _positive_int(var: str) -> None:
-    v = os.environ.get(var, "")
-    if v and not (v.isdigit() and int(v) > 0):
-        raise ValueError(f"{var}={v!r} is not a positive integer")
+# The choices of the C++ CPU kernel plan that force_cpu_plan can force ('auto': the plan's own): gemm, the
+# kernel of the cell's float32 GEMMs (csrc/gemm_small.h); rows, the vectors of its row passes
+# (csrc/cpu_simd.h); layout, the whole solves' chunk layout (csrc/solve_cpu.cpp). cpu_plan says what runs.
+CPU_PLAN_CHOICES = {"gemm": ("auto", "avx512", "avx2", "blas"), "rows": ("auto", "zmm", "ymm"),
+                    "layout": ("auto", "rows", "fm")}
+# Environment variables that forced those choices before force_cpu_plan; no longer read (a warning says so).
+RETIRED_ENV = {"DEQFUSE_CPU_GEMM": "gemm", "DEQFUSE_CPU_ROWS": "rows", "DEQFUSE_SOLVE_LAYOUT": "layout",
+               "DEQFUSE_SOLVE_CHUNK": "chunk"}
 
 
 # The DEQFUSE_* variables read at run time -> the values each takes ('' where its reader takes it as unset;
-# unset is always fine), or a function that raises ValueError for a value it does not take. DEQFUSE_SOLVE_CHUNK:
-# samples per chunk of the C++ whole solves (csrc/solve_cpu.cpp), read per solve; unset: by cache size. Also
-# read (env_errors adds them): DEQFUSE_CELL_GEMM (cell.TRITON_CELLS), DEQFUSE_DIST_TIMEOUT (distributed.timeout_s).
-ENV_VARS = {"DEQFUSE_NO_EXT": env_flag, "DEQFUSE_CPU_GEMM": CPU_GEMMS, "DEQFUSE_CPU_ROWS": CPU_ROWS,
-            "DEQFUSE_SOLVE_LAYOUT": SOLVE_LAYOUTS, "DEQFUSE_SOLVE_CHUNK": _positive_int,
-            "DEQFUSE_AUTOTUNE": ("", "0", "1"), "DEQFUSE_NVTX": ("", "0", "1")}
+# unset is always fine), or a function that raises ValueError for a value it does not take. Also read
+# (env_errors adds them): DEQFUSE_CELL_GEMM (cell.TRITON_CELLS), DEQFUSE_DIST_TIMEOUT (distributed.timeout_s).
+ENV_VARS = {"DEQFUSE_NO_EXT": env_flag, "DEQFUSE_AUTOTUNE": ("", "0", "1"), "DEQFUSE_NVTX": ("", "0", "1")}
 
 
 def env_problem(var: str, allowed=None) -> Optional[str]:
@@ -79,15 +70,55 @@ def extension_status():
         from . import _C  # noqa: F401  (registers torch.ops.deqfuse.*)
     except ImportError as e:
         return None, f"extension not built ({e}); reinstall without DEQFUSE_NO_EXT=1"
+    checkout = sources_sha(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    built = getattr(_C, "sources_sha", lambda: "unknown")()
+    if checkout is not None and built != checkout:  # a checkout whose csrc/ changed since the build (git pull)
+        why = ("stale: deqfuse._C was built from other csrc/ sources than this checkout's; rebuild it with "
+               "`pip install --no-build-isolation -e .` (until then every op runs on the reference path)")
+        warnings.warn(f"deqfuse: the compiled extension is {why}", RuntimeWarning, stacklevel=2)
+        return None, why
     from . import ops  # noqa: F401  fake kernels for torch.compile
-    for var, what in (("DEQFUSE_CPU_GEMM", "GEMM kernel"), ("DEQFUSE_CPU_ROWS", "row passes' vectors"),
-                      ("DEQFUSE_SOLVE_LAYOUT", "solves' layout"), ("DEQFUSE_SOLVE_CHUNK", "solves' chunks")):
-        why = env_problem(var)
-        if why:
-            warnings.warn(f"{why}: ignored (the C++ CPU cell ops pick their {what} themselves)", RuntimeWarning,
-                          stacklevel=2)
+    for var, arg in RETIRED_ENV.items():
+        if var in os.environ:
+            warnings.warn(f"{var} is no longer read: force the CPU kernel plan in code with "
+                          f"deqfuse.force_cpu_plan({arg}=...)", RuntimeWarning, stacklevel=2)
     return _C, "ok (cuda kernels: %s; CPU cell GEMMs: %s)" % ("yes" if _C.has_cuda() else "no, CPU build",
                                                                _C.blas_backend())
+
+
+def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32) -> str:
+    """The C++ CPU kernel plan that the cell ops and whole solves of width `dim` in `groups` GroupNorm groups
+    run in `dtype` on this CPU (with what force_cpu_plan forces now), e.g. 'gemm=avx512 rows=ymm layout=rows'.
+    It is also each whole solve's SolverStats.plan. Needs the compiled extension."""
+    ext, why = extension_status()
+    if ext is None:
+        raise RuntimeError(f"cpu_plan: the compiled extension is not available: {why}")
+    check_choice("dtype", dtype, (torch.float32, torch.float64))
+    return ext.cell_plan(dim, groups, dtype == torch.float64)
+
+
+@contextlib.contextmanager
+def force_cpu_plan(*, gemm: str = "auto", rows: str = "auto", layout: str = "auto", chunk: int = 0):
+    """Inside the block, the C++ CPU ops run with these parts of their kernel plan forced (tests, benchmarks):
+    gemm 'avx512' | 'avx2' | 'blas' (the float32 GEMM kernel), rows 'zmm' | 'ymm' (512- or 256-bit row passes),
+    layout 'rows' | 'fm' (the whole solves' chunk layout), chunk (samples per chunk of a whole solve; 0: by cache
+    size); 'auto' leaves a part to the plan. A choice the CPU or the shape does not allow falls back to the plan's
+    own (cpu_plan says what runs). Process-wide, like torch.backends flags: every thread sees it; the previous
+    setting comes back on exit. Every plan gives the reference's values within the dtype's tolerance; within
+    one plan, results are bit for bit the same across threads, chunk sizes and compaction."""
+    for name, v in (("gemm", gemm), ("rows", rows), ("layout", layout)):
+        check_choice(name, v, CPU_PLAN_CHOICES[name])
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"chunk must be an int >= 0 (0: by cache size), got {chunk!r}")
+    ext, why = extension_status()
+    if ext is None:
+        raise RuntimeError(f"force_cpu_plan: the compiled extension is not available: {why}")
+    before = ext.get_cpu_plan()
+    ext.set_cpu_plan(gemm, rows, layout, chunk)
+    try:
+        yield
+    finally:
+        ext.set_cpu_plan(**before)
 
 
 @functools.lru_cache(None)

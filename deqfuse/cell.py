@@ -109,10 +109,18 @@ class ExtCellRows(RowwiseFn):
         x, xf = (t.index_select(0, idx) for t in self.inputs)
         return ExtCellRows(self.fn, x, xf, self.params, self.groups)
 
+    def solve_plan(self) -> str:
+        return ext_solve_plan(self.params, self.groups)
+
     def anderson_solve(self, z0, results, *, m, beta, lam, tol, stop_rel, max_iter):
         x, xf = self.inputs
         return torch.ops.deqfuse.anderson_cell_solve(z0, x, xf, self.params, self.groups, *results.buffers(), m, beta,
                                                      lam, tol, stop_rel, max_iter)
+
+
+def ext_solve_plan(params, groups: int) -> str:
+    """SolverStats.plan of the C++ whole solves of a cell with these parameters (w1 [N, D, D] first)."""
+    return "C++ whole solve: " + _backend.cpu_plan(params[0].shape[-1], groups, params[0].dtype)
 
 
 def ext_vjp_anderson_solve(saved, params, groups: int, add, g0, results, *, m, beta, lam, tol, stop_rel, max_iter):

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import profiling
 from .cell import (ExtCellRows, FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad, ext_jacobian_reg,
-                   ext_vjp_anderson_solve)
+                   ext_solve_plan, ext_vjp_anderson_solve)
 from .graphs import GraphedSolves
 from .implicit import (NONCONVERGENCE, ImplicitAdjoint, check_converged, implicit_grad, jacobian_reg,
                        phantom_grad)
@@ -50,7 +50,7 @@ class DEQInfo:
 
     def __repr__(self):
         return (f"DEQInfo(forward_stats={self.forward_stats!r}, backward_stats={self.backward_stats!r}, "
-                f"jac_loss={float(self.jac_loss):.4g})")
+                f"jac_loss={float(torch.as_tensor(self.jac_loss).detach()):.4g})")
 
 
 DEFAULT_TOL = 1e-4        # f_tol / b_tol left as None, float32/float64 solves
@@ -444,6 +444,7 @@ class SavedVJP:
                                        "cell_vjp[ext]")
             self.call_plus = self._ext
             self.anderson_solve_plus = functools.partial(ext_vjp_anderson_solve, saved["ext"], plist, G)
+            self.solve_plan = functools.partial(ext_solve_plan, plist, G)
         elif profiling.enabled():
             self._apply = profiling.wrap(self._apply, "cell_vjp")
 

@@ -42,6 +42,8 @@ class PlusRows:
         solve_plus = getattr(g, "anderson_solve_plus", None)
         if solve_plus is not None:  # g's compiled whole solve of y = g(y) + c (solvers.whole_solve)
             self.anderson_solve = lambda y0, results, **kw: solve_plus(self.c, y0, results, **kw)
+            if hasattr(g, "solve_plan"):
+                self.solve_plan = g.solve_plan
 
     def __call__(self, y):
         if self._fused is not None:

@@ -57,7 +57,9 @@ class SolverStats:
     abs_trace/rel_trace: [T, B] residual of each sample at each step (NaN once frozen);
     best_res: [B] residual of the returned iterate (by stop_mode); nstep: [B] step it came from;
     converged: [B] bool; steps: steps run (host int); rows: rows f was evaluated on, summed over the
-    steps (B * steps without compaction); compactions: how often the batch was shrunk.
+    steps (B * steps without compaction); compactions: how often the batch was shrunk; plan: what ran the
+    solve ('per-iteration loop', or a compiled whole solve and its kernel plan, e.g. 'C++ whole solve: gemm=avx512
+    rows=ymm layout=rows', see deqfuse.cpu_plan).
     """
     abs_trace: torch.Tensor
     rel_trace: torch.Tensor
@@ -69,6 +71,7 @@ class SolverStats:
     stop_mode: str
     rows: int = -1
     compactions: int = 0
+    plan: str = "per-iteration loop"
 
     @property
     def all_converged(self) -> bool:
@@ -89,7 +92,7 @@ class SolverStats:
         s = self.summary()
         return (f"SolverStats(steps={s['steps']}, converged={s['converged']}/{s['batch']}, "
                 f"max_res={s['max_res']:.3g} ({self.stop_mode}, tol={self.tol:g}), mean_nstep={s['mean_nstep']:.1f}, "
-                f"rows={s['rows']}, compactions={s['compactions']})")
+                f"rows={s['rows']}, compactions={s['compactions']}, plan={self.plan!r})")
 
 
 def _acc_dtype(x):
@@ -510,7 +513,8 @@ def _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history
 
 def whole_solve(f, x0, step_fn, history_dtype, check_every: int):
     """f's compiled whole Anderson solve (``f.anderson_solve(x0, results, m=, beta=, lam=, tol=, stop_rel=,
-    max_iter=) -> (steps run, rows evaluated)``, e.g. the C++ cell's: csrc/solve_cpu.cpp) when it can run
+    max_iter=) -> (steps run, rows evaluated)``, e.g. the C++ cell's: csrc/solve_cpu.cpp; ``f.solve_plan()``, if
+    f has it, names what runs it for SolverStats.plan) when it can run
     this solve, else None. It runs the compiled step's math (anderson_rows) sample by sample, evaluating
     f only on the samples still moving, so it stands in where the per-iteration loop would run the
     compiled CPU step with the state's dtype as history and with early exit on (check_every > 0;
@@ -564,8 +568,9 @@ def anderson(f: Callable, x0: torch.Tensor, *, m: int = 5, lam: float = 1e-4, be
         run_steps, rows = whole(x0, res, m=m, beta=beta, lam=lam, tol=tol, stop_rel=stop_mode == "rel",
                                 max_iter=max_iter)
         steps = reported_steps(run_steps, ce, max_iter)
+        plan = getattr(f, "solve_plan", lambda: "compiled whole solve")()
         return res.best_x, SolverStats(res.abs_trace[:steps], res.rel_trace[:steps], res.best_res, res.nstep,
-                                       res.converged, steps, tol, stop_mode, rows=rows)
+                                       res.converged, steps, tol, stop_mode, rows=rows, plan=plan)
     st = _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history_dtype)
     return run(st, f, max_iter, ce, cp, tol, stop_mode)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import deqfuse
-from deqfuse import DEQFusion
+from deqfuse import DEQFusion, force_cpu_plan
 from deqfuse.cell import FusionCell, cell_apply, cell_path, cell_vjp_apply, default_triton_cell, ext_cell_with_grad
 from deqfuse.reference import CellParams, cell_forward, cell_vjp, gn_backward, gn_forward
 from deqfuse.reference.cell import cell_jac_backward
@@ -315,48 +315,34 @@ def test_forward_vjp_backward_match_reference(N, B, D, groups, dtype):
 # (N, B, D): 16-column panels and an 8-column one (D = 40, 8), row tiles of 6 and their remainders (blocks
 # of 33, 37, 13, 35, 9 rows), D past the tiles' auto range (128 on AVX-512 CPUs, 256), D % 8 != 0 (the BLAS)
 GEMM_SHAPES = [(2, 66, 64), (3, 37, 40), (1, 13, 8), (2, 70, 128), (2, 9, 256), (1, 7, 20)]
-_GEMM_CHILD = """
-import sys, torch, deqfuse
-from deqfuse.testing import make_inputs, make_params
-ext, out = deqfuse.extension_status()[0], {}  # (registers torch.ops.deqfuse)
-for N, B, D in %r:
-    p = [t.float() for t in make_params(N, D)]
-    z, x, xf = (t.float() for t in make_inputs(B, N, D))
-    g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5))
-    f, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, 4, True)
-    v = torch.ops.deqfuse.cell_vjp(g, saved, p, 4, z)
-    dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward(g, z, saved, p, 4)
-    out[(N, B, D)] = (ext.cell_gemm_kernel(D), [f, v, dz, dx, dxf, *dp])
-torch.save(out, sys.argv[1])
-"""
 
 
-def _child_results(code, path, var, value):
-    """What `code` saves to `path` (its argv[1]) run in a fresh process with the environment variable var=value
-    (the extension reads its DEQFUSE_CPU_* choices once per process)."""
-    import os
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "-c", code, str(path)], env=dict(os.environ, **{var: value}),
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(path)
-
-
-def _cell_results_with_gemm(kernel, tmp_path):
-    """{(N, B, D): (kernel name the op reports, float32 [forward, VJP + z, cell_backward's grads])} from a
-    fresh process with DEQFUSE_CPU_GEMM=kernel."""
-    return _child_results(_GEMM_CHILD % (GEMM_SHAPES,), tmp_path / f"{kernel or 'auto'}.pt", "DEQFUSE_CPU_GEMM", kernel)
+def _gemm_results():
+    """{(N, B, D): (kernel name the op reports, float32 [forward, VJP + z, cell_backward's grads])} under the
+    kernel plan in force."""
+    out = {}
+    for N, B, D in GEMM_SHAPES:
+        p = [t.float() for t in make_params(N, D)]
+        z, x, xf = (t.float() for t in make_inputs(B, N, D))
+        g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5))
+        f, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, 4, True)
+        v = torch.ops.deqfuse.cell_vjp(g, saved, p, 4, z)
+        dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward(g, z, saved, p, 4)
+        out[(N, B, D)] = (deqfuse._C.cell_gemm_kernel(D), [f, v, dz, dx, dxf, *dp])
+    return out
 
 
 @needs_ext
-def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_other(tmp_path):
-    """The cell ops' float32 GEMM kernels (csrc/gemm_small.h), each forced by DEQFUSE_CPU_GEMM where this
+def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_other():
+    """The cell ops' float32 GEMM kernels (csrc/gemm_small.h), each forced by force_cpu_plan(gemm=) where this
     CPU has it: forward, VJP and full backward within float32 tolerance of the float64 reference (no kernel is
     held to another's summation order); 'auto' picks by the stated rules."""
     cap = torch.backends.cpu.get_cpu_capability()
     has = {"avx512": cap == "AVX512", "avx2": cap in ("AVX2", "AVX512"), "blas": True}
-    res = {k: _cell_results_with_gemm(k, tmp_path) for k in ("", "avx512", "avx2", "blas")}
+    res = {}
+    for k in ("auto", "avx512", "avx2", "blas"):
+        with force_cpu_plan(gemm=k):
+            res[k] = _gemm_results()
     for N, B, D in GEMM_SHAPES:
         p64, (z, x, xf) = make_params(N, D), make_inputs(B, N, D)
         g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5)).double()
@@ -366,7 +352,7 @@ def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_ot
         for kernel, by_shape in res.items():
             name, got = by_shape[(N, B, D)]
             width_ok = {"avx512": D % 16 == 0, "avx2": D % 8 == 0, "blas": True}
-            if kernel:  # forced: any D the kernel's vector width divides, on a CPU that has it
+            if kernel != "auto":  # forced: any D the kernel's vector width divides, on a CPU that has it
                 assert name == (kernel if has[kernel] and width_ok[kernel] else "blas"), (kernel, D)
             else:
                 auto = ("avx512" if has["avx512"] and D % 16 == 0 and D <= 64 else
@@ -379,16 +365,29 @@ def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_ot
 
 
 @needs_ext
-@pytest.mark.parametrize("var, value", [("DEQFUSE_CPU_GEMM", "avx3"), ("DEQFUSE_CPU_ROWS", "avx512")])
-def test_unknown_cpu_kernel_value_warns_with_the_variable_name(monkeypatch, var, value):
+def test_force_cpu_plan_checks_its_arguments_restores_the_plan_and_retired_variables_warn(monkeypatch):
     from deqfuse import backend
-    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        with force_cpu_plan(gemm="avx3"):
+            pass
+    with pytest.raises(ValueError, match="chunk must be an int >= 0"):
+        with force_cpu_plan(chunk=-1):
+            pass
+    before = deqfuse._C.get_cpu_plan()
+    with pytest.raises(KeyError):
+        with force_cpu_plan(gemm="blas", rows="ymm", layout="rows", chunk=24):
+            assert deqfuse._C.get_cpu_plan() == dict(gemm="blas", rows="ymm", layout="rows", chunk=24)
+            assert backend.cpu_plan(64, 4) == "gemm=blas rows=ymm layout=rows chunk=24"
+            raise KeyError  # the previous plan comes back on the way out of an error too
+    assert deqfuse._C.get_cpu_plan() == before
+    assert backend.cpu_plan(64, 4, torch.float64).startswith("gemm=blas rows=ymm layout=rows")
+    monkeypatch.setenv("DEQFUSE_CPU_GEMM", "avx2")
     backend.extension_status.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=f"{var}='{value}' is not one of"):
+        with pytest.warns(RuntimeWarning, match=r"DEQFUSE_CPU_GEMM is no longer read.*force_cpu_plan\(gemm="):
             assert backend.extension_status()[0] is not None
     finally:
-        monkeypatch.delenv(var)
+        monkeypatch.delenv("DEQFUSE_CPU_GEMM")
         backend.extension_status.cache_clear()
         backend.extension_status()
 
@@ -397,40 +396,43 @@ def test_unknown_cpu_kernel_value_warns_with_the_variable_name(monkeypatch, var,
 # generic GroupNorm, whose omp simd reductions follow the vector width) and float64 -- the last two stay ymm
 ROWS_SHAPES = [(2, 37, 64, 4, "float32"), (3, 21, 32, 4, "float32"), (1, 11, 128, 4, "float32"),
                (2, 9, 36, 3, "float32"), (2, 19, 64, 4, "float64")]
-_ROWS_CHILD = """
-import sys, torch, deqfuse
-from deqfuse.solvers import Results
-from deqfuse.testing import make_inputs, make_params
-ext, out, ops = deqfuse.extension_status()[0], {}, torch.ops.deqfuse
-for N, B, D, G, dt in %r:
-    dt = getattr(torch, dt)
-    p = [t.to(dt) for t in make_params(N, D)]
-    z, x, xf = (t.to(dt) for t in make_inputs(B, N, D))
-    g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5)).to(dt)
-    f, saved = ops.cell_forward(z, x, xf, p, G, True)
-    res = [f, ops.cell_forward(z, x, xf, p, G, False)[0], ops.cell_vjp(g, saved, p, G, z)]
-    dz, dx, dxf, dp = ops.cell_backward(g, z, saved, p, G)
-    jz, jx, jxf, jp = ops.cell_jac_backward(g, 0.3 * z, z, saved, p, G)
-    res += [dz, dx, dxf, *dp, jz, jx, jxf, *jp]
-    z0 = torch.zeros(B, (N + 1) * D, dtype=dt)
-    for solve, args in ((ops.anderson_cell_solve, (z0, x, xf)),
-                        (ops.anderson_vjp_solve, (z0, g.reshape(B, -1), saved))):
-        r = Results(z0, 12)
-        solve(*args, p, G, *r.buffers(), 5, 1.0, 1e-4, 1e-30, True, 12)
-        res += list(r.buffers())
-    out[(N, B, D)] = (ext.cell_rows_kernel(D, G), res)
-torch.save(out, sys.argv[1])
-"""
+
+
+def _rows_results():
+    """{(N, B, D): (row variant the op reports, every output of the cell ops and both whole solves)} under the
+    kernel plan in force."""
+    from deqfuse.solvers import Results
+    out, ops = {}, torch.ops.deqfuse
+    for N, B, D, G, dt in ROWS_SHAPES:
+        dt = getattr(torch, dt)
+        p = [t.to(dt) for t in make_params(N, D)]
+        z, x, xf = (t.to(dt) for t in make_inputs(B, N, D))
+        g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(5)).to(dt)
+        f, saved = ops.cell_forward(z, x, xf, p, G, True)
+        res = [f, ops.cell_forward(z, x, xf, p, G, False)[0], ops.cell_vjp(g, saved, p, G, z)]
+        dz, dx, dxf, dp = ops.cell_backward(g, z, saved, p, G)
+        jz, jx, jxf, jp = ops.cell_jac_backward(g, 0.3 * z, z, saved, p, G)
+        res += [dz, dx, dxf, *dp, jz, jx, jxf, *jp]
+        z0 = torch.zeros(B, (N + 1) * D, dtype=dt)
+        for solve, args in ((ops.anderson_cell_solve, (z0, x, xf)),
+                            (ops.anderson_vjp_solve, (z0, g.reshape(B, -1), saved))):
+            r = Results(z0, 12)
+            solve(*args, p, G, *r.buffers(), 5, 1.0, 1e-4, 1e-30, True, 12)
+            res += list(r.buffers())
+        out[(N, B, D)] = (deqfuse._C.cell_rows_kernel(D, G), res)
+    return out
 
 
 @needs_ext
-def test_row_pass_variants_agree(tmp_path):
+def test_row_pass_variants_agree():
     """The C++ cell's row passes (forward_block / vjp_block) compiled for 512-bit vectors (Intel CPUs with
-    AVX-512, DEQFUSE_CPU_ROWS=zmm) and for AVX2 (ymm): the cell ops, the Jacobian loss's backward and both whole
+    AVX-512, force_cpu_plan(rows='zmm')) and for AVX2 (ymm): the cell ops, the Jacobian loss's backward and both whole
     solves agree within the dtype's rounding (each is checked against the reference elsewhere); zmm is taken
     only for float32 with the GroupNorms in the row kernels."""
-    res = {rows: _child_results(_ROWS_CHILD % (ROWS_SHAPES,), tmp_path / f"{rows}.pt", "DEQFUSE_CPU_ROWS", rows)
-           for rows in ("zmm", "ymm")}
+    res = {}
+    for rows in ("zmm", "ymm"):
+        with force_cpu_plan(rows=rows):
+            res[rows] = _rows_results()
     v4 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     for N, B, D, G, dt in ROWS_SHAPES:
         eligible = G % 4 == 0 and (D // G) % 8 == 0  # cell_rows_kernel reports float32's (float64: always ymm)
@@ -714,3 +716,21 @@ def test_groupnorm_widths_16_and_8_match_float64(D):
     r = 1.0 / torch.sqrt(d.square().mean(-1) + 1e-5)
     assert rel_err(rs1, r) < 1e-5
     assert rel_err(yh1, (d * r[..., None]).view(B, D)) < 1e-5
+
+
+@needs_ext
+def test_a_build_from_other_sources_is_refused_with_the_rebuild_command(monkeypatch):
+    """A checkout whose csrc/ changed after the build (git pull without a rebuild): no AttributeError from a
+    missing binding but one warning naming the rebuild, and the reference path."""
+    from deqfuse import backend
+    assert deqfuse._C.sources_sha() == backend.sources_sha(str(__import__("pathlib").Path(deqfuse.__file__).parents[1]))
+    monkeypatch.setattr(backend, "sources_sha", lambda root: "0" * 15)
+    backend.extension_status.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"stale: .*pip install --no-build-isolation -e \."):
+            ext, why = backend.extension_status()
+        assert ext is None and why.startswith("stale")
+    finally:
+        monkeypatch.undo()
+        backend.extension_status.cache_clear()
+        backend.extension_status()

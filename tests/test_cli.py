@@ -215,9 +215,6 @@ def test_command_options_are_usage_errors(tmp_path, capsys, argv, match):
 
 @pytest.mark.parametrize("var, value, match", [
     ("DEQFUSE_CELL_GEMM", "garbage", "DEQFUSE_CELL_GEMM='garbage' is not one of ('cublas', 'fused')"),
-    ("DEQFUSE_SOLVE_CHUNK", "garbage", "DEQFUSE_SOLVE_CHUNK='garbage' is not a positive integer"),
-    ("DEQFUSE_SOLVE_CHUNK", "0", "DEQFUSE_SOLVE_CHUNK='0' is not a positive integer"),
-    ("DEQFUSE_CPU_GEMM", "avx3", "DEQFUSE_CPU_GEMM='avx3' is not one of ('auto', 'avx512', 'avx2', 'blas')"),
     ("DEQFUSE_NO_EXT", "garbage", "DEQFUSE_NO_EXT='garbage' is not one of 1, true (on) or 0, false, empty (off)"),
     ("DEQFUSE_AUTOTUNE", "yes", "DEQFUSE_AUTOTUNE='yes' is not one of ('0', '1')"),
     ("DEQFUSE_DIST_TIMEOUT", "-5", "DEQFUSE_DIST_TIMEOUT='-5' is not a positive number of seconds"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deqfuse
-from deqfuse import DEQFusion, solvers
+from deqfuse import DEQFusion, force_cpu_plan, solvers
 from deqfuse.cell import ExtCellRows
 from deqfuse.reference.cell import fuse_inputs
 from deqfuse.solvers import Results, anderson
@@ -264,7 +264,7 @@ def _solve_all(f, B, N, D, dtype, runs=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_chunk_size_and_thread_order_do_not_change_the_answer(dtype, threads, monkeypatch):
+def test_chunk_size_and_thread_order_do_not_change_the_answer(dtype, threads):
     """The solve runs chunk by chunk (solve_cpu.cpp, solve_chunks) and the threads take chunks in no fixed
     order: a chunk of 1, 5 or 64 samples gives each sample the same trajectory, and repeated 2-thread
     solves agree bit for bit. float32 at D = 16 runs the tile GEMMs (rows round alike whatever the call's row
@@ -274,8 +274,8 @@ def test_chunk_size_and_thread_order_do_not_change_the_answer(dtype, threads, mo
     f, _ = cell_map(B, N, D, dtype, w_scale=0.5 if dtype == torch.float64 else 0.3)
     runs = {}
     for chunk in ("1", "5", "64"):
-        monkeypatch.setenv("DEQFUSE_SOLVE_CHUNK", chunk)
-        runs[chunk] = _solve_all(f, B, N, D, dtype, runs=3)
+        with force_cpu_plan(chunk=int(chunk)):
+            runs[chunk] = _solve_all(f, B, N, D, dtype, runs=3)
         z0, st0 = runs[chunk][0]
         for z, st in runs[chunk][1:]:  # run to run: bit for bit
             assert torch.equal(z, z0) and torch.equal(st.abs_trace.nan_to_num(), st0.abs_trace.nan_to_num())
@@ -322,18 +322,15 @@ def _vjp_solve(layer, x, groups, m, tol, stop_rel, max_iter, z0):
                                                   (64, 4, 2, 1, 21, "5"), (64, 4, 5, 5, 50, "24")])
 @pytest.mark.parametrize("stop_rel", [True, False], ids=["rel", "abs"])
 @pytest.mark.parametrize("solve", [_cell_solve, _vjp_solve], ids=["forward", "adjoint"])
-def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chunk, stop_rel, solve, threads,
-                                                        monkeypatch):
+def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chunk, stop_rel, solve, threads):
     """Where the whole solves can run feature-major (csrc/cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
     group width 16 or 8 with groups % 4 == 0; by default on Intel CPUs with AVX-512), forward and adjoint, each
     sample's iterate and residuals agree with the row layout's to float32 rounding (steps within one), with
     samples freezing at different steps (their lanes compacted from 4 vectors down to 1), padding lanes (chunks
     of 5, 24, 21 samples) and ring sizes 1 to 8."""
-    monkeypatch.setenv("DEQFUSE_SOLVE_LAYOUT", "fm")
-    if deqfuse._C.cell_solve_layout(D, groups) != "fm":
-        pytest.skip("the feature-major solve does not run on this CPU or width")
-    if chunk:
-        monkeypatch.setenv("DEQFUSE_SOLVE_CHUNK", chunk)
+    with force_cpu_plan(layout="fm", rows="zmm"):  # (group width 8 runs feature-major with 512-bit rows only)
+        if deqfuse._C.cell_solve_layout(D, groups) != "fm":
+            pytest.skip("the feature-major solve does not run on this CPU or width")
     layer = contractive_layer(DEQFusion(D, N, groups=groups), w_scale=0.3, gn3_scale=0.3, seed=0)
     _, x, _ = make_inputs(B, N, D, torch.float32, seed=1)
     x = x * torch.linspace(0.05, 3, B)[:, None, None]  # samples that need different step counts
@@ -341,8 +338,8 @@ def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chun
     tol = 1e-6 if stop_rel else 1e-5 if solve is _cell_solve else 1e-4  # the adjoint's residuals are larger
     runs = {}
     for layout in ("fm", "rows"):
-        monkeypatch.setenv("DEQFUSE_SOLVE_LAYOUT", layout)
-        runs[layout] = solve(layer, x, groups, m, tol, stop_rel, 16, z0)  # some samples reach max_iter
+        with force_cpu_plan(layout=layout, rows="zmm", chunk=int(chunk or 0)):
+            runs[layout] = solve(layer, x, groups, m, tol, stop_rel, 16, z0)  # some samples reach max_iter
     (out, bufs), (out_ref, bufs_ref) = runs["fm"], runs["rows"]
     if m > 1:  # (the adjoint without acceleration, m = 1, moves every sample for all 16 steps)
         assert len(set(bufs_ref[3].tolist())) > 1, "samples must freeze at various steps"
@@ -354,7 +351,7 @@ def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chun
     assert both.sum() >= 0.9 * bufs_ref[2].sum()  # (a sample at its tolerance's edge may tip either way)
 
 
-def test_adjoint_solve_does_not_depend_on_the_chunk_size(monkeypatch):
+def test_adjoint_solve_does_not_depend_on_the_chunk_size():
     """anderson_vjp_solve runs chunk by chunk too: a training step's outputs and gradients with chunks of
     1, 7 and 64 samples (2 threads; float32 tile GEMMs: bit for bit, else to the loop tests' tolerance)."""
     torch.manual_seed(0)
@@ -366,10 +363,10 @@ def test_adjoint_solve_does_not_depend_on_the_chunk_size(monkeypatch):
     res = {}
     try:
         for chunk in ("1", "7", "64"):
-            monkeypatch.setenv("DEQFUSE_SOLVE_CHUNK", chunk)
             layer.zero_grad(set_to_none=True)
-            out, info = layer(feats, return_info=True)
-            (out * torch.linspace(-1, 1, D)).sum().backward()
+            with force_cpu_plan(chunk=int(chunk)):
+                out, info = layer(feats, return_info=True)
+                (out * torch.linspace(-1, 1, D)).sum().backward()
             res[chunk] = [out.detach()] + [p.grad.clone() for p in layer.parameters()]
             assert 1 < len(set(info.backward_stats.nstep.tolist()))
     finally:
@@ -443,3 +440,21 @@ def test_solve_team_survives_concurrent_calls_and_fork():
     p.start()
     p.join(60)
     assert p.exitcode == 0 and q.get(timeout=5) == want
+
+
+def test_solver_stats_name_the_plan_that_ran():
+    """A compiled whole solve's stats name its kernel plan (deqfuse.cpu_plan, with what is forced); the
+    per-iteration loop says so."""
+    feats = [torch.randn(9, 16), torch.randn(9, 16)]
+    layer = DEQFusion(16, 2, groups=2)
+    with torch.no_grad(), force_cpu_plan(gemm="blas", chunk=8):
+        _, info = layer.eval()(feats, return_info=True)
+        assert info.forward_stats.plan == "C++ whole solve: " + deqfuse.cpu_plan(16, 2)
+    assert info.forward_stats.plan.endswith("chunk=8") and "gemm=blas" in info.forward_stats.plan
+    layer.train()
+    out, info = layer([t.requires_grad_() for t in feats], return_info=True)
+    out.sum().backward()
+    assert info.backward_stats.plan.startswith("C++ whole solve: gemm=")
+    with torch.no_grad():
+        _, info = DEQFusion(16, 2, groups=2, backend="reference").eval()(feats, return_info=True)
+    assert info.forward_stats.plan == "per-iteration loop"

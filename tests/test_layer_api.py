@@ -229,8 +229,10 @@ def test_info_summary_numbers_only_compact_repr_and_backward_stats():
     s = info.summary()
     assert info.backward_stats is not None and "backward/steps" in s and "forward/converged_frac" in s
     assert all(type(v) in (int, float) for v in s.values()), s
-    r = repr(info) + repr(info.forward_stats)
-    assert "tensor(" not in r and len(r) < 400
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "Converting a tensor with requires_grad=True" from jac_loss)
+        r = repr(info) + repr(info.forward_stats)
+    assert "tensor(" not in r and len(r) < 600
     assert "in_dims=None" in repr(layer) and "grad='implicit'" in repr(layer)
 
 
