@@ -25,14 +25,17 @@ BACKENDS = ("auto", "triton", "cuda", "reference")
 # (csrc/cpu_simd.h); layout, the whole solves' chunk layout (csrc/solve_cpu.cpp). cpu_plan says what runs.
 CPU_PLAN_CHOICES = {"gemm": ("auto", "avx512", "avx2", "blas"), "rows": ("auto", "zmm", "ymm"),
                     "layout": ("auto", "rows", "fm")}
-# Environment variables that forced those choices before force_cpu_plan; no longer read (a warning says so).
-RETIRED_ENV = {"DEQFUSE_CPU_GEMM": "gemm", "DEQFUSE_CPU_ROWS": "rows", "DEQFUSE_SOLVE_LAYOUT": "layout",
-               "DEQFUSE_SOLVE_CHUNK": "chunk"}
+# Environment variables no longer read -> what replaced them (a warning says so when one is set).
+RETIRED_ENV = {"DEQFUSE_CPU_GEMM": "deqfuse.force_cpu_plan(gemm=...)",
+               "DEQFUSE_CPU_ROWS": "deqfuse.force_cpu_plan(rows=...)",
+               "DEQFUSE_SOLVE_LAYOUT": "deqfuse.force_cpu_plan(layout=...)",
+               "DEQFUSE_SOLVE_CHUNK": "deqfuse.force_cpu_plan(chunk=...)",
+               "DEQFUSE_CELL_GEMM": "the triton_cell argument of DEQFusion / FusionCell"}
 
 
 # The DEQFUSE_* variables read at run time -> the values each takes ('' where its reader takes it as unset;
 # unset is always fine), or a function that raises ValueError for a value it does not take. Also read
-# (env_errors adds them): DEQFUSE_CELL_GEMM (cell.TRITON_CELLS), DEQFUSE_DIST_TIMEOUT (distributed.timeout_s).
+# (env_errors adds it): DEQFUSE_DIST_TIMEOUT (distributed.timeout_s).
 ENV_VARS = {"DEQFUSE_NO_EXT": env_flag, "DEQFUSE_AUTOTUNE": ("", "0", "1"), "DEQFUSE_NVTX": ("", "0", "1")}
 
 
@@ -53,11 +56,10 @@ def env_problem(var: str, allowed=None) -> Optional[str]:
 
 
 def env_errors() -> List[str]:
-    """One message per DEQFUSE_* variable (ENV_VARS, DEQFUSE_CELL_GEMM, DEQFUSE_DIST_TIMEOUT) set to a value
+    """One message per DEQFUSE_* variable (ENV_VARS, DEQFUSE_DIST_TIMEOUT) set to a value
     it does not take."""
-    from .cell import TRITON_CELLS  # (cell imports this module)
     from .distributed import TIMEOUT_ENV, timeout_s
-    rules = dict(ENV_VARS, DEQFUSE_CELL_GEMM=TRITON_CELLS, **{TIMEOUT_ENV: lambda var: timeout_s()})
+    rules = dict(ENV_VARS, **{TIMEOUT_ENV: lambda var: timeout_s()})
     return [p for p in (env_problem(var, allowed) for var, allowed in rules.items()) if p]
 
 
@@ -78,10 +80,9 @@ def extension_status():
         warnings.warn(f"deqfuse: the compiled extension is {why}", RuntimeWarning, stacklevel=2)
         return None, why
     from . import ops  # noqa: F401  fake kernels for torch.compile
-    for var, arg in RETIRED_ENV.items():
+    for var, instead in RETIRED_ENV.items():
         if var in os.environ:
-            warnings.warn(f"{var} is no longer read: force the CPU kernel plan in code with "
-                          f"deqfuse.force_cpu_plan({arg}=...)", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{var} is no longer read: use {instead}", RuntimeWarning, stacklevel=2)
     return _C, "ok (cuda kernels: %s; CPU cell GEMMs: %s)" % ("yes" if _C.has_cuda() else "no, CPU build",
                                                                _C.blas_backend())
 

@@ -2,9 +2,7 @@
 
 Layout: z: [B, N+1, D] (N modality states then the fused state), x: [B, N, D], x_f: [B, D].
 """
-import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -20,8 +18,8 @@ from .rowwise import RowwiseFn
 
 class FusionCell(nn.Module):
     """Parameters of the official DEQ fusion cell for N modalities of width D (GroupNorm(groups, D)).
-    triton_cell: which Triton cell variant the 'triton' backend runs (TRITON_CELLS; None: the default,
-    DEQFUSE_CELL_GEMM read once at first use, else 'cublas'). out_gain: the initial gain of the last
+    triton_cell: which Triton cell variant the 'triton' backend runs (TRITON_CELLS; None: 'cublas').
+    out_gain: the initial gain of the last
     GroupNorms (GN3_i, GN_f), which scales the state and so the map's contraction (official: 1)."""
 
     def __init__(self, dim: int, num_modalities: int, groups: int = 4, triton_cell: Optional[str] = None,
@@ -144,24 +142,16 @@ TRITON_CELLS = ("cublas", "fused")
 FUSED_MAX_GROUP_WIDTH = 256  # kernels/cell_fused.py: a program holds a whole GroupNorm group in registers
 
 
-@functools.lru_cache(None)
-def default_triton_cell() -> str:
-    """The default Triton cell variant: DEQFUSE_CELL_GEMM, read once (unset: 'cublas')."""
-    want = os.environ.get("DEQFUSE_CELL_GEMM", "cublas")
-    if want not in TRITON_CELLS:
-        raise ValueError(f"DEQFUSE_CELL_GEMM must be one of {TRITON_CELLS}, got {want!r}")
-    return want
+DEFAULT_TRITON_CELL = "cublas"  # takes every width
 
 
 def resolve_triton_cell(variant: Optional[str], dim: int, groups: int) -> str:
-    """The variant for a cell of width dim: an explicit one that cannot take dim/groups raises; the
-    default falls back to 'cublas' there."""
-    explicit = variant is not None
-    variant = default_triton_cell() if variant is None else check_choice("triton_cell", variant, TRITON_CELLS)
+    """The variant for a cell of width dim (None: DEFAULT_TRITON_CELL); 'fused' beyond its group width raises."""
+    if variant is None:
+        return DEFAULT_TRITON_CELL
+    check_choice("triton_cell", variant, TRITON_CELLS)
     if variant == "fused" and dim // groups > FUSED_MAX_GROUP_WIDTH:
-        if explicit:
-            raise ValueError(f"triton_cell='fused' needs dim / groups <= {FUSED_MAX_GROUP_WIDTH}, got {dim // groups}")
-        return "cublas"
+        raise ValueError(f"triton_cell='fused' needs dim / groups <= {FUSED_MAX_GROUP_WIDTH}, got {dim // groups}")
     return variant
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import deqfuse
 from deqfuse import DEQFusion, force_cpu_plan
-from deqfuse.cell import FusionCell, cell_apply, cell_path, cell_vjp_apply, default_triton_cell, ext_cell_with_grad
+from deqfuse.cell import FusionCell, cell_apply, cell_path, cell_vjp_apply, ext_cell_with_grad
 from deqfuse.reference import CellParams, cell_forward, cell_vjp, gn_backward, gn_forward
 from deqfuse.reference.cell import cell_jac_backward
 from conftest import contractive_layer, make_inputs, make_params, needs_triton, rel_err
@@ -165,28 +165,15 @@ def test_outputs_fully_written(impl):
 @pytest.mark.triton
 @needs_triton
 def test_variant_is_an_argument_resolved_once_and_limited_by_group_width(monkeypatch):
-    """triton_cell picks the Triton variant at construction (DEQFUSE_CELL_GEMM is only the default, read
-    once); 'fused' takes groups up to 256 wide: explicitly asked beyond that it raises, as a default it
-    falls back to 'cublas'."""
+    """triton_cell picks the Triton variant at construction (default 'cublas', every width); 'fused' takes
+    groups up to 256 wide: asked beyond that it raises."""
     from deqfuse.kernels import cell_fused
     assert FusionCell(1024, 2, 4, triton_cell="fused").triton_cell == "fused"
     with pytest.raises(ValueError, match="triton_cell='fused' needs dim / groups <= 256"):
         FusionCell(2048, 2, 4, triton_cell="fused")
     with pytest.raises(ValueError, match="triton_cell must be one of"):
         FusionCell(16, 2, 4, triton_cell="cutlass")
-    default_triton_cell.cache_clear()
-    monkeypatch.setenv("DEQFUSE_CELL_GEMM", "fused")
-    try:
-        assert FusionCell(16, 2).triton_cell == "fused" and FusionCell(2048, 2).triton_cell == "cublas"
-        monkeypatch.setenv("DEQFUSE_CELL_GEMM", "cublas")     # read once: no effect any more
-        assert FusionCell(16, 2).triton_cell == "fused"
-        default_triton_cell.cache_clear()
-        monkeypatch.setenv("DEQFUSE_CELL_GEMM", "cutlass")
-        with pytest.raises(ValueError, match="DEQFUSE_CELL_GEMM must be one of"):
-            FusionCell(16, 2)
-    finally:
-        default_triton_cell.cache_clear()
-        monkeypatch.delenv("DEQFUSE_CELL_GEMM")
+    assert FusionCell(16, 2).triton_cell == "cublas" and FusionCell(2048, 2).triton_cell == "cublas"
     calls = []
     real = cell_fused.cell_forward_fused
     monkeypatch.setattr(cell_fused, "cell_forward_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -384,7 +371,7 @@ def test_force_cpu_plan_checks_its_arguments_restores_the_plan_and_retired_varia
     monkeypatch.setenv("DEQFUSE_CPU_GEMM", "avx2")
     backend.extension_status.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"DEQFUSE_CPU_GEMM is no longer read.*force_cpu_plan\(gemm="):
+        with pytest.warns(RuntimeWarning, match=r"DEQFUSE_CPU_GEMM is no longer read: use deqfuse.force_cpu_plan\(gemm="):
             assert backend.extension_status()[0] is not None
     finally:
         monkeypatch.delenv("DEQFUSE_CPU_GEMM")
