@@ -18,11 +18,11 @@ def env_flag(var: str) -> bool:
 
 def sources_sha(root: str):
     """The first 15 hex digits of a sha256 over the compiled extension's sources under root/csrc (every .cpp,
-    .h, .cu, .cuh: relative path and bytes, in sorted order), or None when root has no csrc/ (an installed
-    wheel). setup.py compiles it into deqfuse._C (sources_sha()), so a checkout whose sources changed after
-    the build is recognised."""
+    .h, .cu, .cuh: relative path and bytes, in sorted order), or None when root is not a source tree (no
+    setup.py beside csrc/: an installed wheel). setup.py compiles it into deqfuse._C (sources_sha()), so a
+    checkout whose sources changed after the build is recognised."""
     top = os.path.join(root, "csrc")
-    if not os.path.isdir(top):
+    if not (os.path.isdir(top) and os.path.isfile(os.path.join(root, "setup.py"))):
         return None
     h = hashlib.sha256()
     for d, dirs, files in sorted(os.walk(top)):

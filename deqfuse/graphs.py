@@ -81,7 +81,7 @@ class ChunkedSolve:
         r = self.state.res  # cloned: the next replay overwrites these buffers
         return SolverStats(r.abs_trace[:steps].clone(), r.rel_trace[:steps].clone(), r.best_res.clone(),
                            r.nstep.clone(), r.converged.clone(), steps, tol, stop_mode,
-                           rows=self.state.batch * steps)
+                           rows=self.state.batch * steps, plan="CUDA graph replay")
 
 
 def _solve_parts(solver: str, kw: dict, x0):

@@ -58,8 +58,8 @@ class SolverStats:
     best_res: [B] residual of the returned iterate (by stop_mode); nstep: [B] step it came from;
     converged: [B] bool; steps: steps run (host int); rows: rows f was evaluated on, summed over the
     steps (B * steps without compaction); compactions: how often the batch was shrunk; plan: what ran the
-    solve ('per-iteration loop', or a compiled whole solve and its kernel plan, e.g. 'C++ whole solve: gemm=avx512
-    rows=ymm layout=rows', see deqfuse.cpu_plan).
+    solve ('per-iteration loop', 'CUDA graph replay', or a compiled whole solve and its kernel plan, e.g. 'C++
+    whole solve: gemm=avx512 rows=ymm layout=rows', see deqfuse.cpu_plan).
     """
     abs_trace: torch.Tensor
     rel_trace: torch.Tensor
