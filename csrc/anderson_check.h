@@ -1,6 +1,6 @@
 // Argument checks of the anderson_step op, shared by the CPU and CUDA implementations.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <string>
 

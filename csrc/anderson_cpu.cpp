@@ -1,6 +1,7 @@
 // C++ CPU Anderson step (so the compiled path runs and is tested without a GPU) and the op schema.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <vector>

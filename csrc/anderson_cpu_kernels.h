@@ -15,7 +15,7 @@
 // A sample's arithmetic does not depend on which samples share its group or on its lane, so the step op
 // and the whole solves give the same iterate bit for bit (tests/test_fused_solve.py).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>

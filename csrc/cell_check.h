@@ -1,6 +1,6 @@
 // Argument checks of the C++ CPU cell ops (cell_cpu.cpp) and of the whole-solve ops (solve_cpu.cpp).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <string>
 #include <vector>

@@ -14,7 +14,8 @@
 //   zf [B,D], ga [B,D], a3 [B,D], yhatf [B,D], rstdf [B,G]
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <chrono>

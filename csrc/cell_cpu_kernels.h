@@ -4,7 +4,7 @@
 // gets its own copies, so the target_clones (ifunc) functions never meet as COMDAT duplicates at link time.
 #pragma once
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>

@@ -26,7 +26,8 @@
 // column sums in double in batch order -- the same for any thread count), as cell_backward.
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <memory>

@@ -1,6 +1,6 @@
 // Helpers of the ops' argument checks (CPU and CUDA).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <string>
 #include <vector>

@@ -6,7 +6,7 @@
 // pointers are null and the GEMMs go through at::mm on tensors wrapping the same memory (slower:
 // dispatcher overhead per call, but the same result contract). blas_backend() says which is in use.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,

@@ -1,6 +1,6 @@
 // Argument checks of the routing ops (group_by_choice, gather_rows_multi, scatter_rows), CPU and CUDA.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <string>
 #include <vector>

@@ -1,6 +1,7 @@
 // Routing ops for dynamic fusion: schemas and the C++ CPU versions (CUDA: cuda/routing_cuda.cu).
 // Contracts: deqfuse/reference/routing.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <string>
 #include <vector>

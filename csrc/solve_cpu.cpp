@@ -26,7 +26,8 @@
 // place. The Anderson state (iterate; rings X / G [C, m, L], Gram [C, m, m] per thread for its chunk of C
 // samples) lives inside the call.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -1,7 +1,8 @@
 // Launcher and op registration of the CUDA Anderson step (kernel: anderson_kernel.cuh).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "anderson_kernel.cuh"
 

@@ -1,7 +1,8 @@
 // Launchers of the routing ops (kernels: routing_kernel.cuh; schemas and CPU versions: routing_cpu.cpp).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
