@@ -54,25 +54,17 @@ def register_ext_formulas():
     """Formulas of the compiled extension's ops (called once it is loaded)."""
     ops = torch.ops.deqfuse
 
-    @register_flop_formula(ops.cell_forward)
-    def _cell_forward(z_shape, *args, out_shape=None, **kw):
-        B, N1, D = z_shape
-        return 2 * cell_macs(B, N1 - 1, D)
+    def _cell_formula(flops_per_mac: int):
+        """FLOPs of a cell op whose first argument is a [B, N+1, D] state: flops_per_mac cell passes' worth
+        (2: one pass, forward or VJP; 4: the VJP and the parameter gradients; 6: the Jacobian loss's backward)."""
+        def formula(state_shape, *args, out_shape=None, **kw):
+            B, N1, D = state_shape
+            return flops_per_mac * cell_macs(B, N1 - 1, D)
+        return formula
 
-    @register_flop_formula(ops.cell_vjp)
-    def _cell_vjp(g_shape, *args, out_shape=None, **kw):
-        B, N1, D = g_shape
-        return 2 * cell_macs(B, N1 - 1, D)
-
-    @register_flop_formula(ops.cell_backward)
-    def _cell_backward(g_shape, *args, out_shape=None, **kw):
-        B, N1, D = g_shape
-        return 4 * cell_macs(B, N1 - 1, D)
-
-    @register_flop_formula(ops.cell_jac_backward)
-    def _cell_jac_backward(v_shape, *args, out_shape=None, **kw):
-        B, N1, D = v_shape
-        return 6 * cell_macs(B, N1 - 1, D)
+    for op, flops_per_mac in ((ops.cell_forward, 2), (ops.cell_vjp, 2), (ops.cell_backward, 4),
+                              (ops.cell_jac_backward, 6)):
+        register_flop_formula(op)(_cell_formula(flops_per_mac))
 
     @register_flop_formula(ops.anderson_step)
     def _anderson_step(x_shape, fx_shape, X_shape, *args, out_shape=None, **kw):
