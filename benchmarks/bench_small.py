@@ -10,7 +10,7 @@ step, side by side in one run, at the same fixed iteration counts (tol 1e-30: no
                          call also pays the dispatcher, a few us at these sizes)
                  kernel: timed inside the extension (deqfuse._C.cell_gemm_floor_seconds): the same GEMMs
                          in the C++ ops' row blocks, threads and kernels (the AVX-512 or AVX2 tiles where
-                         they apply, deqfuse._C.cell_gemm_kernel(D), else the BLAS), nothing else -- the
+                         they apply, deqfuse.cpu_plan(D)'s gemm, else the BLAS), nothing else -- the
                          floor of one iteration's cell work
 
   python benchmarks/bench_small.py [--threads 2] [--B 32,128,512] [--D 32,64,256] [--N 2,3] [--iters 30]

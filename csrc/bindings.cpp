@@ -10,9 +10,7 @@
 
 namespace deqfuse {
 double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas);
-std::string cell_rows_kernel(int64_t D, int64_t G);
-std::string cell_solve_layout(int64_t D, int64_t G);
-std::string cell_plan(int64_t D, int64_t G, bool dbl);
+std::string cell_plan(int64_t D, int64_t G, bool dbl, int64_t B);
 
 PlanForce& plan_force() {
   static PlanForce f;
@@ -91,22 +89,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 pybind11::arg("chunk") = f.chunk.load());
         },
         "the forced parts of the C++ CPU kernel plan (set_cpu_plan's arguments)");
-  m.def("cell_gemm_kernel", [](int64_t D) { return std::string(deqfuse::small_gemm_name(deqfuse::small_gemm_for(D))); },
-        pybind11::arg("D"),
-        "the kernel of the C++ CPU cell ops' float32 D x D GEMMs on this CPU: 'avx512', 'avx2' or 'blas' "
-        "(set_cpu_plan(gemm=) forces one where the CPU allows; float64 always takes the BLAS)");
-  m.def("cell_rows_kernel", &deqfuse::cell_rows_kernel, pybind11::arg("D"), pybind11::arg("G"),
-        "the variant of the C++ CPU cell ops' float32 row passes (bias, GroupNorm, ReLU, residual, gate) for "
-        "width D in G groups on this CPU: 'zmm' (512-bit, Intel CPUs with AVX-512, where it gives the same floats) "
-        "or 'ymm' (AVX2 + FMA, or the baseline ISA); set_cpu_plan(rows=) forces one where the CPU allows");
   m.def("cell_plan", &deqfuse::cell_plan, pybind11::arg("D"), pybind11::arg("G"), pybind11::arg("dbl"),
+        pybind11::arg("B") = 0,
         "the kernel plan of the C++ CPU cell ops and whole solves at width D in G groups, float64 (dbl) or float32, "
-        "on this CPU with what set_cpu_plan forces now: 'gemm=... rows=... layout=...' (deqfuse.cpu_plan)");
-  m.def("cell_solve_layout", &deqfuse::cell_solve_layout, pybind11::arg("D"), pybind11::arg("G"),
-        "the layout of the whole solves (anderson_cell_solve, anderson_vjp_solve) in float32 at width D in G groups on "
-        "this CPU: 'fm' (feature-major "
-        "chunks, samples in SIMD lanes: Intel CPUs with AVX-512, tile GEMMs, GroupNorm group width 16 or 8 with G % 4 "
-        "== 0; the same floats) or 'rows'; set_cpu_plan(layout=) forces one where it applies");
+        "for a batch of B rows (0: any batch of 32 or more) on this CPU with what set_cpu_plan forces now: 'gemm=... rows=... layout=...' (deqfuse.cpu_plan)");
   m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),
         pybind11::arg("reps"), pybind11::arg("blas") = false,
         "benchmarks: wall seconds per cell evaluation of its 2N + 2 GEMMs alone (z [B, (N+1) D], the 16 CellParams "

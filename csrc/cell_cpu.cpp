@@ -171,7 +171,7 @@ template <typename T>
 double gemm_floor_impl(const at::Tensor& z, const std::vector<at::Tensor>& p, int64_t reps, bool blas) {
   const int64_t N = p[0].size(0), D = p[0].size(1), B = z.size(0);
   Cell<T> c(B, N, D, /*G=*/1, p, {}, /*forward=*/true);
-  if (blas) c.gemm = SmallGemm::kBlas;
+  if (blas) c.plan.gemm = SmallGemm::kBlas;
   const T* zp = ptr<T>(z);
   const int64_t MB = block_rows(B), nblocks = (B + MB - 1) / MB;
   const auto t0 = std::chrono::steady_clock::now();
@@ -257,13 +257,6 @@ double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor
   double sec = 0;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cell_gemm_floor", [&] { sec = gemm_floor_impl<scalar_t>(zc, p, reps, blas); });
   return sec;
-}
-
-// bindings: which variant runs the float32 row passes of a cell of width D in G groups ("zmm" or "ymm").
-std::string cell_rows_kernel(int64_t D, int64_t G) {
-  TORCH_CHECK(D > 0 && G > 0 && D % G == 0, "cell_rows_kernel: D must be a positive multiple of G, got D=",
-              std::to_string(D), " G=", std::to_string(G));
-  return rows_zmm<float>(D, G) ? "zmm" : "ymm";
 }
 
 }  // namespace deqfuse

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -223,13 +224,6 @@ inline void gn_rows_avx2_any(const GnRow<float>* rw, const float* gamma, const f
 
 #if defined(DEQFUSE_AVX2_GN) && defined(DEQFUSE_AVX512_GEMM)
 #define DEQFUSE_AVX512_GN 1
-// The group width (16 or 8) whose float GroupNorms run in the AVX-512 kernels below (G % 4 == 0), else 0. Width
-// 8 only where the row passes run in 512-bit vectors (cpu_rows_zmm). Either way the values of the AVX2 kernels.
-inline int gn_wide_avx512(int64_t D, int64_t G) {
-  if (G % 4 || !cpu_has_avx512f()) return 0;
-  return D / G == 16 ? 16 : D / G == 8 && cpu_rows_zmm() ? 8 : 0;
-}
-
 // float GroupNorm (forward and backward) of rows with AVX-512 for group widths 16 and 8 (G % 4 == 0; D = 64 and
 // 32 with 4 groups): a row's block of four groups is 4 (or 2) registers, loaded once; the sums of four rows' four
 // groups by one transposed tree (tree_pair_avx512, tree_join_avx512).
@@ -425,14 +419,16 @@ DEQFUSE_INLINE void gn_row(const T* y, const T* gamma, const T* beta, int64_t D,
 }
 
 // GroupNorm of M rows, row r as row_of(r) says (a GnRow with its epilogue: in the AVX-512 kernel's stores,
-// else a pass after the rows; out and relu may alias y, rows must not overlap each other): with AVX-512 for
-// group widths 16 and 8 (float; gn_rows_wide_avx512, four at a time), else four at a time with AVX2 where it applies
-// (float; gn_rows_avx2), else row by row.
+// else a pass after the rows; out and relu may alias y, rows must not overlap each other), by the plan's kernel
+// gn (CpuPlan::gn): 16 / 8 gn_rows_wide_avx512 of that group width, 1 gn_rows_avx2 (float, four rows at a time),
+// 0 row by row.
 template <typename T, typename RowOf>
-DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G, const RowOf& row_of) {
+DEQFUSE_INLINE void gn_rows(int gn, int64_t M, const T* gamma, const T* beta, int64_t D, int64_t G,
+                            const RowOf& row_of) {
 #ifdef DEQFUSE_AVX512_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (const int nw = gn_wide_avx512(D, G)) {
+    if (gn == 16 || gn == 8) {
+      const int nw = gn;
       return by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
         constexpr int K = decltype(k)::value;
         nw == 16 ? gn_rows_wide_avx512<16, K>(rw, gamma, beta, G) : gn_rows_wide_avx512<8, K>(rw, gamma, beta, G);
@@ -442,7 +438,7 @@ DEQFUSE_INLINE void gn_rows(int64_t M, const T* gamma, const T* beta, int64_t D,
 #endif
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (gn_float_kernels(D, G)) {
+    if (gn == 1) {
       by_four_rows<GnRow<float>>(M, row_of, [&](const GnRow<float>* rw, auto k) {
         gn_rows_avx2_any<decltype(k)::value>(rw, gamma, beta, D, G);
       });
@@ -717,14 +713,14 @@ inline void gn_rows_backward_wide_any(const GnBackRow<float>* rw, const float* g
 #endif
 
 // GroupNorm backward of M rows, row r as row_of(r) says (a GnBackRow with its passes: in the AVX-512 kernel's
-// loads and stores, else passes before and after; dy may alias dout, rows must not overlap each other): with
-// AVX-512 for group widths 16 and 8 (float; gn_rows_backward_wide_avx512, four at a time), else four at a time with
-// AVX2 where it applies (float; gn_rows_backward_avx2), else row by row (gn_row_backward).
+// loads and stores, else passes before and after; dy may alias dout, rows must not overlap each other), by the
+// plan's kernel gn as gn_rows: gn_rows_backward_wide_avx512, gn_rows_backward_avx2 or gn_row_backward.
 template <typename T, typename RowOf>
-DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64_t G, const RowOf& row_of) {
+DEQFUSE_INLINE void gn_rows_backward(int gn, int64_t M, const T* gamma, int64_t D, int64_t G, const RowOf& row_of) {
 #ifdef DEQFUSE_AVX512_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (const int nw = gn_wide_avx512(D, G)) {
+    if (gn == 16 || gn == 8) {
+      const int nw = gn;
       return by_four_rows<GnBackRow<float>>(M, row_of, [&](const GnBackRow<float>* rw, auto k) {
         constexpr int K = decltype(k)::value;
         nw == 16 ? gn_rows_backward_wide_any<16, K>(rw, gamma, G) : gn_rows_backward_wide_any<8, K>(rw, gamma, G);
@@ -734,7 +730,7 @@ DEQFUSE_INLINE void gn_rows_backward(int64_t M, const T* gamma, int64_t D, int64
 #endif
 #ifdef DEQFUSE_AVX2_GN
   if constexpr (std::is_same_v<T, float>) {
-    if (gn_float_kernels(D, G)) {
+    if (gn == 1) {
       for (int64_t r = 0; r < M; ++r) gn_back_pre_row(row_of(r), D);  // here, at the row passes' width
       by_four_rows<GnBackRow<float>>(M, [&](int64_t r) DEQFUSE_LAMBDA_INLINE { return gn_back_g_row(row_of(r)); },
                                      [&](const GnBackRow<float>* rw, auto k) {
@@ -774,17 +770,67 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) a[j] = a[j] < 0 ? (T)0 : a[j];  // ReLU; NaN stays NaN (torch.relu)
 }
 
+// The kernel plan of one cell op call or whole solve: chosen once, by select_plan, from the dtype, the width D, the
+// groups G, the CPU and what PlanForce (cpu_simd.h) forces; read by every kernel of the call. Each plan is tested
+// against the plain-PyTorch reference (tests/test_cell.py, test_fused_solve.py force each one); values repeat bit
+// for bit within one plan (threads, chunk sizes, compaction), not across plans.
+struct CpuPlan {
+  SmallGemm gemm = SmallGemm::kBlas;  // the D x D GEMMs: a tile kernel (gemm_small.h) or the BLAS
+  bool zmm = false;                   // row passes in 512-bit vectors (forward_block_zmm, vjp_block_zmm), else ymm
+  int gn = 0;       // GroupNorm rows: 16 / 8 gn_rows_wide_avx512 of that group width, 1 gn_rows_avx2, 0 gn_row
+  int fm = 0;       // whole solves feature-major with this group width (16 or 8; solve_loop_fm), 0 row by row
+  int64_t chunk = 0;  // samples per chunk of the whole solves, 0: by cache size (solve_chunks)
+};
+
+// Batches from which a whole solve may run feature-major: its 16-sample vectors are then mostly full (below it
+// the row layout is faster: RESULTS.md "Kernel plan").
+constexpr int64_t kFmMinBatch = 32;
+
+// The one place the plan is chosen, for a call on B rows (B <= 0: any batch of kFmMinBatch or more). zmm rows:
+// Intel CPUs with x86-64-v4 (cpu_rows_zmm), float, the row GroupNorm kernels; fm: float, a tile GEMM, AVX-512F,
+// group width 16 or 8 with G % 4 == 0, B >= kFmMinBatch (faster than rows on the Intel and AMD CPUs measured).
+template <typename T>
+CpuPlan select_plan(int64_t D, int64_t G, int64_t B) {
+  CpuPlan p;
+  const PlanForce& f = plan_force();
+  p.chunk = f.chunk.load(std::memory_order_relaxed);
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t n = D / G;
+    const bool avx2_gn = G % 4 == 0 && n % 8 == 0 && cpu_has_avx2_fma();
+    p.gemm = small_gemm_for(D);
+#ifdef DEQFUSE_ZMM_ROWS
+    p.zmm = avx2_gn && cpu_rows_zmm();
+#endif
+    p.gn = avx2_gn ? 1 : 0;
+#ifdef DEQFUSE_AVX512_GN
+    const bool wide = G % 4 == 0 && cpu_has_avx512f();
+    if (wide && (n == 16 || (n == 8 && p.zmm))) p.gn = (int)n;  // width 8 in 512-bit lanes only with zmm rows
+    const int layout = f.layout.load(std::memory_order_relaxed);  // forced: 1 rows, 2 fm at any batch
+    if (wide && (n == 16 || n == 8) && p.gemm != SmallGemm::kBlas && layout != 1 &&
+        (layout == 2 || B <= 0 || B >= kFmMinBatch))
+      p.fm = (int)n;
+#endif
+  }
+  return p;
+}
+
+inline std::string plan_name(const CpuPlan& p) {
+  std::string s = std::string("gemm=") + small_gemm_name(p.gemm) + " rows=" + (p.zmm ? "zmm" : "ymm") +
+                  " layout=" + (p.fm ? "fm" : "rows");
+  if (p.chunk) s += " chunk=" + std::to_string(p.chunk);
+  return s;
+}
+
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
-// save=true, read by the VJP; null in a forward without save). kn(): the GEMMs go through a tile kernel
-// (float and small_gemm_for(D) != kBlas: the AVX-512 or AVX2 tiles of gemm_small.h, as `gemm` names; else
-// the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed
+// save=true, read by the VJP; null in a forward without save), and the call's plan. kn(): the GEMMs go through a
+// tile kernel (plan.gemm: the AVX-512 or AVX2 tiles of gemm_small.h; else the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed
 // copies, made by the constructor when `forward`), its VJP by W as stored.
 template <typename T>
 struct Cell {
   int64_t B, N, D, G, ZS;  // ZS = (N+1) D: row stride of z / out / gbar
   const T *w1, *b1, *w2, *b2, *g1w, *g1b, *g2w, *g2b, *g3w, *g3b, *wg, *bg, *wf, *bf, *gfw, *gfb;
   T *yh1, *rs1, *g1s, *yh2, *rs2, *us, *yh3, *rs3, *zfs, *gas, *a3s, *yhf, *rsf;
-  SmallGemm gemm = SmallGemm::kBlas;                     // the kernel of this cell's GEMMs
+  CpuPlan plan;
   const T *w1t = nullptr, *w2t = nullptr, *wgt = nullptr, *wft = nullptr;  // W^T [K][Nc] (forward only)
   std::unique_ptr<T[]> wt_store;  // uninitialised: every value is written by a transpose
 
@@ -795,7 +841,7 @@ struct Cell {
     for (int i = 0; i < kNumParams; ++i) *pp[i] = p[i].data_ptr<T>();
     T** ss[kNumSaved] = {&yh1, &rs1, &g1s, &yh2, &rs2, &us, &yh3, &rs3, &zfs, &gas, &a3s, &yhf, &rsf};
     for (int i = 0; i < kNumSaved; ++i) *ss[i] = sv.empty() ? nullptr : sv[i].data_ptr<T>();
-    if constexpr (std::is_same_v<T, float>) gemm = small_gemm_for(D);
+    plan = select_plan<T>(D, G, B);
     if (kn() && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
       const int64_t DD = D * D;
       wt_store.reset(new T[(2 * N + 2) * DD]);
@@ -815,7 +861,7 @@ struct Cell {
       wft = wgt + DD;
     }
   }
-  bool kn() const { return gemm != SmallGemm::kBlas; }  // a tile kernel, reading [K][Nc] weights
+  bool kn() const { return plan.gemm != SmallGemm::kBlas; }  // a tile kernel, reading [K][Nc] weights
 };
 
 // C[M, D] (row stride ldc) = (beta ? C : 0) + A[M, D] (row stride lda) op(W), beta 0 or 1: the cell's
@@ -826,7 +872,7 @@ template <typename T>
 DEQFUSE_INLINE void cell_gemm(const Cell<T>& c, int64_t M, const T* A, int64_t lda, const T* W, const T* Wt,
                               bool trans_w, T beta, T* C, int64_t ldc, const GemmEpi<T>& epi = {}) {
   if constexpr (std::is_same_v<T, float>) {
-    if (c.kn() && Wt) return gemm_small(c.gemm, M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc, epi);
+    if (c.kn() && Wt) return gemm_small(c.plan.gemm, M, c.D, c.D, A, lda, Wt, c.D, beta != (T)0, C, ldc, epi);
   }
   gemm_rows<T>(M, c.D, c.D, A, lda, W, trans_w, beta, C, ldc);
   if (!epi.bias) return;
@@ -873,7 +919,7 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
     // a1 = z_i W1_i^T ; + b1, GN1 (g1 saved), h = ReLU
     cell_gemm<T>(c, M, zp + i * D, ZS, w1 + i * D * D, c.w1t ? c.w1t + i * D * D : nullptr, true, 0, a, D,
                  GemmEpi<T>{b1 + i * D});
-    gn_rows<T>(M, g1w + i * D, g1b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // g1 (saved), h = ReLU(g1)
+    gn_rows<T>(c.plan.gn, M, g1w + i * D, g1b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // g1 (saved), h = ReLU(g1)
       const int64_t row = i * B + sample_of(rows, b0, r);  // row of the [N, B, .] saved buffers
       return GnRow<T>{.y = a + r * D, .out = save ? g1s + row * D : h + r * D,
                       .yhat = save ? yh1 + row * D : nullptr, .rstd = save ? rs1 + row * G : nullptr,
@@ -887,12 +933,12 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
       return save ? us + (i * B + sample_of(rows, b0, r)) * D : t + r * D;
     };
     // u = GN2 + z_i, a2's row = ReLU(u)
-    gn_rows<T>(M, g2w + i * D, g2b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+    gn_rows<T>(c.plan.gn, M, g2w + i * D, g2b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = i * B + sample_of(rows, b0, r);
       return GnRow<T>{.y = a + r * D, .out = u_of(r), .yhat = save ? yh2 + row * D : nullptr,
                       .rstd = save ? rs2 + row * G : nullptr, .add = zp + r * ZS + i * D, .relu = a + r * D};
     });
-    gn_rows<T>(M, g3w + i * D, g3b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // out_i, s += out_i
+    gn_rows<T>(c.plan.gn, M, g3w + i * D, g3b + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {  // out_i, s += out_i
       const int64_t row = i * B + sample_of(rows, b0, r);
       return GnRow<T>{.y = a + r * D, .out = outp + r * ZS + i * D, .yhat = save ? yh3 + row * D : nullptr,
                       .rstd = save ? rs3 + row * G : nullptr, .acc = s + r * D};
@@ -918,7 +964,7 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
     if (save) std::copy(ar, ar + D, a3s + sample_of(rows, b0, r) * D);
     relu_inplace(ar, D);
   }
-  gn_rows<T>(M, gfw, gfb, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+  gn_rows<T>(c.plan.gn, M, gfw, gfb, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
     const int64_t b = sample_of(rows, b0, r);
     return GnRow<T>{.y = a + r * D, .out = outp + r * ZS + N * D, .yhat = save ? yhf + b * D : nullptr,
                     .rstd = save ? rsf + b * G : nullptr};
@@ -955,7 +1001,7 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
   const T *rs3 = c.rs3, *zfs = c.zfs, *gas = c.gas, *a3s = c.a3s, *yhf = c.yhf, *rsf = c.rsf;
   T *da = scratch, *dq = da + M * D, *ds = dq + M * D, *du = ds + M * D, *t = du + M * D;
   // fusion branch: da3 = GN_f^T(gbar_f) * (a3 > 0) ; dq = da3 Wf ; ds = (dq * z_f) Wg
-  gn_rows_backward<T>(M, gfw, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+  gn_rows_backward<T>(c.plan.gn, M, gfw, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
     const int64_t b = sample_of(rows, b0, r);
     return GnBackRow<T>{.dout = gp + r * ZS + N * D, .yhat = yhf + b * D, .rstd = rsf + b * G, .dy = da + r * D,
                         .out_gate = a3s + b * D};
@@ -1000,12 +1046,12 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
         gn_back_pre_row(gn3_row(r), D);
         keep_row(kp.dzn, row_of(r), D, du + r * D);
       }
-    gn_rows_backward<T>(M, g3w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+    gn_rows_backward<T>(c.plan.gn, M, g3w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       return kp.dzn ? gn_back_g_row(gn3_row(r)) : gn3_row(r);
     });
     if (kp.du)
       for (int64_t r = 0; r < M; ++r) keep_row(kp.du, row_of(r), D, du + r * D);
-    gn_rows_backward<T>(M, g2w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+    gn_rows_backward<T>(c.plan.gn, M, g2w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       const int64_t row = row_of(r);
       return GnBackRow<T>{.dout = du + r * D, .yhat = yh2 + row * D, .rstd = rs2 + row * G, .dy = t + r * D};
     });
@@ -1023,7 +1069,7 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
         gn_back_pre_row(gn1_row(r), D);
         keep_row(kp.dg1, row_of(r), D, da + r * D);
       }
-    gn_rows_backward<T>(M, g1w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+    gn_rows_backward<T>(c.plan.gn, M, g1w + i * D, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       return kp.dg1 ? gn_back_g_row(gn1_row(r)) : gn1_row(r);
     });
     if (kp.da1)
@@ -1062,23 +1108,11 @@ DEQFUSE_ZMM_ROWS void vjp_block_zmm(const Cell<T>& c, const T* gp, const T* addp
 }
 #endif
 
-// The zmm variant where it gives the AVX2 variant's floats: float cells whose GroupNorms run in the row
-// kernels (gn_float_kernels); every other pass is elementwise. float64 and other group widths: ymm.
-template <typename T>
-inline bool rows_zmm(int64_t D, int64_t G) {
-#ifdef DEQFUSE_ZMM_ROWS
-  return std::is_same_v<T, float> && cpu_rows_zmm() && gn_float_kernels(D, G);
-#else
-  (void)D, (void)G;
-  return false;
-#endif
-}
-
 template <typename T>
 inline void forward_block(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save, int64_t b0,
                           int64_t M, const int64_t* rows, T* scratch) {
 #ifdef DEQFUSE_ZMM_ROWS
-  if (rows_zmm<T>(c.D, c.G)) return forward_block_zmm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
+  if (c.plan.zmm) return forward_block_zmm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
 #endif
   forward_block_ymm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
 }
@@ -1087,7 +1121,7 @@ template <typename T>
 inline void vjp_block(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
                       const int64_t* rows, T* scratch, const Keep<T>& kp) {
 #ifdef DEQFUSE_ZMM_ROWS
-  if (rows_zmm<T>(c.D, c.G)) return vjp_block_zmm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
+  if (c.plan.zmm) return vjp_block_zmm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
 #endif
   vjp_block_ymm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
 }

@@ -130,7 +130,7 @@ void jac_block(const Cell<T>& c, const T* vp, const T* wp, const T* zp, T* dzp, 
 
   // -- VJP, fusion branch: da3 (kept), dq, p (kept), ds
   T* da3 = kp.da3 + nd;
-  gn_rows_backward<T>(M, c.gfw, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+  gn_rows_backward<T>(c.plan.gn, M, c.gfw, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
     return GnBackRow<T>{vp + r * ZS + N * D, c.yhf + nd + r * D, c.rsf + ng + r * G, da3 + r * D};
   });
 #pragma omp simd
@@ -159,18 +159,18 @@ void jac_block(const Cell<T>& c, const T* vp, const T* wp, const T* zp, T* dzp, 
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) t[r * D + j] = vi[j] + dsr[j];
     }
-    gn_rows_backward<T>(M, g3w, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+    gn_rows_backward<T>(c.plan.gn, M, g3w, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       return GnBackRow<T>{t + r * D, yh3 + r * D, rs3 + r * G, du + r * D};
     });
 #pragma omp simd
     for (int64_t e = 0; e < MD; ++e) du[e] = masked(u[e], du[e]);
-    gn_rows_backward<T>(M, g2w, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+    gn_rows_backward<T>(c.plan.gn, M, g2w, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       return GnBackRow<T>{du + r * D, yh2 + r * D, rs2 + r * G, da2 + r * D};
     });
     cell_gemm<T>(c, M, da2, D, w2, w2, false, 0, dh, D);
 #pragma omp simd
     for (int64_t e = 0; e < MD; ++e) dh[e] = masked(g1[e], dh[e]);
-    gn_rows_backward<T>(M, g1w, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
+    gn_rows_backward<T>(c.plan.gn, M, g1w, D, G, [&](int64_t r) DEQFUSE_LAMBDA_INLINE {
       return GnBackRow<T>{dh + r * D, yh1 + r * D, rs1 + r * G, da1 + r * D};
     });
     // -- reverse of the VJP, modality i. w_i = du + da1 W1: rda1 = wbar_i W1^T; rdu = wbar_i

@@ -10,7 +10,7 @@
 // moving only (gathered into a contiguous block when they are not already one), so a solve costs the
 // rows it needs, without the compaction heuristics of the Python driver.
 //
-// Layout (the kernel plan's `layout`, fm_solve_width): where the plan allows it, both solves run each chunk
+// Layout (the kernel plan's `layout`, CpuPlan::fm): where the plan allows it, both solves run each chunk
 // feature-major, its samples in SIMD lanes (solve_loop_fm, cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
 // group width 16 or 8), else row by row.
 //
@@ -134,7 +134,8 @@ inline int64_t l2_bytes() {
 
 // U: the samples of a unit (8: the Anderson step's groups, two GEMM row tiles; 16 for the feature-major solve: a
 // 16-lane vector, so a chunk has no padding lanes).
-inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int64_t weight_bytes, bool tile_gemm, int nt,
+// forced: CpuPlan::chunk (0: by cache size).
+inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int64_t weight_bytes, bool tile_gemm, int64_t forced, int nt,
                            int64_t U = 8) {
   const int64_t l2 = l2_bytes();
   // Weights that leave L2 little room are streamed once per chunk and step, and a BLAS GEMM packs its
@@ -142,7 +143,7 @@ inline Chunks solve_chunks(int64_t B, int64_t row_bytes, int64_t weight_bytes, b
   int64_t rows = !tile_gemm || weight_bytes > l2 / 2 ? kBlock
                                                      : (l2 - weight_bytes) / 2 / std::max<int64_t>(1, row_bytes);
   rows = std::max<int64_t>(U, std::min<int64_t>(kBlock, rows)) / U * U;
-  if (const int64_t v = plan_force().chunk.load(std::memory_order_relaxed)) rows = std::min<int64_t>(kBlock, v);
+  if (forced) rows = std::min<int64_t>(kBlock, forced);
   // Chunks of whole U-sample units (rows: the Anderson step's groups, two GEMM row tiles), so the GEMMs run no
   // 1- or 2-row tail tiles every step.
   const int64_t unit = rows % U == 0 ? U : 1, units = (B + unit - 1) / unit, per = rows / unit;
@@ -271,7 +272,8 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
   if (sgemm_ && dgemm_) nt = solve_threads(B);
 #endif
   const Chunks ch =
-      solve_chunks(B, solve_state_bytes<T>(m, L, D) + map.row_bytes(), map.weight_bytes(), map.c.kn(), nt);
+      solve_chunks(B, solve_state_bytes<T>(m, L, D) + map.row_bytes(), map.weight_bytes(), map.c.kn(),
+                   map.c.plan.chunk, nt);
   int64_t C = 0;  // the largest chunk
   for (int64_t c = 0; c < ch.count; ++c) C = std::max(C, ch.begin(c + 1) - ch.begin(c));
   nt = (int)std::min<int64_t>(nt, ch.count);
@@ -334,17 +336,6 @@ std::pair<int64_t, int64_t> solve_loop(const Map& map, T* x, const OutPtrs<T>& o
 }
 
 #ifdef DEQFUSE_FM_SOLVE
-// The group width (16 or 8) with which the whole solves run feature-major (solve_loop_fm), else 0: where
-// the row layout's float kernels are the tile GEMMs and the AVX-512 GroupNorms (cell_fm_avx512.h: the same
-// floats), on the CPUs whose row passes run in 512-bit vectors (cpu_rows_zmm).
-// PlanForce::layout (tests, benchmarks): rows never, fm wherever the floats allow it.
-// kn: the cell's GEMMs run in a tile kernel (Cell::kn).
-inline int fm_solve_width(bool kn, int64_t D, int64_t G) {
-  const int f = plan_force().layout.load(std::memory_order_relaxed);
-  if (f == 1 || !kn || !(f == 2 || cpu_rows_zmm())) return 0;
-  return gn_wide_avx512(D, G);
-}
-
 // A feature-major map's per-sample input: `rows` rows, sample b's row r at src[(r / blk) B blk + b blk + r % blk]
 // (a [B, rows] tensor: blk = rows; an [N, B, X] one: blk = X, rows = N X).
 struct FmInput {
@@ -409,7 +400,7 @@ std::pair<int64_t, int64_t> solve_loop_fm(const FmMap& map, const float* z0, con
   nt = solve_threads(B);  // nothing here throws
 #endif
   const Chunks ch = solve_chunks(B, solve_state_bytes<float>(m, L, D) + map.row_bytes(), cell_weight_bytes(c), true,
-                                 nt, 16);
+                                 c.plan.chunk, nt, 16);
   int64_t C = 0;
   for (int64_t q = 0; q < ch.count; ++q) C = std::max(C, ch.begin(q + 1) - ch.begin(q));
   nt = (int)std::min<int64_t>(nt, ch.count);
@@ -565,24 +556,14 @@ std::tuple<int64_t, int64_t> solve_from(const Map& map, const at::Tensor& start,
   return {r.first, r.second};
 }
 
-// Whether a float32 solve of width D in G groups runs feature-major (T: the solve's dtype).
-template <typename T>
-bool fm_solve_for(int64_t D, int64_t G) {
-#ifdef DEQFUSE_FM_SOLVE
-  if constexpr (std::is_same_v<T, float>) return fm_solve_width(small_gemm_for(D) != SmallGemm::kBlas, D, G) != 0;
-#endif
-  (void)D, (void)G;
-  return false;
-}
-
-// The solve feature-major where fm_solve_width allows it, with the map FmMap<NW>{c, args...} from the start state
+// The solve feature-major where the cell's plan says so (CpuPlan::fm), with the map FmMap<NW>{c, args...} from the start state
 // start [B, L]: true when it ran (res: its steps and rows). FmVjpMap needs c built with its transposed weights.
 template <template <int> class FmMap, typename T, typename... Args>
 bool solve_fm(const Cell<T>& c, const at::Tensor& start, const SolveBuffers& out, int64_t B, const SolveArgs& a,
               std::tuple<int64_t, int64_t>& res, Args... args) {
 #ifdef DEQFUSE_FM_SOLVE
   if constexpr (std::is_same_v<T, float>) {
-    const int nw = fm_solve_width(c.kn(), c.D, c.G);
+    const int nw = c.plan.fm;
     if (!nw || !c.w1t) return false;
     const float* zp = start.data_ptr<float>();
     const auto r = nw == 16 ? solve_loop_fm(FmMap<16>{c, args...}, zp, out.ptrs<float>(), B, a)
@@ -662,7 +643,7 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
   const auto sv = contiguous_all(saved), p = contiguous_all(params);
   std::tuple<int64_t, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "anderson_vjp_solve", [&] {
-    const Cell<scalar_t> c(B, N, D, groups, p, sv, /*forward=*/fm_solve_for<scalar_t>(D, groups));  // W^T for fm
+    const Cell<scalar_t> c(B, N, D, groups, p, sv, /*forward=*/select_plan<scalar_t>(D, groups, B).fm != 0);  // W^T for fm
     if (solve_fm<FmVjpMap>(c, gc, out, B, a, res, ac.data_ptr<scalar_t>())) return;
     res = solve_from<scalar_t>(VjpMap<scalar_t>{c, ac.data_ptr<scalar_t>()}, gc, out, B, L, D, a);
   });
@@ -672,27 +653,10 @@ std::tuple<int64_t, int64_t> anderson_vjp_solve_cpu(const at::Tensor& g0, const 
 // The kernel plan of the cell ops and whole solves of width D in G groups in float64 (dbl) or float32 on this CPU,
 // as the kernels choose it at each call (with what PlanForce forces now): "gemm=... rows=... layout=..." and
 // " chunk=N" when forced (bindings.cpp: cell_plan; deqfuse.cpu_plan; SolverStats.plan).
-std::string cell_plan(int64_t D, int64_t G, bool dbl) {
+std::string cell_plan(int64_t D, int64_t G, bool dbl, int64_t B) {
   TORCH_CHECK_VALUE(D > 0 && G > 0 && D % G == 0, "cpu_plan: dim must be a positive multiple of groups, got dim=",
                     D, " groups=", G);
-  auto plan = [&](auto zero) {
-    using T = decltype(zero);
-    const char* gemm = std::is_same_v<T, float> ? small_gemm_name(small_gemm_for(D)) : "blas";
-    return std::string("gemm=") + gemm + " rows=" + (rows_zmm<T>(D, G) ? "zmm" : "ymm") +
-           " layout=" + (fm_solve_for<T>(D, G) ? "fm" : "rows");
-  };
-  std::string s = dbl ? plan(0.0) : plan(0.0f);
-  if (const int64_t c = plan_force().chunk.load()) s += " chunk=" + std::to_string(c);
-  return s;
-}
-
-// The layout of the whole solves' float32 solves of width D in G groups on this CPU (bindings.cpp).
-std::string cell_solve_layout(int64_t D, int64_t G) {
-#ifdef DEQFUSE_FM_SOLVE
-  if (D > 0 && G > 0 && D % G == 0 && fm_solve_width(small_gemm_for(D) != SmallGemm::kBlas, D, G)) return "fm";
-#endif
-  (void)D, (void)G;
-  return "rows";
+  return plan_name(dbl ? select_plan<double>(D, G, B) : select_plan<float>(D, G, B));
 }
 
 }  // namespace deqfuse

@@ -87,15 +87,16 @@ def extension_status():
                                                                _C.blas_backend())
 
 
-def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32) -> str:
+def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32, batch: int = 0) -> str:
     """The C++ CPU kernel plan that the cell ops and whole solves of width `dim` in `groups` GroupNorm groups
-    run in `dtype` on this CPU (with what force_cpu_plan forces now), e.g. 'gemm=avx512 rows=ymm layout=rows'.
-    It is also each whole solve's SolverStats.plan. Needs the compiled extension."""
+    run in `dtype` on this CPU for `batch` samples (0: any batch of 32 or more), with what force_cpu_plan forces
+    now, e.g. 'gemm=avx512 rows=ymm layout=fm'. It is also each whole solve's SolverStats.plan. Needs the
+    compiled extension."""
     ext, why = extension_status()
     if ext is None:
         raise RuntimeError(f"cpu_plan: the compiled extension is not available: {why}")
     check_choice("dtype", dtype, (torch.float32, torch.float64))
-    return ext.cell_plan(dim, groups, dtype == torch.float64)
+    return ext.cell_plan(dim, groups, dtype == torch.float64, batch)
 
 
 @contextlib.contextmanager
@@ -158,7 +159,8 @@ CUDA_MAX_EXPERTS = 64     # groups of the CUDA counting sort (csrc/cuda/routing_
 
 # Per op, the implementations in 'auto' preference order (fastest measured first, benchmarks/RESULTS.md).
 # The compiled extension ('cuda') has: the Anderson step (CPU and CUDA), the cell (C++ CPU only), routing
-# (CPU and CUDA; C++ launches cost less host time than Triton's launcher, so it leads for routing).
+# (CPU and CUDA; C++ launches cost less host time than Triton's launcher, so it leads for routing), the whole
+# Anderson solve (C++ CPU only).
 REGISTRY: Dict[str, Tuple[Impl, ...]] = {
     "anderson_step": (Impl("triton", ("cuda",)),
                       Impl("cuda", ("cpu", "cuda"), _FLOATS, (("m", COMPILED_MAX_M, None),)),
@@ -166,6 +168,10 @@ REGISTRY: Dict[str, Tuple[Impl, ...]] = {
     "cell": (Impl("triton", ("cuda",), _FLOATS),
              Impl("cuda", ("cpu",), (torch.float32, torch.float64)),
              Impl("reference", ("cpu", "cuda"))),
+    # A whole Anderson solve in one call, for maps that have one (rowwise.WholeSolve: the C++ cell and its
+    # adjoint, csrc/solve_cpu.cpp); 'reference' is the per-iteration loop (solvers.run).
+    "anderson_solve": (Impl("cuda", ("cpu",), (torch.float32, torch.float64), (("m", COMPILED_MAX_M, None),)),
+                       Impl("reference", ("cpu", "cuda"))),
     "routing": (Impl("cuda", ("cpu", "cuda"), (), (("experts", CUDA_MAX_EXPERTS, "cuda"),)),
                 Impl("triton", ("cuda",)),
                 Impl("reference", ("cpu", "cuda"))),

@@ -13,7 +13,7 @@ from . import profiling
 from .precision import no_autocast
 from ._validate import check_choice, check_dim_groups, check_int
 from .reference.cell import CellParams, cell_forward, cell_vjp
-from .rowwise import RowwiseFn
+from .rowwise import RowwiseFn, WholeSolve, WholeSolvePlus
 
 
 class FusionCell(nn.Module):
@@ -93,10 +93,10 @@ class FusionCell(nn.Module):
         return profiling.wrap(f, f"cell_forward[{path}]")
 
 
-class ExtCellRows(RowwiseFn):
+class ExtCellRows(RowwiseFn, WholeSolve):
     """f(z) = fn(z, x, xf) on flat states [b, (N+1) D] served by the C++ cell op (a RowwiseFn), plus its
     compiled whole Anderson solve (torch.ops.deqfuse.anderson_cell_solve, csrc/solve_cpu.cpp), which the
-    solver runs instead of its per-iteration loop when it can (solvers.whole_solve).
+    solver runs instead of its per-iteration loop where the registry selects it (solvers.whole_solve).
     params: the 16 cell parameter tensors (read in place), groups: GroupNorm groups."""
 
     def __init__(self, fn, x, xf, params, groups: int):
@@ -108,7 +108,7 @@ class ExtCellRows(RowwiseFn):
         return ExtCellRows(self.fn, x, xf, self.params, self.groups)
 
     def solve_plan(self) -> str:
-        return ext_solve_plan(self.params, self.groups)
+        return ext_solve_plan(self.params, self.groups, self.inputs[0].shape[0])
 
     def anderson_solve(self, z0, results, *, m, beta, lam, tol, stop_rel, max_iter):
         x, xf = self.inputs
@@ -116,9 +116,16 @@ class ExtCellRows(RowwiseFn):
                                                      lam, tol, stop_rel, max_iter)
 
 
-def ext_solve_plan(params, groups: int) -> str:
-    """SolverStats.plan of the C++ whole solves of a cell with these parameters (w1 [N, D, D] first)."""
-    return "C++ whole solve: " + _backend.cpu_plan(params[0].shape[-1], groups, params[0].dtype)
+def cell_rows(fn, x, xf, params: CellParams, groups: int, path: str) -> RowwiseFn:
+    """The solver's map z [b, (N+1) D] -> fn(z, x, xf) over the rows of x [b, N, D], xf [b, D], on the cell
+    path `path` (cell_path): with the C++ cell's compiled whole solve on the 'ext' path."""
+    return ExtCellRows(fn, x, xf, list(params), groups) if path == "ext" else RowwiseFn(fn, x, xf)
+
+
+def ext_solve_plan(params, groups: int, batch: int = 0) -> str:
+    """SolverStats.plan of the C++ whole solves of a cell with these parameters (w1 [N, D, D] first) on
+    `batch` samples."""
+    return "C++ whole solve: " + _backend.cpu_plan(params[0].shape[-1], groups, params[0].dtype, batch)
 
 
 def ext_vjp_anderson_solve(saved, params, groups: int, add, g0, results, *, m, beta, lam, tol, stop_rel, max_iter):
@@ -275,3 +282,105 @@ def cell_vjp_apply(gbar, saved, p: CellParams, groups: int, backend: str = "refe
             from .kernels.cell import cell_vjp_triton
             return cell_vjp_triton(gbar, saved, p, groups)
     return cell_vjp(gbar, saved, p, groups)
+
+
+def cell_with_grad(cell: FusionCell, zs, x, xf, path: str, jac_reg: int = 0):
+    """At a fixed point zs [B, N+1, D] (detached), for the cell path `path` (cell_path): (f(zs) with autograd
+    to x, xf and the parameters; what the adjoint's VJP can reuse (a saved dict for saved_vjp, or None where
+    the VJP kernels need their own forward: the Triton paths); the Jacobian loss with jac_reg probes, None for
+    0). On the 'ext' path by the C++ ops (its backward exact; the loss once differentiable); else by the
+    reference cell's autograd (double-differentiable: the loss needs create_graph)."""
+    if path == "ext":
+        p = list(cell.params())
+        fz, ext_saved = ext_cell_with_grad(zs, x, xf, p, cell.groups)
+        jac = ext_jacobian_reg(zs, x, xf, p, cell.groups, ext_saved, jac_reg) if jac_reg else None
+        return fz, dict(ext=ext_saved), jac
+    from .implicit import jacobian_reg
+    zs = zs.requires_grad_(jac_reg > 0)
+    fz, saved = cell(zs, x, xf, "reference", save=True)
+    jac = jacobian_reg(fz, zs, jac_reg) if jac_reg else None
+    if path != "reference":
+        return fz, None, jac
+    return fz, {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach()) for k, v in saved.items()}, jac
+
+
+def cell_jacobian_loss(cell: FusionCell, zs, x, xf, path: str, jac_reg: int):
+    """The Hutchinson Jacobian loss (jac_reg probes) at zs [B, N+1, D] (detached) alone, on `path` as
+    cell_with_grad (the 'ext' path saves its point with one no-grad C++ forward)."""
+    if path == "ext":
+        p = list(cell.params())
+        with torch.no_grad():
+            saved = torch.ops.deqfuse.cell_forward.default(zs, x.detach(), xf.detach(), p, cell.groups, True)[1]
+        return ext_jacobian_reg(zs, x, xf, p, cell.groups, saved, jac_reg)
+    return cell_with_grad(cell, zs.detach(), x, xf, "reference", jac_reg)[2]
+
+
+class SavedVJP:
+    """g [b, L] -> J^T g at z* for a block of b rows (z* [b, L], x [b, N, D], xf [b, D], all detached),
+    from the tensors one forward of the cell's `backend` path saved (saved_vjp makes them). Row-wise:
+    subset(idx) re-saves on those rows only (one cell forward of len(idx) rows), so the adjoint solve can
+    shrink its batch like the forward solve. The parameters are gathered once (read in place)."""
+
+    def __init__(self, cell: FusionCell, backend: str, z_star, x, xf, saved: dict):
+        self.cell, self.backend, self.z, self.x, self.xf = cell, backend, z_star, x, xf
+        self.saved, self.params = saved, cell.params()
+        self._versions = [t._version for t in self.params]
+        if profiling.enabled():
+            self._apply = profiling.wrap(self._apply, "cell_vjp")
+
+    def _shaped(self, t):
+        return t.view(t.shape[0], self.cell.n + 1, self.cell.dim)
+
+    def check_versions(self):
+        """Raise as autograd does if a parameter was changed in place since the forward saved this point
+        (the VJP reads the parameters themselves)."""
+        for name, t, v in zip(type(self.params)._fields, self.params, self._versions):
+            if t._version != v:
+                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                                   f"inplace operation: DEQFusion's parameter cell.{name} is at version {t._version}; "
+                                   f"expected version {v} (the forward's). Step the optimiser after backward()")
+
+    def __call__(self, g):
+        return self._apply(g)
+
+    def _apply(self, g):
+        return cell_vjp_apply(self._shaped(g), self.saved, self.params, self.cell.groups, self.backend,
+                              self.cell.triton_cell).reshape(g.shape[0], -1)
+
+    def subset(self, idx):
+        return saved_vjp(self.cell, self.backend, *(t.index_select(0, idx) for t in (self.z, self.x, self.xf)))
+
+
+class ExtSavedVJP(SavedVJP, WholeSolvePlus):
+    """SavedVJP on the C++ cell's saved tensors: torch.ops.deqfuse.cell_vjp adds the adjoint's right-hand
+    side in its own epilogue (call_plus), and the adjoint fixed point has a compiled whole solve
+    (torch.ops.deqfuse.anderson_vjp_solve)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        op, self._plist = torch.ops.deqfuse.cell_vjp.default, list(self.params)
+        ext, G = self.saved["ext"], self.cell.groups
+        self._ext = profiling.wrap(lambda g, c: op(self._shaped(g), ext, self._plist, G,
+                                                   None if c is None else self._shaped(c)).view(g.shape[0], -1),
+                                   "cell_vjp[ext]")
+
+    def __call__(self, g):
+        return self._ext(g, None)
+
+    def call_plus(self, y, c):
+        return self._ext(y, c)
+
+    def anderson_solve_plus(self, c, y0, results, **kw):
+        return ext_vjp_anderson_solve(self.saved["ext"], self._plist, self.cell.groups, c, y0, results, **kw)
+
+    def solve_plan(self) -> str:
+        return ext_solve_plan(self._plist, self.cell.groups, self.z.shape[0])
+
+
+def saved_vjp(cell: FusionCell, backend: str, z_star, x, xf, saved: Optional[dict] = None) -> SavedVJP:
+    """The VJP at z* [b, L] (detached) from what a forward of `backend`'s path saved there (saved: one
+    forward's saved dict, reused; None: one no-grad forward saves it here)."""
+    if saved is None:
+        with torch.no_grad():
+            _, saved = cell(z_star.view(z_star.shape[0], cell.n + 1, cell.dim), x, xf, backend, save=True)
+    return (ExtSavedVJP if "ext" in saved else SavedVJP)(cell, backend, z_star, x, xf, saved)

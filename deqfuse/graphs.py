@@ -19,7 +19,7 @@ from typing import Callable, List
 import torch
 
 from .implicit import check_converged
-from .rowwise import PlusRows
+from .rowwise import plus_rows
 from .solvers import STATES, SolverStats, resolve_check_every
 
 DRIVER_KEYS = ("check_every", "compact")  # solver options of the driver, not of the state
@@ -145,7 +145,7 @@ class GraphedSolves:
                 vjp = layer.saved_vjp(zs, xs, xfs)
                 c_s.copy_(vjp(grad_s))
                 state.reset(c_s)
-                return PlusRows(vjp, c_s)
+                return plus_rows(vjp, c_s)
             self.cache[key] = (zs, xs, xfs, grad_s, self._chunked(layer._solve_kw(1, x), c_s, prologue))
         zs, xs, xfs, grad_s, cs = self.cache[key]
         z_star, x, xf = z_star.detach(), x.detach(), xf.detach()

@@ -8,7 +8,7 @@ import torch
 from . import profiling
 from ._validate import check_choice
 from .errors import ConvergenceError, ConvergenceWarning, warn
-from .rowwise import PlusRows, is_rowwise
+from .rowwise import plus_rows, is_rowwise
 from .solvers import solve
 
 
@@ -95,7 +95,7 @@ def adjoint_solver(vjp: Callable, solver: str = "anderson", stats_box=None, on_n
 
 def plus(vjp: Callable, c: torch.Tensor):
     """y -> vjp(y) + c, row-wise (deqfuse.rowwise) when vjp is."""
-    return PlusRows(vjp, c) if is_rowwise(vjp) else (lambda y: vjp(y) + c)
+    return plus_rows(vjp, c) if is_rowwise(vjp) else (lambda y: vjp(y) + c)
 
 
 def implicit_grad(fz, vjp: Callable, solver: str = "anderson", stats_box=None, on_nonconvergence: str = "ignore",

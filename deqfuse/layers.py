@@ -1,5 +1,4 @@
 """DEQFusion: the deep-equilibrium multimodal fusion layer (Ni et al.), and its unrolled ablation."""
-import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -7,16 +6,13 @@ import torch
 from torch import nn
 
 from . import profiling
-from .cell import (ExtCellRows, FusionCell, cell_path, cell_vjp_apply, ext_cell_with_grad, ext_jacobian_reg,
-                   ext_solve_plan, ext_vjp_anderson_solve)
+from .cell import FusionCell, SavedVJP, cell_jacobian_loss, cell_path, cell_rows, cell_with_grad, saved_vjp
 from .graphs import GraphedSolves
-from .implicit import (NONCONVERGENCE, ImplicitAdjoint, check_converged, implicit_grad, jacobian_reg,
-                       phantom_grad)
+from .implicit import (NONCONVERGENCE, ImplicitAdjoint, check_converged, implicit_grad, phantom_grad)
 from .reference.cell import fuse_inputs
-from .rowwise import RowwiseFn
 from ._validate import (check_bool, check_choice, check_feature_values, check_float, check_int, check_rows,
                         host_sync_allowed)
-from .backend import BACKENDS, resolve
+from .backend import BACKENDS
 from .solvers import SOLVERS, SolverStats, check_options, solve, solver_options
 
 # solver options the layer sets itself (from its own arguments), so solver_kw must not
@@ -239,9 +235,7 @@ class DEQFusion(nn.Module):
             # under torch.autocast the cell's GEMMs may return a lower precision: the solver state keeps
             # the features' dtype (see "Mixed precision" in the class docstring)
             return fn(z.view(z.shape[0], *shape), x, xf).view(z.shape[0], -1).to(z.dtype)
-        if path == "ext":  # the C++ cell: its whole Anderson solve is one call
-            return ExtCellRows(rows, x, xf, list(p), self.cell.groups)
-        return RowwiseFn(rows, x, xf)
+        return cell_rows(rows, x, xf, p, self.cell.groups, path)
 
     def forward(self, features, mask: Optional[torch.Tensor] = None, return_info: bool = False):
         """features: N tensors [B, *, D_i]; mask: None or bool [B, *] (True = a real row). -> [B, *, dim]
@@ -303,7 +297,7 @@ class DEQFusion(nn.Module):
             # adversarial inputs); the Jacobian loss is a training loss only
             if torch.is_grad_enabled() and (self.training or x.requires_grad or xf.requires_grad):
                 with profiling.range("attach_grad"):
-                    z, jac = self._attach_grad(z_star, x, xf, B, info._backward, graphed, isinstance(f, ExtCellRows))
+                    z, jac = self._attach_grad(z_star, x, xf, B, info._backward, graphed)
                 if jac is not None:
                     info.jac_loss = jac
         return z.narrow(1, self.n * self.dim, self.dim).contiguous(), info  # not a view: FSDP2 hooks, in-place safe
@@ -317,59 +311,23 @@ class DEQFusion(nn.Module):
             kw = dict(kw, tol=max(kw["tol"], LOW_PRECISION_TOL))
         return kw
 
-    def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False, ext=None):
-        """z_star with the training gradient attached, and the Jacobian loss (None when jac_reg = 0).
-        ext: whether the cell runs as the C++ op here (cell_path(backend, z_star) == 'ext'; None: look it up)."""
-        jac = None
+    def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False):
+        """z_star with the training gradient attached, and the Jacobian loss (None when jac_reg = 0)."""
         zs = z_star.detach().view(B, self.n + 1, self.dim)
-        if ext is None:
-            ext = cell_path(self.backend, zs) == "ext"
-        want_jac = self.jac_reg > 0 and self.training
+        path = cell_path(self.backend, zs)
+        jac_reg = self.jac_reg if self.training else 0
         if self.grad == "phantom":
-            if want_jac:
-                jac = self._jacobian_loss(zs, x, xf, ext)
+            jac = cell_jacobian_loss(self.cell, zs, x, xf, path, jac_reg) if jac_reg else None
             return phantom_grad(self._flat_cell(x, xf), z_star, self.phantom_steps, self.phantom_lam), jac
-        if ext:
-            # C++ forward + backward for the parameter gradients; its saved tensors serve the adjoint and
-            # the Jacobian loss (C++ VJP and its exact backward, no double backward through a graph)
-            fz, ext_saved = ext_cell_with_grad(zs, x, xf, list(self.cell.params()), self.cell.groups)
-            saved = dict(ext=ext_saved)
-            if want_jac:
-                jac = self._jacobian_loss(zs, x, xf, ext, ext_saved)
-        else:  # reference autograd (double-differentiable: the Jacobian regulariser needs create_graph)
-            zs = zs.requires_grad_(want_jac)
-            fz, saved = self.cell(zs, x, xf, "reference", save=True)
-            if want_jac:
-                jac = jacobian_reg(fz, zs, self.jac_reg)
+        # the cell at z* with autograd (the parameter gradients); what it saved serves the adjoint's VJP
+        fz, saved, jac = cell_with_grad(self.cell, zs, x, xf, path, jac_reg)
         fz = fz.reshape(B, -1)
         if graphed:
             return ImplicitAdjoint.apply(fz, self._graphs.adjoint(z_star, x, xf, bstats, self.on_nonconvergence)), jac
         z_star, x, xf = z_star.detach(), x.detach(), xf.detach()
-        if "ext" in saved:
-            vjp = SavedVJP(self, z_star, x, xf, saved)
-        elif resolve(self.backend, z_star.device, "cell") == "reference":  # reuse the grad forward's tensors
-            saved = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach())
-                     for k, v in saved.items()}
-            vjp = SavedVJP(self, z_star, x, xf, saved)
-        else:  # one extra no-grad kernel forward saves what the fused VJP kernels read
-            vjp = self.saved_vjp(z_star, x, xf)
+        vjp = saved_vjp(self.cell, self.backend, z_star, x, xf, saved)
         return implicit_grad(fz, vjp, self.solver, stats_box=bstats, on_nonconvergence=self.on_nonconvergence,
                              init=self.adjoint_init, **self._solve_kw(1, x)), jac
-
-    def _jacobian_loss(self, zs, x, xf, ext: bool, ext_saved=None):
-        """The Hutchinson Jacobian loss (jac_reg probes) at the fixed point zs ([B, N+1, D], detached):
-        through the C++ ops when the cell runs there (ext_saved: a C++ forward's saved tensors at zs, else
-        one no-grad C++ forward saves them), else by autograd's double backward through the reference cell."""
-        if ext:
-            p = list(self.cell.params())
-            if ext_saved is None:
-                with torch.no_grad():
-                    ext_saved = torch.ops.deqfuse.cell_forward.default(zs, x.detach(), xf.detach(), p,
-                                                                       self.cell.groups, True)[1]
-            return ext_jacobian_reg(zs, x, xf, p, self.cell.groups, ext_saved, self.jac_reg)
-        z = zs.detach().requires_grad_(True)
-        fz, _ = self.cell(z, x, xf, "reference", save=True)
-        return jacobian_reg(fz, z, self.jac_reg)
 
     # ---------------------------------------------------------------- the official code's semantics
     @classmethod
@@ -417,62 +375,10 @@ class DEQFusion(nn.Module):
                 self.bias.zero_()
         return self
 
-    def saved_vjp(self, z_star, x, xf):
+    def saved_vjp(self, z_star, x, xf) -> SavedVJP:
         """g [B, L] -> J^T g at z* [B, L], from one no-grad forward of this layer's backend that saves
         what its VJP reads (so each adjoint iteration replays no autograd graph)."""
-        return SavedVJP(self, z_star, x, xf)
-
-
-class SavedVJP:
-    """g [b, L] -> J^T g at z* for a block of b rows (z* [b, L], x [b, N, D], xf [b, D], all detached),
-    from the tensors one forward of the layer's backend saved (computed here unless given). Row-wise:
-    subset(idx) re-saves on those rows only (one cell forward of len(idx) rows), so the adjoint solve
-    can shrink its batch like the forward solve. The parameters are gathered once (read in place)."""
-
-    def __init__(self, layer: DEQFusion, z_star, x, xf, saved=None):
-        self.layer, self.z, self.x, self.xf = layer, z_star, x, xf
-        cell = layer.cell
-        if saved is None:
-            with torch.no_grad():
-                _, saved = cell(self._shaped(z_star), x, xf, layer.backend, save=True)
-        self.saved, self.params = saved, cell.params()
-        self._versions = [t._version for t in self.params]
-        if "ext" in saved:  # the C++ op: call it directly, and let it add the adjoint's right-hand side
-            op, plist, G = torch.ops.deqfuse.cell_vjp.default, list(self.params), cell.groups
-            self._ext = profiling.wrap(lambda g, c: op(self._shaped(g), saved["ext"], plist, G,
-                                                       None if c is None else self._shaped(c)).view(g.shape[0], -1),
-                                       "cell_vjp[ext]")
-            self.call_plus = self._ext
-            self.anderson_solve_plus = functools.partial(ext_vjp_anderson_solve, saved["ext"], plist, G)
-            self.solve_plan = functools.partial(ext_solve_plan, plist, G)
-        elif profiling.enabled():
-            self._apply = profiling.wrap(self._apply, "cell_vjp")
-
-    def _shaped(self, t):
-        return t.view(t.shape[0], self.layer.n + 1, self.layer.dim)
-
-    def check_versions(self):
-        """Raise as autograd does if a parameter was changed in place since the forward saved this point
-        (the VJP reads the parameters themselves)."""
-        for name, t, v in zip(type(self.params)._fields, self.params, self._versions):
-            if t._version != v:
-                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                                   f"inplace operation: DEQFusion's parameter cell.{name} is at version {t._version}; "
-                                   f"expected version {v} (the forward's). Step the optimiser after backward()")
-
-    def __call__(self, g):
-        if "ext" in self.saved:
-            return self._ext(g, None)
-        return self._apply(g)
-
-    def _apply(self, g):
-        cell = self.layer.cell
-        return cell_vjp_apply(self._shaped(g), self.saved, self.params, cell.groups, self.layer.backend,
-                              cell.triton_cell).reshape(g.shape[0], -1)
-
-    def subset(self, idx):
-        return SavedVJP(self.layer, self.z.index_select(0, idx), self.x.index_select(0, idx),
-                        self.xf.index_select(0, idx))
+        return saved_vjp(self.cell, self.backend, z_star, x, xf)
 
 
 def _flatten_rows(features, lead, mask):

@@ -5,8 +5,13 @@ per-sample inputs (the modality features, the incoming gradient, ...). Such an f
 subset of rows: `f.subset(idx)` returns the same map for the rows `idx` of the batch (inputs gathered
 once, not per call). The solvers compact their active set only for callables that have `subset`;
 a plain callable gets early exit but is always evaluated on its whole batch.
+
+A map may also have a compiled whole Anderson solve (WholeSolve): the 'cuda' implementation of the
+registry's 'anderson_solve' op (backend.REGISTRY), which solvers.anderson runs in place of its loop where
+backend.select picks it. A VJP whose adjoint fixed point y = g(y) + c has one is a WholeSolvePlus;
+plus_rows(g, c) then gives a WholeSolve.
 """
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 
@@ -32,25 +37,60 @@ class RowwiseFn:
         return RowwiseFn(self.fn, *(t.index_select(0, idx) for t in self.inputs))
 
 
+class WholeSolve:
+    """A map with a compiled whole Anderson solve of x = f(x) (solvers.whole_solve decides when it runs)."""
+
+    def anderson_solve(self, x0: torch.Tensor, results, *, m: int, beta: float, lam: float, tol: float,
+                       stop_rel: bool, max_iter: int) -> Tuple[int, int]:
+        """Solve from x0 [B, L] into results (a solvers.Results, updated in place) -> (steps run, rows evaluated)."""
+        raise NotImplementedError
+
+    def solve_plan(self) -> str:
+        """What runs the solve (SolverStats.plan)."""
+        raise NotImplementedError
+
+
+class WholeSolvePlus:
+    """A map g with a kernel for g(y) + c (call_plus) and a compiled whole solve of y = g(y) + c."""
+
+    def call_plus(self, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def anderson_solve_plus(self, c: torch.Tensor, y0: torch.Tensor, results, **kw) -> Tuple[int, int]:
+        raise NotImplementedError
+
+    def solve_plan(self) -> str:
+        raise NotImplementedError
+
+
 class PlusRows:
-    """y -> g(y) + c with c: [B, L] (the adjoint fixed point g = J^T g + grad). Row-wise if g is.
-    If g has call_plus(y, c) (a kernel that adds c in its own epilogue), that is used."""
+    """y -> g(y) + c with c: [B, L] (the adjoint fixed point g = J^T g + grad). Row-wise if g is."""
 
     def __init__(self, g: Callable, c: torch.Tensor):
         self.g, self.c = g, c
-        self._fused = getattr(g, "call_plus", None)
-        solve_plus = getattr(g, "anderson_solve_plus", None)
-        if solve_plus is not None:  # g's compiled whole solve of y = g(y) + c (solvers.whole_solve)
-            self.anderson_solve = lambda y0, results, **kw: solve_plus(self.c, y0, results, **kw)
-            if hasattr(g, "solve_plan"):
-                self.solve_plan = g.solve_plan
 
     def __call__(self, y):
-        if self._fused is not None:
-            return self._fused(y, self.c)
         return self.g(y) + self.c
 
     def subset(self, idx: torch.Tensor) -> "PlusRows":
         if not is_rowwise(self.g):
             raise TypeError("PlusRows.subset needs a row-wise g (one with a subset(idx) method)")
-        return PlusRows(self.g.subset(idx), self.c.index_select(0, idx))
+        return plus_rows(self.g.subset(idx), self.c.index_select(0, idx))
+
+
+class WholeSolvePlusRows(PlusRows, WholeSolve):
+    """PlusRows of a WholeSolvePlus g: g's kernel adds c in its own epilogue, and the solve is g's."""
+
+    def __call__(self, y):
+        return self.g.call_plus(y, self.c)
+
+    def anderson_solve(self, x0, results, **kw):
+        return self.g.anderson_solve_plus(self.c, x0, results, **kw)
+
+    def solve_plan(self) -> str:
+        return self.g.solve_plan()
+
+
+def plus_rows(g: Callable, c: torch.Tensor) -> PlusRows:
+    """y -> g(y) + c as a PlusRows (a WholeSolve when g is a WholeSolvePlus)."""
+    return WholeSolvePlusRows(g, c) if isinstance(g, WholeSolvePlus) else PlusRows(g, c)

@@ -19,9 +19,9 @@ Adaptive compute (the defaults):
 A compacted solve gives, per sample, the iterate, residual, step count, flag and trace of the
 fixed-shape solve (tests/test_adaptive.py); SolverStats.rows counts the rows f was evaluated on.
 
-Whole solves: a map that offers ``anderson_solve`` (the C++ cell and its adjoint on the CPU:
-csrc/solve_cpu.cpp) runs the whole Anderson solve in one compiled call instead of this module's loop
-(``whole_solve`` says when): the same per-sample answer, no per-iteration Python or allocation, and each
+Whole solves: a map with a compiled whole Anderson solve (rowwise.WholeSolve: the C++ cell and its adjoint
+on the CPU, csrc/solve_cpu.cpp) runs it in one call instead of this module's loop where the registry's
+'anderson_solve' op selects it (``whole_solve`` says when): the same per-sample answer, no per-iteration Python or allocation, and each
 step evaluates f only on the samples still moving (tests/test_fused_solve.py).
 """
 import functools
@@ -37,7 +37,7 @@ from . import profiling
 from ._validate import check_choice, check_float, check_int, host_sync_allowed
 from .precision import full_precision
 from .reference.anderson import record_residual_ref
-from .rowwise import is_rowwise
+from .rowwise import WholeSolve, is_rowwise
 
 # Early-exit interval per device type (steps between host syncs). CPU: a sync costs ~nothing, so every
 # step (benchmarks/bench_adaptive.py). CUDA: a sync drains the launch queue; 4 is a first guess that
@@ -511,22 +511,18 @@ def _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history
                          beta=beta, lam=lam, tol=tol, stop_rel=stop_mode == "rel")
 
 
-def whole_solve(f, x0, step_fn, history_dtype, check_every: int):
-    """f's compiled whole Anderson solve (``f.anderson_solve(x0, results, m=, beta=, lam=, tol=, stop_rel=,
-    max_iter=) -> (steps run, rows evaluated)``, e.g. the C++ cell's: csrc/solve_cpu.cpp; ``f.solve_plan()``, if
-    f has it, names what runs it for SolverStats.plan) when it can run
-    this solve, else None. It runs the compiled step's math (anderson_rows) sample by sample, evaluating
-    f only on the samples still moving, so it stands in where the per-iteration loop would run the
-    compiled CPU step with the state's dtype as history and with early exit on (check_every > 0;
-    check_every=0 asks for the fixed-shape loop), outside autograd, torch.compile and NVTX profiling
-    (whose per-iteration ranges it would not have)."""
-    fn = getattr(f, "anderson_solve", None)
-    if (fn is None or not check_every or step_fn is not _backend.compiled_anderson_step()
-            or x0.device.type != "cpu" or x0.dtype not in (torch.float32, torch.float64)
+def whole_solve(f, x0, backend: str, m: int, history_dtype, check_every: int) -> Optional[WholeSolve]:
+    """f when its compiled whole Anderson solve (rowwise.WholeSolve) runs this solve, else None (the
+    per-iteration loop): where the registry's 'anderson_solve' op selects its compiled implementation for
+    this backend, device, dtype and m, with the state's dtype as history and early exit on (check_every > 0;
+    0 asks for the fixed-shape loop), outside autograd, torch.compile and NVTX profiling (whose per-iteration
+    ranges it would not have). It runs the compiled step's math (anderson_rows) sample by sample, evaluating
+    f only on the samples still moving."""
+    if (not isinstance(f, WholeSolve) or backend not in ("auto", "cuda") or not check_every
             or history_dtype not in (None, x0.dtype) or x0.shape[0] == 0 or torch.is_grad_enabled()
             or torch.compiler.is_compiling() or profiling.enabled()):
         return None
-    return fn
+    return f if _backend.select("anderson_solve", "auto", x0.device, x0.dtype, m=m) == "cuda" else None
 
 
 def reported_steps(run: int, check_every: int, max_iter: int) -> int:
@@ -562,13 +558,13 @@ def anderson(f: Callable, x0: torch.Tensor, *, m: int = 5, lam: float = 1e-4, be
     step_fn = _check_anderson(x0, m, lam, beta, max_iter, tol, stop_mode, history_dtype, backend)
     ce = resolve_check_every(check_every, x0)
     cp = resolve_compact(compact, f, ce)
-    whole = whole_solve(f, x0, step_fn, history_dtype, ce)
+    whole = whole_solve(f, x0, backend, m, history_dtype, ce)
     if whole is not None:  # one compiled call; it skips converged samples itself (no compaction needed)
         res = Results(x0, max_iter)
-        run_steps, rows = whole(x0, res, m=m, beta=beta, lam=lam, tol=tol, stop_rel=stop_mode == "rel",
-                                max_iter=max_iter)
+        run_steps, rows = whole.anderson_solve(x0, res, m=m, beta=beta, lam=lam, tol=tol,
+                                               stop_rel=stop_mode == "rel", max_iter=max_iter)
         steps = reported_steps(run_steps, ce, max_iter)
-        plan = getattr(f, "solve_plan", lambda: "compiled whole solve")()
+        plan = whole.solve_plan()
         return res.best_x, SolverStats(res.abs_trace[:steps], res.rel_trace[:steps], res.best_res, res.nstep,
                                        res.converged, steps, tol, stop_mode, rows=rows, plan=plan)
     st = _anderson_state(x0, step_fn, m, lam, beta, max_iter, tol, stop_mode, history_dtype)

@@ -27,4 +27,10 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def plan_part(part, D, G=4, dtype=torch.float32):
+    """One part ('gemm', 'rows', 'layout') of deqfuse.cpu_plan(D, G, dtype) under the plan in force."""
+    import deqfuse
+    return dict(kv.split("=") for kv in deqfuse.cpu_plan(D, G, dtype).split())[part]
+
+
 needs_triton = pytest.mark.skipif(not triton_runs(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")

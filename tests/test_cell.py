@@ -17,7 +17,7 @@ from deqfuse import DEQFusion, force_cpu_plan
 from deqfuse.cell import FusionCell, cell_apply, cell_path, cell_vjp_apply, ext_cell_with_grad
 from deqfuse.reference import CellParams, cell_forward, cell_vjp, gn_backward, gn_forward
 from deqfuse.reference.cell import cell_jac_backward
-from conftest import contractive_layer, make_inputs, make_params, needs_triton, rel_err
+from conftest import contractive_layer, make_inputs, make_params, needs_triton, plan_part, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EXT = deqfuse.extension_status()[0] is not None
@@ -315,7 +315,7 @@ def _gemm_results():
         f, saved = torch.ops.deqfuse.cell_forward(z, x, xf, p, 4, True)
         v = torch.ops.deqfuse.cell_vjp(g, saved, p, 4, z)
         dz, dx, dxf, dp = torch.ops.deqfuse.cell_backward(g, z, saved, p, 4)
-        out[(N, B, D)] = (deqfuse._C.cell_gemm_kernel(D), [f, v, dz, dx, dxf, *dp])
+        out[(N, B, D)] = (plan_part("gemm", D), [f, v, dz, dx, dxf, *dp])
     return out
 
 
@@ -406,7 +406,7 @@ def _rows_results():
             r = Results(z0, 12)
             solve(*args, p, G, *r.buffers(), 5, 1.0, 1e-4, 1e-30, True, 12)
             res += list(r.buffers())
-        out[(N, B, D)] = (deqfuse._C.cell_rows_kernel(D, G), res)
+        out[(N, B, D)] = (plan_part("rows", D, G), res)
     return out
 
 
@@ -422,7 +422,7 @@ def test_row_pass_variants_agree():
             res[rows] = _rows_results()
     v4 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     for N, B, D, G, dt in ROWS_SHAPES:
-        eligible = G % 4 == 0 and (D // G) % 8 == 0  # cell_rows_kernel reports float32's (float64: always ymm)
+        eligible = G % 4 == 0 and (D // G) % 8 == 0  # plan_part reports float32's (float64: always ymm)
         assert res["ymm"][(N, B, D)][0] == "ymm"
         assert res["zmm"][(N, B, D)][0] == ("zmm" if eligible and v4 else "ymm"), (N, B, D, G, dt)
         for i, (a, b) in enumerate(zip(res["zmm"][(N, B, D)][1], res["ymm"][(N, B, D)][1])):
@@ -633,7 +633,6 @@ def test_backward_in_tiles_gives_the_same_gradients_on_any_thread_count(N, B, D)
     """Where the float32 cell runs in the tile kernels, cell_backward's weight gradients (gemm_tn_avx2) and
     its bias / affine column sums add the batch rows in order whatever slice of columns a thread owns: the
     same floats on 1, 2 and 3 threads. Elsewhere (the BLAS) only within float32 rounding."""
-    ext = deqfuse.extension_status()[0]
     p = [t.float() for t in make_params(N, D)]
     z, x, xf = (t.float() for t in make_inputs(B, N, D))
     g = torch.randn(B, N + 1, D, generator=torch.Generator().manual_seed(3))
@@ -646,7 +645,7 @@ def test_backward_in_tiles_gives_the_same_gradients_on_any_thread_count(N, B, D)
             res.append([dz, dx, dxf, *dp])
     finally:
         torch.set_num_threads(before)
-    tiles = ext.cell_gemm_kernel(D) != "blas"
+    tiles = plan_part("gemm", D) != "blas"
     for other in res[1:]:
         for a, b in zip(res[0], other):
             assert torch.equal(a, b) if tiles else rel_err(a, b) < 1e-5

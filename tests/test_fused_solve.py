@@ -12,7 +12,7 @@ from deqfuse.cell import ExtCellRows
 from deqfuse.reference.cell import fuse_inputs
 from deqfuse.solvers import Results, anderson
 from deqfuse.testing import extension_runs, rel_err
-from conftest import contractive_layer, make_inputs, make_params
+from conftest import contractive_layer, make_inputs, make_params, plan_part
 
 pytestmark = pytest.mark.skipif(not extension_runs("cpu"), reason="compiled extension not built")
 
@@ -101,7 +101,7 @@ def test_whole_solve_equals_the_loop_with_tile_gemms(D, groups, threads, per_ite
     """float32 with the tile GEMMs: the whole solve -- its ring holding X + beta G, the Gram row in one pass,
     bias and GroupNorm epilogues -- gives the per-iteration loop's iterates and step counts to float32
     rounding (the two drive the same kernels; each sample's steps within one of the loop's)."""
-    if deqfuse._C.cell_gemm_kernel(D) == "blas":
+    if plan_part("gemm", D) == "blas":
         pytest.skip("no tile GEMM kernel for this width on this CPU")
     B, N = 70, 2
     layer = contractive_layer(DEQFusion(D, N, groups=groups), w_scale=0.3, gn3_scale=0.3, seed=0)
@@ -200,18 +200,21 @@ def test_no_aten_op_per_iteration():
 
 
 def test_whole_solve_steps_aside():
-    """Where the per-iteration loop must run: fixed iterations, another history dtype, the reference
-    backend, a plain callable, grad enabled."""
+    """The registry's compiled 'anderson_solve' runs only where it applies; elsewhere the per-iteration loop:
+    fixed iterations, another history dtype, the reference backend, m past the compiled ring, float16, a plain
+    callable, grad enabled."""
     f, _ = cell_map(4, 2, 8, torch.float32)
     x0 = torch.zeros(4, 24)
-    step = torch.ops.deqfuse.anderson_step
     with torch.no_grad():
-        assert solvers.whole_solve(f, x0, step, None, 1) is not None
-        assert solvers.whole_solve(f, x0, step, None, 0) is None  # fixed iterations: the fixed-shape loop
-        assert solvers.whole_solve(f, x0, step, torch.bfloat16, 1) is None
-        assert solvers.whole_solve(f, x0, solvers._backend.anderson_step_fn("reference", x0), None, 1) is None
-        assert solvers.whole_solve(lambda z: z, x0, step, None, 1) is None
-    assert solvers.whole_solve(f, x0, step, None, 1) is None  # grad enabled
+        assert solvers.whole_solve(f, x0, "auto", 5, None, 1) is f
+        assert solvers.whole_solve(f, x0, "cuda", 5, None, 1) is f
+        assert solvers.whole_solve(f, x0, "auto", 5, None, 0) is None  # fixed iterations: the fixed-shape loop
+        assert solvers.whole_solve(f, x0, "auto", 5, torch.bfloat16, 1) is None
+        assert solvers.whole_solve(f, x0, "reference", 5, None, 1) is None
+        assert solvers.whole_solve(f, x0, "auto", 9, None, 1) is None
+        assert solvers.whole_solve(f, x0.half(), "auto", 5, None, 1) is None
+        assert solvers.whole_solve(lambda z: z, x0, "auto", 5, None, 1) is None
+    assert solvers.whole_solve(f, x0, "auto", 5, None, 1) is None  # grad enabled
 
 
 def _op_args(B=4, N=2, D=8, dtype=torch.float32, max_iter=5):
@@ -281,7 +284,7 @@ def test_chunk_size_and_thread_order_do_not_change_the_answer(dtype, threads):
             assert torch.equal(z, z0) and torch.equal(st.abs_trace.nan_to_num(), st0.abs_trace.nan_to_num())
     z_ref, st_ref = runs["64"][0]
     assert 1 < len(set(st_ref.nstep.tolist()))  # samples freeze at different steps inside a chunk
-    tile = dtype == torch.float32 and deqfuse.extension_status()[0].cell_gemm_kernel(D) != "blas"
+    tile = dtype == torch.float32 and plan_part("gemm", D) != "blas"
     for chunk in ("1", "5"):
         z, st = runs[chunk][0]
         assert st.rows == st_ref.rows and st.steps == st_ref.steps
@@ -324,13 +327,12 @@ def _vjp_solve(layer, x, groups, m, tol, stop_rel, max_iter, z0):
 @pytest.mark.parametrize("solve", [_cell_solve, _vjp_solve], ids=["forward", "adjoint"])
 def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chunk, stop_rel, solve, threads):
     """Where the whole solves can run feature-major (csrc/cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
-    group width 16 or 8 with groups % 4 == 0; by default on Intel CPUs with AVX-512), forward and adjoint, each
+    group width 16 or 8 with groups % 4 == 0; the default on CPUs with AVX-512F), forward and adjoint, each
     sample's iterate and residuals agree with the row layout's to float32 rounding (steps within one), with
     samples freezing at different steps (their lanes compacted from 4 vectors down to 1), padding lanes (chunks
     of 5, 24, 21 samples) and ring sizes 1 to 8."""
-    with force_cpu_plan(layout="fm", rows="zmm"):  # (group width 8 runs feature-major with 512-bit rows only)
-        if deqfuse._C.cell_solve_layout(D, groups) != "fm":
-            pytest.skip("the feature-major solve does not run on this CPU or width")
+    if plan_part("layout", D, groups) != "fm":
+        pytest.skip("the feature-major solve does not run on this CPU or width")
     layer = contractive_layer(DEQFusion(D, N, groups=groups), w_scale=0.3, gn3_scale=0.3, seed=0)
     _, x, _ = make_inputs(B, N, D, torch.float32, seed=1)
     x = x * torch.linspace(0.05, 3, B)[:, None, None]  # samples that need different step counts
@@ -338,7 +340,7 @@ def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chun
     tol = 1e-6 if stop_rel else 1e-5 if solve is _cell_solve else 1e-4  # the adjoint's residuals are larger
     runs = {}
     for layout in ("fm", "rows"):
-        with force_cpu_plan(layout=layout, rows="zmm", chunk=int(chunk or 0)):
+        with force_cpu_plan(layout=layout, chunk=int(chunk or 0)):
             runs[layout] = solve(layer, x, groups, m, tol, stop_rel, 16, z0)  # some samples reach max_iter
     (out, bufs), (out_ref, bufs_ref) = runs["fm"], runs["rows"]
     if m > 1:  # (the adjoint without acceleration, m = 1, moves every sample for all 16 steps)
@@ -371,7 +373,7 @@ def test_adjoint_solve_does_not_depend_on_the_chunk_size():
             assert 1 < len(set(info.backward_stats.nstep.tolist()))
     finally:
         torch.set_num_threads(old)
-    tile = deqfuse.extension_status()[0].cell_gemm_kernel(D) != "blas"
+    tile = plan_part("gemm", D) != "blas"
     for chunk in ("1", "7"):
         for a, b in zip(res[chunk], res["64"]):
             assert torch.equal(a, b) if tile else (a - b).abs().max() <= 1e-4 * (1 + b.abs().max())
