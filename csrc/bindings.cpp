@@ -92,7 +92,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_plan", &deqfuse::cell_plan, pybind11::arg("D"), pybind11::arg("G"), pybind11::arg("dbl"),
         pybind11::arg("B") = 0,
         "the kernel plan of the C++ CPU cell ops and whole solves at width D in G groups, float64 (dbl) or float32, "
-        "for a batch of B rows (0: any batch of 32 or more) on this CPU with what set_cpu_plan forces now: 'gemm=... rows=... layout=...' (deqfuse.cpu_plan)");
+        "for a batch of B rows (0: a large batch) on this CPU with what set_cpu_plan forces now: 'gemm=... rows=... layout=...' (deqfuse.cpu_plan)");
   m.def("cell_gemm_floor_seconds", &deqfuse::cell_gemm_floor_seconds, pybind11::arg("z"), pybind11::arg("params"),
         pybind11::arg("reps"), pybind11::arg("blas") = false,
         "benchmarks: wall seconds per cell evaluation of its 2N + 2 GEMMs alone (z [B, (N+1) D], the 16 CellParams "

@@ -782,13 +782,19 @@ struct CpuPlan {
   int64_t chunk = 0;  // samples per chunk of the whole solves, 0: by cache size (solve_chunks)
 };
 
-// Batches from which a whole solve may run feature-major: its 16-sample vectors are then mostly full (below it
-// the row layout is faster: RESULTS.md "Kernel plan").
-constexpr int64_t kFmMinBatch = 32;
+// Threads of a whole solve of B samples: at most one per 8 samples, at most torch's thread count.
+inline int solve_threads(int64_t B) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
+}
 
-// The one place the plan is chosen, for a call on B rows (B <= 0: any batch of kFmMinBatch or more). zmm rows:
-// Intel CPUs with x86-64-v4 (cpu_rows_zmm), float, the row GroupNorm kernels; fm: float, a tile GEMM, AVX-512F,
-// group width 16 or 8 with G % 4 == 0, B >= kFmMinBatch (faster than rows on the Intel and AMD CPUs measured).
+// Samples per vector of the feature-major solve (16 float lanes).
+constexpr int64_t kFmLanes = 16;
+
+// The one place the plan is chosen, for a call on B rows (B <= 0: a large batch). zmm rows: Intel CPUs with
+// x86-64-v4 (cpu_rows_zmm), float, the row GroupNorm kernels. fm: float, a tile GEMM, AVX-512F, group width 16 or
+// 8 with G % 4 == 0, and a full 16-sample vector for each solve thread (below it the row layout, which splits
+// the samples across the threads, is faster; from it feature-major is, on the Intel and AMD CPUs measured:
+// RESULTS.md "Kernel plan").
 template <typename T>
 CpuPlan select_plan(int64_t D, int64_t G, int64_t B) {
   CpuPlan p;
@@ -807,7 +813,7 @@ CpuPlan select_plan(int64_t D, int64_t G, int64_t B) {
     if (wide && (n == 16 || (n == 8 && p.zmm))) p.gn = (int)n;  // width 8 in 512-bit lanes only with zmm rows
     const int layout = f.layout.load(std::memory_order_relaxed);  // forced: 1 rows, 2 fm at any batch
     if (wide && (n == 16 || n == 8) && p.gemm != SmallGemm::kBlas && layout != 1 &&
-        (layout == 2 || B <= 0 || B >= kFmMinBatch))
+        (layout == 2 || B <= 0 || B >= kFmLanes * solve_threads(B)))
       p.fm = (int)n;
 #endif
   }
@@ -822,9 +828,10 @@ inline std::string plan_name(const CpuPlan& p) {
 }
 
 // Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
-// save=true, read by the VJP; null in a forward without save), and the call's plan. kn(): the GEMMs go through a
-// tile kernel (plan.gemm: the AVX-512 or AVX2 tiles of gemm_small.h; else the BLAS), which reads the weights in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed
-// copies, made by the constructor when `forward`), its VJP by W as stored.
+// save=true, read by the VJP; null in a forward without save), and the call's plan. kn(): the GEMMs go through
+// a tile kernel (plan.gemm: the AVX-512 or AVX2 tiles of gemm_small.h; else the BLAS), which reads the weights
+// in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the constructor when
+// `forward`), its VJP by W as stored.
 template <typename T>
 struct Cell {
   int64_t B, N, D, G, ZS;  // ZS = (N+1) D: row stride of z / out / gbar

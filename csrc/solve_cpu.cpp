@@ -156,10 +156,6 @@ inline int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
 template <typename T>
 T* align64(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~(uintptr_t)63); }
 
-// Threads of a solve of B samples: at most one per 8 samples, at most torch's thread count.
-inline int solve_threads(int64_t B) {
-  return (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
-}
 
 // Per sample, what a solve keeps besides the map's inputs: rings X, G and Gram, the iterate, f(x), best iterate,
 // gathered copy, step scratch, cell scratch (the chunk rule's row_bytes, with the map's own).

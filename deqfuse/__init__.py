@@ -1,7 +1,7 @@
 """deqfuse: fast deep-equilibrium and dynamic multimodal fusion layers for PyTorch."""
 from ._version import __version__  # noqa: F401
 from . import reference, solvers
-from .backend import cpu_plan, extension_status, force_cpu_plan, triton_status
+from .backend import cpu_plan, extension_status, force_cpu_plan, set_triton_autotune, triton_status
 from .cell import FusionCell
 from .errors import ConvergenceError, ConvergenceWarning
 from .dynamic import (ConcatGate, DEQHead, DepthGatedFusion, DynamicFusion, GumbelSchedule, MLPHead, PooledGate,
@@ -14,7 +14,7 @@ from .solvers import SolverStats, anderson, broyden, fixed_point
 __all__ = ["DEQFusion", "DynamicFusion", "DepthGatedFusion", "SubsetExpert", "MLPHead", "DEQHead",
            "GumbelSchedule", "PooledGate", "ConcatGate", "fit_gate", "DEQInfo", "FusionCell", "SolverStats", "anderson", "broyden", "fixed_point",
            "implicit_grad", "autograd_vjp", "jacobian_reg", "phantom_grad", "reference", "solvers",
-           "extension_status", "triton_status", "cpu_plan", "force_cpu_plan", "param_groups", "ConvergenceWarning", "ConvergenceError"]
+           "extension_status", "triton_status", "cpu_plan", "force_cpu_plan", "set_triton_autotune", "param_groups", "ConvergenceWarning", "ConvergenceError"]
 
 
 def _load_extension():

@@ -164,7 +164,7 @@ def _check_eval_args(ap, a):
 
 ENV_HELP = ("environment: DEQFUSE_DIST_TIMEOUT=SECONDS (under torchrun: how long a collective, and the start-up, "
             "waits for the other ranks; default 300; a rank whose collective times out exits with status 1 naming "
-            "the stalled ranks); DEQFUSE_NO_EXT, DEQFUSE_AUTOTUNE and DEQFUSE_NVTX are checked "
+            "the stalled ranks); DEQFUSE_NO_EXT and DEQFUSE_NVTX are checked "
             "before anything runs")
 
 

@@ -30,13 +30,14 @@ RETIRED_ENV = {"DEQFUSE_CPU_GEMM": "deqfuse.force_cpu_plan(gemm=...)",
                "DEQFUSE_CPU_ROWS": "deqfuse.force_cpu_plan(rows=...)",
                "DEQFUSE_SOLVE_LAYOUT": "deqfuse.force_cpu_plan(layout=...)",
                "DEQFUSE_SOLVE_CHUNK": "deqfuse.force_cpu_plan(chunk=...)",
-               "DEQFUSE_CELL_GEMM": "the triton_cell argument of DEQFusion / FusionCell"}
+               "DEQFUSE_CELL_GEMM": "the triton_cell argument of DEQFusion / FusionCell",
+               "DEQFUSE_AUTOTUNE": "deqfuse.set_triton_autotune(...)"}
 
 
 # The DEQFUSE_* variables read at run time -> the values each takes ('' where its reader takes it as unset;
 # unset is always fine), or a function that raises ValueError for a value it does not take. Also read
 # (env_errors adds it): DEQFUSE_DIST_TIMEOUT (distributed.timeout_s).
-ENV_VARS = {"DEQFUSE_NO_EXT": env_flag, "DEQFUSE_AUTOTUNE": ("", "0", "1"), "DEQFUSE_NVTX": ("", "0", "1")}
+ENV_VARS = {"DEQFUSE_NO_EXT": env_flag, "DEQFUSE_NVTX": ("", "0", "1")}
 
 
 def env_problem(var: str, allowed=None) -> Optional[str]:
@@ -89,7 +90,7 @@ def extension_status():
 
 def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32, batch: int = 0) -> str:
     """The C++ CPU kernel plan that the cell ops and whole solves of width `dim` in `groups` GroupNorm groups
-    run in `dtype` on this CPU for `batch` samples (0: any batch of 32 or more), with what force_cpu_plan forces
+    run in `dtype` on this CPU for `batch` samples (0: a large batch), with what force_cpu_plan forces
     now, e.g. 'gemm=avx512 rows=ymm layout=fm'. It is also each whole solve's SolverStats.plan. Needs the
     compiled extension."""
     ext, why = extension_status()
@@ -121,6 +122,24 @@ def force_cpu_plan(*, gemm: str = "auto", rows: str = "auto", layout: str = "aut
         yield
     finally:
         ext.set_cpu_plan(**before)
+
+
+def set_triton_autotune(enabled: bool) -> bool:
+    """Whether the fused Triton cell kernels (triton_cell='fused') tune their tile config per shape on a GPU
+    (True, the default) or run one fixed config (False: e.g. a test suite of many tiny shapes, each of which
+    would be tuned). Process-wide; returns the previous setting."""
+    global _TRITON_AUTOTUNE
+    check_choice("enabled", enabled, (True, False))
+    before, _TRITON_AUTOTUNE = _TRITON_AUTOTUNE, bool(enabled)
+    return before
+
+
+def triton_autotune() -> bool:
+    """The setting of set_triton_autotune."""
+    return _TRITON_AUTOTUNE
+
+
+_TRITON_AUTOTUNE = True
 
 
 @functools.lru_cache(None)

@@ -28,6 +28,7 @@ import os
 import time
 
 import torch
+from .. import backend as _backend
 import triton
 import triton.testing
 import triton.language as tl
@@ -289,8 +290,9 @@ def _configs(bn, group_tile=True):
 
 def _fixed_config(prec, bn, group_tile=True):
     """The config when not autotuning: the interpreter (timing it would be meaningless), the fp64 FMA
-    path (a test path: a [BM, BK, BN] product per step, so small tiles), or DEQFUSE_AUTOTUNE=0 (the
-    GPU tests: dozens of tiny shapes, each would be tuned): the first autotuning candidate."""
+    path (a test path: a [BM, BK, BN] product per step, so small tiles), or autotuning off
+    (deqfuse.set_triton_autotune(False): the GPU tests, dozens of tiny shapes each of which would be tuned): the
+    first autotuning candidate."""
     if _interpreted():
         return dict(BM=32, BK=32)
     if prec == "fma":
@@ -330,7 +332,7 @@ def _launch(kernel, grid, bn, *args, **meta):
     """Launch with a config picked by triton.autotune on a GPU (cached per shape key), else a fixed one.
     Every kernel here is a pure function of its inputs (no read-modify-write of an output), so the
     autotuner may run it repeatedly."""
-    fixed = (_interpreted() and not _AUTOTUNE_IN_INTERPRETER) or os.environ.get("DEQFUSE_AUTOTUNE", "1") == "0"
+    fixed = (_interpreted() and not _AUTOTUNE_IN_INTERPRETER) or not _backend.triton_autotune()
     if fixed or meta["PREC"] == "fma":
         cfg = _fixed_config(meta["PREC"], bn, "DG" in kernel.arg_names)
         kernel[grid(cfg)](*args, BN=bn, **cfg, **meta)

@@ -15,7 +15,8 @@ from deqfuse.testing import (backend_params, contractive_layer, make_inputs, mak
 def pytest_configure(config):
     # fixed kernel configs in tests: autotuning each of dozens of tiny shapes would dominate a GPU run
     # (a hook, not module code: the benchmarks import the helpers and must autotune)
-    os.environ.setdefault("DEQFUSE_AUTOTUNE", "0")
+    from deqfuse import set_triton_autotune
+    set_triton_autotune(False)
 
 
 @pytest.fixture

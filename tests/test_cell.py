@@ -232,7 +232,7 @@ def test_autotuned_launch_path_runs_and_matches_reference(monkeypatch, no_tf32):
     the interpreter: fp32 forward with save and the fused VJP against the fp64 reference."""
     from deqfuse.kernels import cell_fused as cf
     monkeypatch.setattr(cf, "_AUTOTUNE_IN_INTERPRETER", True)
-    monkeypatch.setenv("DEQFUSE_AUTOTUNE", "1")
+    monkeypatch.setattr(deqfuse.backend, "_TRITON_AUTOTUNE", True)
     monkeypatch.setattr(cf, "_TUNED", {})
     p64 = make_params(2, 16, device=DEV)
     z, x, xf = make_inputs(5, 2, 16, device=DEV)

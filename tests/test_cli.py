@@ -215,7 +215,7 @@ def test_command_options_are_usage_errors(tmp_path, capsys, argv, match):
 
 @pytest.mark.parametrize("var, value, match", [
     ("DEQFUSE_NO_EXT", "garbage", "DEQFUSE_NO_EXT='garbage' is not one of 1, true (on) or 0, false, empty (off)"),
-    ("DEQFUSE_AUTOTUNE", "yes", "DEQFUSE_AUTOTUNE='yes' is not one of ('0', '1')"),
+    ("DEQFUSE_NVTX", "yes", "DEQFUSE_NVTX='yes' is not one of ('0', '1')"),
     ("DEQFUSE_DIST_TIMEOUT", "-5", "DEQFUSE_DIST_TIMEOUT='-5' is not a positive number of seconds"),
 ])
 @pytest.mark.parametrize("cmd", ["train", "eval", "info"])

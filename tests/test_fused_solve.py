@@ -460,3 +460,25 @@ def test_solver_stats_name_the_plan_that_ran():
     with torch.no_grad():
         _, info = DEQFusion(16, 2, groups=2, backend="reference").eval()(feats, return_info=True)
     assert info.forward_stats.plan == "per-iteration loop"
+
+
+def test_feature_major_needs_a_full_vector_per_solve_thread():
+    """The plan's layout follows the batch: feature-major (where the CPU and width allow it) from one full
+    16-sample vector per solve thread, rows below; a solve's stats name the layout that ran."""
+    if plan_part("layout", 64, 4) != "fm":
+        pytest.skip("the feature-major solve does not run on this CPU")
+    before = torch.get_num_threads()
+    try:
+        for threads, rows_below in ((1, 16), (2, 32)):
+            torch.set_num_threads(threads)
+            assert "layout=rows" in deqfuse.cpu_plan(64, 4, batch=rows_below - 1)
+            assert "layout=fm" in deqfuse.cpu_plan(64, 4, batch=rows_below)
+            with force_cpu_plan(layout="fm"):
+                assert "layout=fm" in deqfuse.cpu_plan(64, 4, batch=rows_below - 1)
+        layer = DEQFusion(64, 2).eval()
+        with torch.no_grad():
+            for B, layout in ((31, "rows"), (32, "fm")):
+                _, info = layer([torch.randn(B, 64), torch.randn(B, 64)], return_info=True)
+                assert info.forward_stats.plan.endswith("layout=" + layout)
+    finally:
+        torch.set_num_threads(before)
