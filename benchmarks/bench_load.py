@@ -7,6 +7,9 @@ Each measurement: anderson_cell_solve (forward) and anderson_vjp_solve (adjoint)
 stops), `--iters` iterations, median over 40 calls; rounds alternate 1 thread / default threads; the
 neighbours are `python -c "while True: pass"` processes started for the loaded half. Prints us per
 iteration (medians over rounds) and the loaded default-thread time over the loaded 1-thread time.
+The same in a model: two Linear encoders (300 -> 256 -> D) before DEQFusion(D, N) with
+`--iters` fixed iterations, an eval forward and an AdamW training step, ms per call (torch's own parallel ops
+run right before each solve, as in any model).
 """
 import argparse
 import statistics
@@ -72,11 +75,47 @@ def main(argv=None):
             for pr in procs:
                 pr.kill()
     torch.set_num_threads(default)
+    enc = [torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.Linear(256, D)) for _ in range(N)]
+    model = DEQFusion(D, N, f_max_iter=T, b_max_iter=T, f_tol=1e-30, b_tol=1e-30, on_nonconvergence="ignore")
+    opt = torch.optim.AdamW([q for m in (model, *enc) for q in m.parameters()])
+    raw = [torch.randn(B, 300) for _ in range(N)]
+
+    def model_ms(kind, nt):
+        torch.set_num_threads(nt)
+        model.train(kind == "train")
+        ts = []
+        for i in range(23):
+            t0 = time.perf_counter()
+            if kind == "eval":
+                with torch.no_grad():
+                    model([e(r) for e, r in zip(enc, raw)])
+            else:
+                opt.zero_grad()
+                model([e(r) for e, r in zip(enc, raw)]).square().mean().backward()
+                opt.step()
+            if i >= 3:
+                ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    for loaded in (False, True):
+        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.neighbours if loaded else 0)]
+        time.sleep(0.5)
+        try:
+            for _ in range(a.rounds):
+                for kind in ("eval", "train"):
+                    for nt in (1, default):
+                        res.setdefault((loaded, kind, nt), []).append(model_ms(kind, nt))
+        finally:
+            for pr in procs:
+                pr.kill()
+    torch.set_num_threads(default)
     print(f"B={B} D={D} N={N}, {T} iterations, us per iteration (median of {a.rounds} rounds); "
           f"loaded: {a.neighbours} busy neighbour process(es); {default} = torch's threads")
     print(f"{'solve':8s} {'quiet 1':>9s} {'quiet ' + str(default):>9s} {'loaded 1':>9s} {'loaded ' + str(default):>10s}  "
           f"loaded {default}/1")
-    for kind in solves:
+    for kind in (*solves, "eval", "train"):
+        if kind == "eval":
+            print("in a model (encoders + DEQFusion), ms per call: eval forward, AdamW training step")
         m = {k: statistics.median(v) for k, v in res.items() if k[1] == kind}
         print(f"{kind:8s} {m[(False, kind, 1)]:9.1f} {m[(False, kind, default)]:9.1f} {m[(True, kind, 1)]:9.1f} "
               f"{m[(True, kind, default)]:10.1f}  {m[(True, kind, default)] / m[(True, kind, 1)]:.2f}x")

@@ -173,7 +173,11 @@ def main(argv=None):
     print(f"threads={torch.get_num_threads()}  iters={a.iters}  per-iteration ms (train: fwd + adjoint iterations)")
     others = [(f"baseline {os.path.basename(os.path.normpath(d))}", d) for d in a.baseline]
     if not a.no_torchdeq:
-        others.append(("torchdeq", None))
+        import importlib.util
+        if importlib.util.find_spec("torchdeq") is None:
+            print("  torchdeq unavailable: not installed (pip install torchdeq==0.1.0); its columns are left out")
+        else:
+            others.append(("torchdeq", None))
     print(f"{'B':>4} {'D':>4} {'N':>2}  {'floor mm':>8} {'kernel':>7}  {'eval':>7} {'x mm':>5} {'x kern':>6}  "
           f"{'train':>7} {'x mm':>5} {'x kern':>6}" + "".join(f"  {name + ' eval/train':>28}  {'speed-up':>11}"
                                                             for name, _ in others))

@@ -14,7 +14,8 @@
 // feature-major, its samples in SIMD lanes (solve_loop_fm, cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
 // group width 16 or 8), else row by row.
 //
-// Threads: the SolvePool's team (run_team), no barrier per step: threads take chunks of consecutive samples
+// Threads: run_team (OpenMP's team, or the SolvePool on a loaded machine), no barrier per step: threads take
+// chunks of consecutive samples
 // from a shared counter and solve each to the end (solve_loop's schedule comment). The solve stops when no sample is
 // active or after max_iter steps. Returns (steps run = the last step any sample was active + 1, rows
 // evaluated).
@@ -37,6 +38,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <cstdlib>
@@ -44,6 +46,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <pthread.h>
@@ -175,8 +178,8 @@ struct SolveCount {
   std::pair<int64_t, int64_t> result() const { return {steps.load(), rows.load()}; }
 };
 
-// The solves' thread team: a pool of persistent threads that wait on a condition variable (asleep, not
-// spinning, when idle). run_team(nt, body) runs body(tid) on this thread (tid 0) and on up to nt - 1 pool
+// The solves' thread team on a loaded machine (run_team): a pool of persistent threads that wait on a condition
+// variable (asleep, not spinning, when idle). run(nt, body) runs body(tid) on this thread (tid 0) and on up to nt - 1 pool
 // threads, each with its own tid < nt; the bodies take their work (chunks) from a shared counter, so any team
 // size finishes it. A pool thread that has not started when this thread's body returns is not waited for (the
 // job is closed to it): a parked or busy thread holds back at most the chunk it is working on, never the whole
@@ -248,8 +251,51 @@ class SolvePool {
   int open_ = 0, next_tid_ = 1, running_ = 0;
 };
 
+// The solves left to run on the SolvePool before run_team tries OpenMP's team again; in a child process after
+// fork() always the pool (libgomp's team does not survive a fork: a parallel region there never ends). The fork
+// handler is registered when the extension loads.
+constexpr int kAlwaysPool = std::numeric_limits<int>::max();
+std::atomic<int> pool_solves_left{0};
+[[maybe_unused]] const bool fork_handler = (pthread_atfork(nullptr, nullptr, [] { pool_solves_left.store(kAlwaysPool); }), true);
+
+// Runs body(tid) for tid < nt (tid 0 on this thread); the bodies take chunks from a shared counter. Where OpenMP
+// is there, in OpenMP's team: its threads are the ones torch's own ops keep awake (they spin for a while after each
+// parallel region), which a sleeping pool thread would wait behind. A team thread that starts after this thread's
+// body returned does nothing. On a loaded machine a team thread can lag the others (a busy neighbour holds its
+// CPU): when the last one finishes later than max(0.5 ms, half this thread's time) after this thread (more than
+// the last chunk of a quiet team), the next kPoolSolves solves run on the SolvePool, whose threads are not waited
+// for unless they started (RESULTS.md "The CPU solve's thread team").
 template <typename Body>
 void run_team(int nt, const Body& body) {
+#ifdef _OPENMP
+  constexpr int kPoolSolves = 32;
+  auto& left = pool_solves_left;
+  if (nt > 1 && !omp_in_parallel() && left.load(std::memory_order_relaxed) <= 0) {
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    std::atomic<bool> closed{false};
+    std::atomic<int64_t> last_ns{0};
+    int64_t mine_ns = 0;
+#pragma omp parallel num_threads(nt)
+    {
+      BlasSingleThread blas;
+      const int tid = omp_get_thread_num();
+      if (tid == 0) {
+        body(0);
+        closed.store(true, std::memory_order_release);
+        mine_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
+      } else {
+        if (!closed.load(std::memory_order_acquire)) body(tid);
+        const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
+        for (int64_t v = last_ns.load(); v < ns && !last_ns.compare_exchange_weak(v, ns);) {
+        }
+      }
+    }
+    if (last_ns.load() - mine_ns > std::max<int64_t>(500000, mine_ns / 2)) left.store(kPoolSolves);
+    return;
+  }
+  if (nt > 1 && left.load(std::memory_order_relaxed) != kAlwaysPool) left.fetch_sub(1, std::memory_order_relaxed);
+#endif
   SolvePool::get().run(nt, body);
 }
 

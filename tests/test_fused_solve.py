@@ -404,9 +404,9 @@ def _fork_child_solve(q, args):
 
 
 def test_solve_team_survives_concurrent_calls_and_fork():
-    """The solves' thread pool: two Python threads solving at once get the answers they get alone (the
-    second runs on its own thread while the pool is busy), and a forked child (a DataLoader worker) solves
-    with its own pool."""
+    """The solves' thread teams: two Python threads solving at once get the answers they get alone, and a
+    forked child (a DataLoader worker) of a parent whose OpenMP team is up solves on its own pool (a libgomp
+    parallel region in the child would never end)."""
     import multiprocessing as mp
     import threading
     torch.manual_seed(0)
@@ -433,7 +433,8 @@ def test_solve_team_survives_concurrent_calls_and_fork():
         xf = fuse_inputs(x, layer.weights, layer.bias)
     res = Results(z0, 20)
     args = (z0, x, xf, list(layer.cell.params()), 4, *res.buffers(), 5, 1.0, 1e-4, 1e-4, True, 20)
-    torch.ops.deqfuse.anderson_cell_solve(*args)  # the parent's pool has threads now
+    torch.ops.deqfuse.anderson_cell_solve(*args)  # the parent's solve team has threads now
+    torch.ones(1 << 22).add_(1)  # and torch's OpenMP team too
     want = float(res.best_x.sum())
     res.reset(z0)
     ctx = mp.get_context("fork")
