@@ -63,18 +63,24 @@ def main(argv=None):
         return statistics.median(ts)
 
     res = {}
-    for loaded in (False, True):
-        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.neighbours if loaded else 0)]
-        time.sleep(0.5)
-        try:
-            for _ in range(a.rounds):
-                for kind in solves:
-                    for nt in (1, default):
-                        res.setdefault((loaded, kind, nt), []).append(us(kind, nt))
-        finally:
-            for pr in procs:
-                pr.kill()
-    torch.set_num_threads(default)
+
+    def rounds(kinds, measure):
+        """res[(loaded, kind, threads)]: a.rounds measurements each, quiet and beside the neighbours."""
+        for loaded in (False, True):
+            procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                     for _ in range(a.neighbours if loaded else 0)]
+            time.sleep(0.5)
+            try:
+                for _ in range(a.rounds):
+                    for kind in kinds:
+                        for nt in (1, default):
+                            res.setdefault((loaded, kind, nt), []).append(measure(kind, nt))
+            finally:
+                for pr in procs:
+                    pr.kill()
+        torch.set_num_threads(default)
+
+    rounds(solves, us)
     enc = [torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.Linear(256, D)) for _ in range(N)]
     model = DEQFusion(D, N, f_max_iter=T, b_max_iter=T, f_tol=1e-30, b_tol=1e-30, on_nonconvergence="ignore")
     opt = torch.optim.AdamW([q for m in (model, *enc) for q in m.parameters()])
@@ -97,18 +103,7 @@ def main(argv=None):
                 ts.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(ts)
 
-    for loaded in (False, True):
-        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.neighbours if loaded else 0)]
-        time.sleep(0.5)
-        try:
-            for _ in range(a.rounds):
-                for kind in ("eval", "train"):
-                    for nt in (1, default):
-                        res.setdefault((loaded, kind, nt), []).append(model_ms(kind, nt))
-        finally:
-            for pr in procs:
-                pr.kill()
-    torch.set_num_threads(default)
+    rounds(("eval", "train"), model_ms)
     print(f"B={B} D={D} N={N}, {T} iterations, us per iteration (median of {a.rounds} rounds); "
           f"loaded: {a.neighbours} busy neighbour process(es); {default} = torch's threads")
     print(f"{'solve':8s} {'quiet 1':>9s} {'quiet ' + str(default):>9s} {'loaded 1':>9s} {'loaded ' + str(default):>10s}  "
