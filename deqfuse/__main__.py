@@ -28,8 +28,9 @@ def _info():
     ext, why = extension_status()
     print(f"backend cuda (compiled extension deqfuse._C): {why}")
     if ext is not None:
-        print(f"C++ CPU kernel plan (deqfuse.cpu_plan(dim, groups=4, dtype); deqfuse.force_cpu_plan forces parts; CPU "
-              f"capability {torch.backends.cpu.get_cpu_capability()}):")
+        print(f"C++ CPU kernel plan for large batches (deqfuse.cpu_plan(dim, groups=4, dtype, batch); below 16 samples "
+              f"per solve thread the solves take layout=rows; deqfuse.force_cpu_plan forces parts; CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()}):")
         for dtype, dims in ((torch.float32, (16, 32, 64, 128, 256)), (torch.float64, (64,))):
             for dim in dims:
                 print(f"  {str(dtype)[6:]:8s} dim={dim:<4d} {cpu_plan(dim, 4, dtype)}")
