@@ -90,13 +90,17 @@ def extension_status():
 
 def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32, batch: int = 0) -> str:
     """The C++ CPU kernel plan that the cell ops and whole solves of width `dim` in `groups` GroupNorm groups
-    run in `dtype` on this CPU for `batch` samples (0: a large batch), with what force_cpu_plan forces
-    now, e.g. 'gemm=avx512 rows=ymm layout=fm'. It is also each whole solve's SolverStats.plan. Needs the
-    compiled extension."""
+    run in `dtype` on this CPU for `batch` samples (0: a large batch) with torch's current thread count and
+    what force_cpu_plan forces now, e.g. 'gemm=avx512 rows=ymm layout=fm' (fm: feature-major, samples in SIMD
+    lanes, where each solve thread gets 16 samples; docs/ARCHITECTURE.md lists every choice). A compiled
+    whole solve's SolverStats.plan is 'C++ whole solve: ' + this. The C++ ops take float32 and float64; other
+    dtypes run the reference path (SolverStats.plan 'per-iteration loop'). Needs the compiled extension."""
     ext, why = extension_status()
     if ext is None:
         raise RuntimeError(f"cpu_plan: the compiled extension is not available: {why}")
-    check_choice("dtype", dtype, (torch.float32, torch.float64))
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (the C++ CPU ops' dtypes), got {dtype}; "
+                         f"other dtypes run the reference path, with no kernel plan")
     return ext.cell_plan(dim, groups, dtype == torch.float64, batch)
 
 

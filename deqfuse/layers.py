@@ -50,7 +50,9 @@ class DEQInfo:
 
 
 DEFAULT_TOL = 1e-4        # f_tol / b_tol left as None, float32/float64 solves
-LOW_PRECISION_TOL = 1e-3  # ... under torch.autocast or with bf16/fp16 parameters
+LOW_PRECISION_TOL = 1e-3  # ... under torch.autocast or with fp16 parameters
+BF16_STATE_TOL = 1e-2     # ... with bf16 parameters: the solver state itself is bf16 (8 significant bits: a
+                          # relative residual of 1e-3 is below its rounding; 5e-3 converges, 1e-2 with margin)
 INPUT_GAIN = 2.0          # input_norm: the LayerNorms' gain at init ...
 INPUT_BIAS = 1.5          # ... and their biases +-1.5, alternating: a zero or constant feature still injects a signal
 OUT_GAIN = 0.4            # init='contractive': the cell's last GroupNorm gains (GN3_i, GN_f) at init
@@ -84,9 +86,10 @@ class DEQFusion(nn.Module):
       input_norm, init: see above.
       solver: 'anderson' | 'broyden' | 'fixed_point' | 'anderson_official' for the forward and adjoint solves.
       f_max_iter/b_max_iter, f_tol/b_tol: limits of the forward / adjoint solve. Tolerances default
-        (None) to DEFAULT_TOL = 1e-4 for float32/64 solves and LOW_PRECISION_TOL = 1e-3 for a forward
-        under torch.autocast or a module cast to bf16/fp16 (chosen from the training-gradient error
-        against cost on BRCA, benchmarks/grad_accuracy.py; a bf16/fp16 solve cannot reach 1e-4).
+        (None) to DEFAULT_TOL = 1e-4 for float32/64 solves, LOW_PRECISION_TOL = 1e-3 for a forward
+        under torch.autocast or a module cast to fp16 (chosen from the training-gradient error against
+        cost on BRCA, benchmarks/grad_accuracy.py; a bf16/fp16 solve cannot reach 1e-4), and
+        BF16_STATE_TOL = 1e-2 for a module cast to bf16 (its solver state is bf16).
       stop_mode, b_stop_mode: residual of the forward / adjoint stopping rule ('rel' or 'abs'). The
         adjoint's is relative by default: its right-hand side is the incoming gradient, whose scale is
         the loss's, so an absolute rule would make the gradient depend on how the loss is scaled.
@@ -303,12 +306,16 @@ class DEQFusion(nn.Module):
         return z.narrow(1, self.n * self.dim, self.dim).contiguous(), info  # not a view: FSDP2 hooks, in-place safe
 
     def _solve_kw(self, which: int, x: torch.Tensor) -> dict:
-        """The forward (0) / adjoint (1) solve's options; a defaulted tolerance becomes LOW_PRECISION_TOL
-        when this forward's GEMMs run in bf16/fp16 (autocast on x's device, or bf16/fp16 parameters)."""
+        """The forward (0) / adjoint (1) solve's options; a defaulted tolerance becomes BF16_STATE_TOL when
+        the solver state is bf16 (bf16 parameters), LOW_PRECISION_TOL when this forward's GEMMs run in
+        bf16/fp16 otherwise (autocast on x's device, or fp16 parameters)."""
         kw = (self.f_kw, self.b_kw)[which]
-        if self._tol_defaulted[which] and (x.dtype in (torch.float16, torch.bfloat16)
-                                           or torch.is_autocast_enabled(x.device.type)):
-            kw = dict(kw, tol=max(kw["tol"], LOW_PRECISION_TOL))
+        if not self._tol_defaulted[which]:
+            return kw
+        if x.dtype == torch.bfloat16:
+            return dict(kw, tol=max(kw["tol"], BF16_STATE_TOL))
+        if x.dtype == torch.float16 or torch.is_autocast_enabled(x.device.type):
+            return dict(kw, tol=max(kw["tol"], LOW_PRECISION_TOL))
         return kw
 
     def _attach_grad(self, z_star, x, xf, B, bstats, graphed=False):
