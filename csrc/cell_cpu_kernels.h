@@ -802,7 +802,10 @@ CpuPlan select_plan(int64_t D, int64_t G, int64_t B) {
   p.chunk = f.chunk.load(std::memory_order_relaxed);
   if constexpr (std::is_same_v<T, float>) {
     const int64_t n = D / G;
-    const bool avx2_gn = G % 4 == 0 && n % 8 == 0 && cpu_has_avx2_fma();
+    bool avx2_gn = false;  // the AVX2 GroupNorm row kernels apply
+#ifdef DEQFUSE_AVX2_GN
+    avx2_gn = gn_float_kernels(D, G);
+#endif
     p.gemm = small_gemm_for(D);
 #ifdef DEQFUSE_ZMM_ROWS
     p.zmm = avx2_gn && cpu_rows_zmm();
