@@ -34,7 +34,7 @@ def ext_modules():
         print("deqfuse: torch not importable at build time, skipping the compiled extension "
               "(install torch first and use --no-build-isolation)")
         return [], {}
-    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
     # -fopenmp: at::parallel_for is serial in code compiled without it (ATen/ParallelOpenMP.h), and
     # `#pragma omp simd` vectorises the row reductions. -fno-math-errno: sqrt inline (no errno branch);

@@ -75,8 +75,8 @@ def main(argv=None):
     ap.add_argument("--lo", type=int, default=4)
     ap.add_argument("--hi", type=int, default=34)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    from deqfuse.backend import CPU_PLAN_CHOICES
-    for part, choices in CPU_PLAN_CHOICES.items():
+    from deqfuse.backend import cpu_plan_choices
+    for part, choices in cpu_plan_choices().items():
         ap.add_argument(f"--{part}", default="auto", choices=choices, help="force this part of the kernel plan")
     a = ap.parse_args(argv)
     threads = torch.get_num_threads()

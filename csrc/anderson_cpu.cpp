@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "anderson_check.h"
-#include "anderson_cpu_kernels.h"
+#include "cpu/anderson_cpu_kernels.h"
 
 namespace deqfuse {
 

@@ -5,8 +5,10 @@
 //   group_by_choice / gather_rows_multi / scatter_rows (CPU, CUDA).
 #include <torch/extension.h>
 
-#include "cpu_blas.h"
-#include "gemm_small.h"
+#include <iterator>
+
+#include "cpu/cpu_blas.h"
+#include "cpu/plan.h"
 
 namespace deqfuse {
 double cell_gemm_floor_seconds(const at::Tensor& z, const std::vector<at::Tensor>& params, int64_t reps, bool blas);
@@ -18,21 +20,20 @@ PlanForce& plan_force() {
 }
 
 namespace {
-// name -> the PlanForce value (0: "auto"); an unknown name is an error naming the argument.
-int plan_choice(const char* arg, const std::string& v, std::initializer_list<const char*> names) {
+// name -> the PlanForce value (0: "auto", else 1 + its index in names); an unknown name is an error naming the
+// argument.
+template <size_t K>
+int plan_choice(const char* arg, const std::string& v, const char* const (&names)[K]) {
   if (v == "auto") return 0;
-  int i = 1;
   std::string list = "'auto'";
-  for (const char* n : names) {
-    if (v == n) return i;
-    ++i;
-    list += std::string(", '") + n + "'";
+  for (size_t i = 0; i < K; ++i) {
+    if (v == names[i]) return (int)i + 1;
+    list += std::string(", '") + names[i] + "'";
   }
   TORCH_CHECK_VALUE(false, "set_cpu_plan: ", arg, " must be one of ", list, ", got '", v, "'");
 }
-const char* plan_name(int v, std::initializer_list<const char*> names) {
-  return v == 0 ? "auto" : names.begin()[v - 1];
-}
+template <size_t K>
+const char* plan_choice_name(int v, const char* const (&names)[K]) { return v == 0 ? "auto" : names[v - 1]; }
 }  // namespace
 }  // namespace deqfuse
 
@@ -55,25 +56,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
-  m.def("blas_backend",
+  m.def("blas_backend", []() { return std::string(deqfuse::blas_backend()); },
+        "the BLAS the C++ CPU cell ops call where the plan has no tile GEMM: torch's sgemm_/dgemm_ or the at::mm "
+        "fallback");
+  m.def("cpu_plan_choices",
         []() {
-          std::string s;
-          for (int64_t D : {16, 24, 64, 128}) {
-            s += (s.empty() ? "D=" : ", D=") + std::to_string(D) + ": " +
-                 deqfuse::small_gemm_name(deqfuse::small_gemm_for(D));
-          }
-          return "float32 tiles by width (" + s + "), else " + std::string(deqfuse::blas_backend());
+          auto names = [](const auto& a) { return std::vector<std::string>(std::begin(a), std::end(a)); };
+          return pybind11::dict(pybind11::arg("gemm") = names(deqfuse::kGemmNames),
+                                pybind11::arg("rows") = names(deqfuse::kRowsNames),
+                                pybind11::arg("layout") = names(deqfuse::kLayoutNames));
         },
-        "which GEMMs the C++ CPU cell ops run: a tile kernel (gemm_small.h: AVX-512 or AVX2 + FMA) where it "
-        "applies, else torch's BLAS (sgemm_/dgemm_) or the at::mm fallback");
-  // The names below list each choice in its PlanForce order (cpu_simd.h; gemm: 1 + SmallGemm).
+        "the names each part of the C++ CPU kernel plan may take (besides 'auto')");
   m.def("set_cpu_plan",
         [](const std::string& gemm, const std::string& rows, const std::string& layout, int64_t chunk) {
           TORCH_CHECK_VALUE(chunk >= 0, "set_cpu_plan: chunk must be >= 0 (0: by cache size), got ", chunk);
           auto& f = deqfuse::plan_force();
-          f.gemm = deqfuse::plan_choice("gemm", gemm, {"blas", "avx2", "avx512"});
-          f.rows = deqfuse::plan_choice("rows", rows, {"zmm", "ymm"});
-          f.layout = deqfuse::plan_choice("layout", layout, {"rows", "fm"});
+          f.gemm = deqfuse::plan_choice("gemm", gemm, deqfuse::kGemmNames);
+          f.rows = deqfuse::plan_choice("rows", rows, deqfuse::kRowsNames);
+          f.layout = deqfuse::plan_choice("layout", layout, deqfuse::kLayoutNames);
           f.chunk = chunk;
         },
         pybind11::arg("gemm") = "auto", pybind11::arg("rows") = "auto", pybind11::arg("layout") = "auto",
@@ -83,9 +83,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_cpu_plan",
         []() {
           const auto& f = deqfuse::plan_force();
-          return pybind11::dict(pybind11::arg("gemm") = deqfuse::plan_name(f.gemm, {"blas", "avx2", "avx512"}),
-                                pybind11::arg("rows") = deqfuse::plan_name(f.rows, {"zmm", "ymm"}),
-                                pybind11::arg("layout") = deqfuse::plan_name(f.layout, {"rows", "fm"}),
+          return pybind11::dict(pybind11::arg("gemm") = deqfuse::plan_choice_name(f.gemm, deqfuse::kGemmNames),
+                                pybind11::arg("rows") = deqfuse::plan_choice_name(f.rows, deqfuse::kRowsNames),
+                                pybind11::arg("layout") = deqfuse::plan_choice_name(f.layout, deqfuse::kLayoutNames),
                                 pybind11::arg("chunk") = f.chunk.load());
         },
         "the forced parts of the C++ CPU kernel plan (set_cpu_plan's arguments)");

@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "cell_check.h"
-#include "cell_cpu_kernels.h"
+#include "cpu/cell_cpu_kernels.h"
 
 namespace deqfuse {
 namespace {
@@ -48,7 +48,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(const at::Tensor& z
   const T *zp = ptr<T>(z), *xp = ptr<T>(x), *xfp = ptr<T>(xf);
   T* outp = out.data_ptr<T>();
   for_blocks<T>(B, D, [&](int64_t b0, int64_t M, T* scratch) {
-    forward_block<T>(c, zp + b0 * c.ZS, xp, xfp, outp + b0 * c.ZS, save, b0, M, nullptr, scratch);
+    c.rows->forward_block(c, zp + b0 * c.ZS, xp, xfp, outp + b0 * c.ZS, save, b0, M, nullptr, scratch);
   });
   return {out, sv};
 }
@@ -62,7 +62,7 @@ at::Tensor vjp_impl(const at::Tensor& gbar, const std::vector<at::Tensor>& sv, c
   const T* gp = ptr<T>(gbar);
   T* outp = out.data_ptr<T>();
   const T* addp = add.defined() ? ptr<T>(add) : nullptr;
-  for_blocks<T>(B, D, [&](int64_t b0, int64_t M, T* scratch) { vjp_block<T>(c, gp + b0 * c.ZS, addp, outp + b0 * c.ZS, b0, M, nullptr, scratch, kp); });
+  for_blocks<T>(B, D, [&](int64_t b0, int64_t M, T* scratch) { c.rows->vjp_block(c, gp + b0 * c.ZS, addp, outp + b0 * c.ZS, b0, M, nullptr, scratch, kp); });
   return out;
 }
 
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward
   const T *gp = ptr<T>(gbar), *zp = ptr<T>(z);
   T *hp = h.data_ptr<T>(), *sp = s.data_ptr<T>(), *qp = q.data_ptr<T>(), *dxp = dx.data_ptr<T>();
   for_blocks<T>(B, D, [&](int64_t b0, int64_t M, T* scratch) {
-    vjp_block<T>(c, gp + b0 * ZS, nullptr, dz.data_ptr<T>() + b0 * ZS, b0, M, nullptr, scratch, kp);
+    c.rows->vjp_block(c, gp + b0 * ZS, nullptr, dz.data_ptr<T>() + b0 * ZS, b0, M, nullptr, scratch, kp);
     for (int64_t b = b0; b < b0 + M; ++b) {
       const T *zf = c.zfs + b * D, *ga = c.gas + b * D;
       T *sr = sp + b * D, *qr = qp + b * D;
@@ -195,6 +195,38 @@ double gemm_floor_impl(const at::Tensor& z, const std::vector<at::Tensor>& p, in
 }
 
 }  // namespace
+
+template <typename T>
+Cell<T>::Cell(int64_t B_, int64_t N_, int64_t D_, int64_t G_, const std::vector<at::Tensor>& p,
+              const std::vector<at::Tensor>& sv, bool forward)
+    : B(B_), N(N_), D(D_), G(G_), ZS((N_ + 1) * D_) {
+  const T** pp[kNumParams] = {&w1, &b1, &w2, &b2, &g1w, &g1b, &g2w, &g2b, &g3w, &g3b, &wg, &bg, &wf, &bf, &gfw, &gfb};
+  for (int i = 0; i < kNumParams; ++i) *pp[i] = p[i].data_ptr<T>();
+  T** ss[kNumSaved] = {&yh1, &rs1, &g1s, &yh2, &rs2, &us, &yh3, &rs3, &zfs, &gas, &a3s, &yhf, &rsf};
+  for (int i = 0; i < kNumSaved; ++i) *ss[i] = sv.empty() ? nullptr : sv[i].data_ptr<T>();
+  plan = select_plan<T>(D, G, B);
+  rows = &row_kernels<T>(plan.rows);
+  if (kn() && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
+    const int64_t DD = D * D;
+    wt_store.reset(new T[(2 * N + 2) * DD]);
+    auto transpose = [&](const T* w, T* wt) {
+#ifdef DEQFUSE_AVX2_GEMM
+      if constexpr (std::is_same_v<T, float>) return transpose_avx2(w, wt, D);  // kn: AVX2, D % 8 == 0
+#endif
+      for (int64_t r = 0; r < D; ++r)
+        for (int64_t k = 0; k < D; ++k) wt[k * D + r] = w[r * D + k];
+    };
+    for (int64_t i = 0; i < 2 * N; ++i) transpose((i < N ? w1 : w2) + (i % N) * DD, wt_store.get() + i * DD);
+    transpose(wg, wt_store.get() + 2 * N * DD);
+    transpose(wf, wt_store.get() + (2 * N + 1) * DD);
+    w1t = wt_store.get();
+    w2t = w1t + N * DD;
+    wgt = w2t + N * DD;
+    wft = wgt + DD;
+  }
+}
+template struct Cell<float>;
+template struct Cell<double>;
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> cell_forward_cpu(const at::Tensor& z, const at::Tensor& x,
                                                                  const at::Tensor& xf,

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "cell_check.h"
-#include "cell_cpu_kernels.h"
+#include "cpu/cell_cpu_kernels.h"
 
 namespace deqfuse {
 namespace {

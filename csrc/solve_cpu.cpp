@@ -55,10 +55,10 @@
 #include <utility>
 #include <vector>
 
-#include "anderson_cpu_kernels.h"
+#include "cpu/anderson_cpu_kernels.h"
 #include "cell_check.h"
-#include "cell_cpu_kernels.h"
-#include "cell_fm_avx512.h"
+#include "cpu/cell_cpu_kernels.h"
+#include "cpu/cell_fm_avx512.h"
 
 namespace deqfuse {
 namespace {
@@ -75,7 +75,7 @@ struct CellMap {
   const Cell<T>& c;
   const T *xp, *xfp;
   void operator()(const T* zin, T* out, int64_t b0, int64_t M, const int64_t* rows, T* scratch) const {
-    forward_block<T>(c, zin, xp, xfp, out, false, b0, M, rows, scratch);
+    c.rows->forward_block(c, zin, xp, xfp, out, false, b0, M, rows, scratch);
   }
   int64_t row_bytes() const { return (int64_t)sizeof(T) * c.ZS; }  // x [N, D] and xf [D] per sample
   int64_t weight_bytes() const { return cell_weight_bytes(c); }
@@ -87,7 +87,7 @@ struct VjpMap {
   const Cell<T>& c;
   const T* addp;
   void operator()(const T* gin, T* out, int64_t b0, int64_t M, const int64_t* rows, T* scratch) const {
-    vjp_block<T>(c, gin, addp, out, b0, M, rows, scratch, Keep<T>());
+    c.rows->vjp_block(c, gin, addp, out, b0, M, rows, scratch, Keep<T>());
   }
   // per sample: the 13 saved tensors (5 [N, D], 3 [N, G], 4 [D], 1 [G]) and add [L]
   int64_t row_bytes() const { return (int64_t)sizeof(T) * ((5 * c.N + 4) * c.D + (3 * c.N + 1) * c.G + c.ZS); }

@@ -20,11 +20,6 @@ from ._env import env_flag, sources_sha
 from ._validate import check_choice
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
-# The choices of the C++ CPU kernel plan that force_cpu_plan can force ('auto': the plan's own): gemm, the
-# kernel of the cell's float32 GEMMs (csrc/gemm_small.h); rows, the vectors of its row passes
-# (csrc/cpu_simd.h); layout, the whole solves' chunk layout (csrc/solve_cpu.cpp). cpu_plan says what runs.
-CPU_PLAN_CHOICES = {"gemm": ("auto", "avx512", "avx2", "blas"), "rows": ("auto", "zmm", "ymm"),
-                    "layout": ("auto", "rows", "fm")}
 # Environment variables no longer read -> what replaced them (a warning says so when one is set).
 RETIRED_ENV = {"DEQFUSE_CPU_GEMM": "deqfuse.force_cpu_plan(gemm=...)",
                "DEQFUSE_CPU_ROWS": "deqfuse.force_cpu_plan(rows=...)",
@@ -84,8 +79,7 @@ def extension_status():
     for var, instead in RETIRED_ENV.items():
         if var in os.environ:
             warnings.warn(f"{var} is no longer read: use {instead}", RuntimeWarning, stacklevel=2)
-    return _C, "ok (cuda kernels: %s; CPU cell GEMMs: %s)" % ("yes" if _C.has_cuda() else "no, CPU build",
-                                                               _C.blas_backend())
+    return _C, "ok (cuda kernels: %s; BLAS: %s)" % ("yes" if _C.has_cuda() else "no, CPU build", _C.blas_backend())
 
 
 def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32, batch: int = 0) -> str:
@@ -104,22 +98,34 @@ def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32, batc
     return ext.cell_plan(dim, groups, dtype == torch.float64, batch)
 
 
+def cpu_plan_choices() -> dict:
+    """Each part of the C++ CPU kernel plan that force_cpu_plan can force -> the names it takes ('auto': the
+    plan's own choice): gemm, the kernel of the cell's float32 GEMMs; rows, the instruction set of its row
+    passes; layout, the whole solves' chunk layout. The list is the extension's (csrc/cpu/plan.h)."""
+    ext, why = extension_status()
+    if ext is None:
+        raise RuntimeError(f"cpu_plan_choices: the compiled extension is not available: {why}")
+    return {part: ("auto", *names) for part, names in ext.cpu_plan_choices().items()}
+
+
 @contextlib.contextmanager
 def force_cpu_plan(*, gemm: str = "auto", rows: str = "auto", layout: str = "auto", chunk: int = 0):
     """Inside the block, the C++ CPU ops run with these parts of their kernel plan forced (tests, benchmarks):
-    gemm 'avx512' | 'avx2' | 'blas' (the float32 GEMM kernel), rows 'zmm' | 'ymm' (512- or 256-bit row passes),
+    gemm 'avx512' | 'avx2' | 'blas' (the float32 GEMM kernel), rows 'zmm' | 'ymm' | 'base' (the row passes
+    compiled for x86-64-v4's 512-bit vectors, x86-64-v3's 256-bit ones, or the build's baseline),
     layout 'rows' | 'fm' (the whole solves' chunk layout), chunk (samples per chunk of a whole solve; 0: by cache
     size); 'auto' leaves a part to the plan. A choice the CPU or the shape does not allow falls back to the plan's
     own (cpu_plan says what runs). Process-wide, like torch.backends flags: every thread sees it; the previous
     setting comes back on exit. Every plan gives the reference's values within the dtype's tolerance; within
     one plan, results are bit for bit the same across threads, chunk sizes and compaction."""
-    for name, v in (("gemm", gemm), ("rows", rows), ("layout", layout)):
-        check_choice(name, v, CPU_PLAN_CHOICES[name])
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise ValueError(f"chunk must be an int >= 0 (0: by cache size), got {chunk!r}")
     ext, why = extension_status()
     if ext is None:
         raise RuntimeError(f"force_cpu_plan: the compiled extension is not available: {why}")
+    choices = cpu_plan_choices()
+    for name, v in (("gemm", gemm), ("rows", rows), ("layout", layout)):
+        check_choice(name, v, choices[name])
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"chunk must be an int >= 0 (0: by cache size), got {chunk!r}")
     before = ext.get_cpu_plan()
     ext.set_cpu_plan(gemm, rows, layout, chunk)
     try:

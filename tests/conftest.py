@@ -12,11 +12,38 @@ from deqfuse.testing import (backend_params, contractive_layer, make_inputs, mak
                              tol, triton_runs)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cpu-plan", default="", metavar="PART=NAME,...",
+                     help="run the whole suite under deqfuse.force_cpu_plan(PART=NAME, ...), e.g. rows=base,gemm=blas "
+                          "(assertions about the plan's own rules are left out)")
+
+
 def pytest_configure(config):
     # fixed kernel configs in tests: autotuning each of dozens of tiny shapes would dominate a GPU run
     # (a hook, not module code: the benchmarks import the helpers and must autotune)
     from deqfuse import set_triton_autotune
     set_triton_autotune(False)
+    global FORCED_PLAN
+    FORCED_PLAN = {k: (int(v) if k == "chunk" else v)
+                   for k, v in (kv.split("=") for kv in config.getoption("--cpu-plan").split(",") if kv)}
+
+
+FORCED_PLAN = {}  # --cpu-plan's parts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _forced_cpu_plan():
+    if not FORCED_PLAN:
+        yield
+        return
+    from deqfuse import force_cpu_plan
+    with force_cpu_plan(**FORCED_PLAN):
+        yield
+
+
+def plan_forced():
+    """Whether the suite runs under --cpu-plan (the plan's own rules are then not what runs)."""
+    return bool(FORCED_PLAN)
 
 
 @pytest.fixture

@@ -173,7 +173,8 @@ def test_layer_outputs_and_gradients_equal_per_iteration_loop(dtype, threads, pe
     out, grads, info = step()
     with per_iteration:
         out_ref, grads_ref, info_ref = step()
-    tol = TOL[dtype] * (1 if dtype == torch.float64 else 10)
+    # float32: both solves stop at the layer's tolerances (1e-4) along their own roundings (each plan's)
+    tol = TOL[dtype] * (1 if dtype == torch.float64 else 100)
     assert (out - out_ref).abs().max() <= tol * (1 + out_ref.abs().max())
     for n in grads:
         assert (grads[n] - grads_ref[n]).abs().max() <= tol * (1 + grads_ref[n].abs().max()), n
@@ -326,7 +327,7 @@ def _vjp_solve(layer, x, groups, m, tol, stop_rel, max_iter, z0):
 @pytest.mark.parametrize("stop_rel", [True, False], ids=["rel", "abs"])
 @pytest.mark.parametrize("solve", [_cell_solve, _vjp_solve], ids=["forward", "adjoint"])
 def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chunk, stop_rel, solve, threads):
-    """Where the whole solves can run feature-major (csrc/cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
+    """Where the whole solves can run feature-major (csrc/cpu/cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
     group width 16 or 8 with groups % 4 == 0; the default on CPUs with AVX-512F), forward and adjoint, each
     sample's iterate and residuals agree with the row layout's to float32 rounding (steps within one), with
     samples freezing at different steps (their lanes compacted from 4 vectors down to 1), padding lanes (chunks

@@ -1,7 +1,13 @@
-// Row-block kernels of the C++ CPU fusion cell (forward, VJP), shared by the cell ops (cell_cpu.cpp) and
-// the whole-solve ops (solve_cpu.cpp). Contract: deqfuse/reference/cell.py; layout and saved tensors as
-// described at the top of cell_cpu.cpp. Internal linkage (an unnamed namespace): each translation unit
-// gets its own copies, so the target_clones (ifunc) functions never meet as COMDAT duplicates at link time.
+// Row-block kernels of the C++ CPU fusion cell (GroupNorm rows, the cell's GEMM calls, forward_block_body and
+// vjp_block_body), the plan's choice (select_plan) and the parameter-gradient helpers, shared by the cell ops
+// (cell_cpu.cpp, cell_jac_cpu.cpp), the whole-solve ops (solve_cpu.cpp) and the instruction-set files
+// (rows_*.cpp). Contract: deqfuse/reference/cell.py; layout and saved tensors as described at the top of
+// cell_cpu.cpp. Internal linkage (an unnamed namespace): each file compiles its own copies, for its target.
+//
+// DEQFUSE_ROWS_ISA (set by rows_zmm.cpp / rows_ymm.cpp before including this header): the definitions below
+// are compiled for that instruction set -- the `omp simd` loops and the lambdas in its vectors. The headers
+// above the target switch, included first, stay at the baseline: their inline functions have external
+// linkage, and the linker keeps one copy of each for every file.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
@@ -17,10 +23,20 @@
 #include <immintrin.h>
 #endif
 
-#include "cell_check.h"
+#include "../cell_check.h"
 #include "cpu_blas.h"
 #include "cpu_simd.h"
 #include "gemm_small.h"
+#include "plan.h"
+
+#if defined(DEQFUSE_ROWS_ISA) && defined(DEQFUSE_X86_TARGETS)
+#pragma GCC push_options
+#if DEQFUSE_ROWS_ISA == 0  // RowIsa::kZmm
+#pragma GCC target("arch=x86-64-v4")
+#elif DEQFUSE_ROWS_ISA == 1  // RowIsa::kYmm
+#pragma GCC target("arch=x86-64-v3")
+#endif
+#endif
 
 namespace deqfuse {
 namespace {
@@ -138,8 +154,10 @@ __attribute__((target("avx2,fma"))) inline __m256 lane_avx2(__m128 v, int q) {
 // and SAVE known the group loops unroll, a group's sums stay in registers and the row pointers are not
 // reloaded per vector (the stores could alias them); the operations, and so the values, are those of the
 // W = 0 loops.
+// Out of line (noinline): inlined into the row bodies once per group width, they doubled the bodies' code
+// and the solves ran 2-9% slower.
 template <int K, int W, bool SAVE>
-__attribute__((target("avx2,fma"))) inline void gn_rows_avx2(const GnRow<float>* rw, const float* gamma,
+__attribute__((target("avx2,fma"), noinline)) void gn_rows_avx2(const GnRow<float>* rw, const float* gamma,
                                                              const float* beta, int64_t D, int64_t G) {
   const int64_t n = W > 0 ? 8 * W : D / G, w = W > 0 ? W : n / 8;
   const __m128 nv = _mm_set1_ps((float)n), eps = _mm_set1_ps((float)kGnEps), one = _mm_set1_ps(1.0f);
@@ -565,7 +583,7 @@ DEQFUSE_INLINE void gn_back_post_row(const GnBackRow<T>& p, int64_t D) {
 // gn_rows_avx2 layout). Same arithmetic for every row whatever K, so a row's result does not depend on
 // its neighbours in the batch.
 template <int K, int W>  // W: 8-lane vectors per group as a compile-time constant, or 0 (gn_rows_avx2)
-__attribute__((target("avx2,fma"))) inline void gn_rows_backward_avx2(const GnBackRow<float>* rw, const float* gamma,
+__attribute__((target("avx2,fma"), noinline)) void gn_rows_backward_avx2(const GnBackRow<float>* rw, const float* gamma,
                                                                       int64_t D, int64_t G) {
   const int64_t n = W > 0 ? 8 * W : D / G, w = W > 0 ? W : n / 8;
   const __m128 nv = _mm_set1_ps((float)n), inv_n = _mm_set1_ps(1.0f / (float)n);
@@ -770,18 +788,6 @@ DEQFUSE_INLINE void relu_inplace(T* a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) a[j] = a[j] < 0 ? (T)0 : a[j];  // ReLU; NaN stays NaN (torch.relu)
 }
 
-// The kernel plan of one cell op call or whole solve: chosen once, by select_plan, from the dtype, the width D, the
-// groups G, the CPU and what PlanForce (cpu_simd.h) forces; read by every kernel of the call. Each plan is tested
-// against the plain-PyTorch reference (tests/test_cell.py, test_fused_solve.py force each one); values repeat bit
-// for bit within one plan (threads, chunk sizes, compaction), not across plans.
-struct CpuPlan {
-  SmallGemm gemm = SmallGemm::kBlas;  // the D x D GEMMs: a tile kernel (gemm_small.h) or the BLAS
-  bool zmm = false;                   // row passes in 512-bit vectors (forward_block_zmm, vjp_block_zmm), else ymm
-  int gn = 0;       // GroupNorm rows: 16 / 8 gn_rows_wide_avx512 of that group width, 1 gn_rows_avx2, 0 gn_row
-  int fm = 0;       // whole solves feature-major with this group width (16 or 8; solve_loop_fm), 0 row by row
-  int64_t chunk = 0;  // samples per chunk of the whole solves, 0: by cache size (solve_chunks)
-};
-
 // Threads of a whole solve of B samples: at most one per 8 samples, at most torch's thread count.
 inline int solve_threads(int64_t B) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 7) / 8));
@@ -790,30 +796,36 @@ inline int solve_threads(int64_t B) {
 // Samples per vector of the feature-major solve (16 float lanes).
 constexpr int64_t kFmLanes = 16;
 
-// The one place the plan is chosen, for a call on B rows (B <= 0: a large batch). zmm rows: Intel CPUs with
-// x86-64-v4 (cpu_rows_zmm), float, the row GroupNorm kernels. fm: float, a tile GEMM, AVX-512F, group width 16 or
-// 8 with G % 4 == 0, and a full 16-sample vector for each solve thread (below it the row layout, which splits
-// the samples across the threads, is faster; from it feature-major is, on the Intel and AMD CPUs measured:
-// RESULTS.md "Kernel plan").
+// The one place the plan is chosen, for a call on B rows (B <= 0: a large batch), with what PlanForce forces.
+// rows: zmm on Intel CPUs with x86-64-v4 for float with the row GroupNorm kernels (AMD's Zen 4 splits 512-bit
+// operations: slower there), else ymm on x86-64-v3, else base. fm: float, a tile GEMM, AVX-512F, group width
+// 16 or 8 with G % 4 == 0, and a full 16-sample vector for each solve thread (below it the row layout, which
+// splits the samples across the threads, is faster). Measurements: RESULTS.md "Kernel plan".
 template <typename T>
 CpuPlan select_plan(int64_t D, int64_t G, int64_t B) {
   CpuPlan p;
   const PlanForce& f = plan_force();
   p.chunk = f.chunk.load(std::memory_order_relaxed);
+  bool avx2_gn = false;  // the AVX2 GroupNorm row kernels apply
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t n = D / G;
-    bool avx2_gn = false;  // the AVX2 GroupNorm row kernels apply
 #ifdef DEQFUSE_AVX2_GN
     avx2_gn = gn_float_kernels(D, G);
 #endif
     p.gemm = small_gemm_for(D);
-#ifdef DEQFUSE_ZMM_ROWS
-    p.zmm = avx2_gn && cpu_rows_zmm();
-#endif
+  }
+  const bool v3 = cpu_has_x86_64_v3(), v4 = cpu_has_x86_64_v4();
+  const int fr = f.rows.load(std::memory_order_relaxed);  // 0, or 1 + the forced RowIsa
+  const auto forced = (RowIsa)(fr - 1);
+  if (fr == 0 || (forced == RowIsa::kZmm && !v4) || (forced == RowIsa::kYmm && !v3))
+    p.rows = v4 && avx2_gn && cpu_is_intel() ? RowIsa::kZmm : v3 ? RowIsa::kYmm : RowIsa::kBase;
+  else
+    p.rows = forced;
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t n = D / G;
     p.gn = avx2_gn ? 1 : 0;
 #ifdef DEQFUSE_AVX512_GN
     const bool wide = G % 4 == 0 && cpu_has_avx512f();
-    if (wide && (n == 16 || (n == 8 && p.zmm))) p.gn = (int)n;  // width 8 in 512-bit lanes only with zmm rows
+    if (wide && (n == 16 || (n == 8 && p.rows == RowIsa::kZmm))) p.gn = (int)n;  // width 8: with zmm rows only
     const int layout = f.layout.load(std::memory_order_relaxed);  // forced: 1 rows, 2 fm at any batch
     if (wide && (n == 16 || n == 8) && p.gemm != SmallGemm::kBlas && layout != 1 &&
         (layout == 2 || B <= 0 || B >= kFmLanes * solve_threads(B)))
@@ -824,55 +836,11 @@ CpuPlan select_plan(int64_t D, int64_t G, int64_t B) {
 }
 
 inline std::string plan_name(const CpuPlan& p) {
-  std::string s = std::string("gemm=") + small_gemm_name(p.gemm) + " rows=" + (p.zmm ? "zmm" : "ymm") +
-                  " layout=" + (p.fm ? "fm" : "rows");
+  std::string s = std::string("gemm=") + kGemmNames[(int)p.gemm] + " rows=" + kRowsNames[(int)p.rows] +
+                  " layout=" + kLayoutNames[p.fm ? 1 : 0];
   if (p.chunk) s += " chunk=" + std::to_string(p.chunk);
   return s;
 }
-
-// Raw pointers and sizes of one call: parameters, and the saved tensors (written by a forward with
-// save=true, read by the VJP; null in a forward without save), and the call's plan. kn(): the GEMMs go through
-// a tile kernel (plan.gemm: the AVX-512 or AVX2 tiles of gemm_small.h; else the BLAS), which reads the weights
-// in [K][Nc] layout: a Linear's forward multiplies by W^T (transposed copies, made by the constructor when
-// `forward`), its VJP by W as stored.
-template <typename T>
-struct Cell {
-  int64_t B, N, D, G, ZS;  // ZS = (N+1) D: row stride of z / out / gbar
-  const T *w1, *b1, *w2, *b2, *g1w, *g1b, *g2w, *g2b, *g3w, *g3b, *wg, *bg, *wf, *bf, *gfw, *gfb;
-  T *yh1, *rs1, *g1s, *yh2, *rs2, *us, *yh3, *rs3, *zfs, *gas, *a3s, *yhf, *rsf;
-  CpuPlan plan;
-  const T *w1t = nullptr, *w2t = nullptr, *wgt = nullptr, *wft = nullptr;  // W^T [K][Nc] (forward only)
-  std::unique_ptr<T[]> wt_store;  // uninitialised: every value is written by a transpose
-
-  Cell(int64_t B_, int64_t N_, int64_t D_, int64_t G_, const std::vector<at::Tensor>& p,
-       const std::vector<at::Tensor>& sv, bool forward = false)
-      : B(B_), N(N_), D(D_), G(G_), ZS((N_ + 1) * D_) {
-    const T** pp[kNumParams] = {&w1, &b1, &w2, &b2, &g1w, &g1b, &g2w, &g2b, &g3w, &g3b, &wg, &bg, &wf, &bf, &gfw, &gfb};
-    for (int i = 0; i < kNumParams; ++i) *pp[i] = p[i].data_ptr<T>();
-    T** ss[kNumSaved] = {&yh1, &rs1, &g1s, &yh2, &rs2, &us, &yh3, &rs3, &zfs, &gas, &a3s, &yhf, &rsf};
-    for (int i = 0; i < kNumSaved; ++i) *ss[i] = sv.empty() ? nullptr : sv[i].data_ptr<T>();
-    plan = select_plan<T>(D, G, B);
-    if (kn() && forward) {  // (2N + 2) transposed D x D weights: w1 [N], w2 [N], wg, wf
-      const int64_t DD = D * D;
-      wt_store.reset(new T[(2 * N + 2) * DD]);
-      auto transpose = [&](const T* w, T* wt) {
-#ifdef DEQFUSE_AVX2_GEMM
-        if constexpr (std::is_same_v<T, float>) return transpose_avx2(w, wt, D);  // kn: AVX2, D % 8 == 0
-#endif
-        for (int64_t r = 0; r < D; ++r)
-          for (int64_t k = 0; k < D; ++k) wt[k * D + r] = w[r * D + k];
-      };
-      for (int64_t i = 0; i < 2 * N; ++i) transpose((i < N ? w1 : w2) + (i % N) * DD, wt_store.get() + i * DD);
-      transpose(wg, wt_store.get() + 2 * N * DD);
-      transpose(wf, wt_store.get() + (2 * N + 1) * DD);
-      w1t = wt_store.get();
-      w2t = w1t + N * DD;
-      wgt = w2t + N * DD;
-      wft = wgt + DD;
-    }
-  }
-  bool kn() const { return plan.gemm != SmallGemm::kBlas; }  // a tile kernel, reading [K][Nc] weights
-};
 
 // C[M, D] (row stride ldc) = (beta ? C : 0) + A[M, D] (row stride lda) op(W), beta 0 or 1: the cell's
 // GEMMs. op(W) = W^T (a Linear's forward; Wt: its [K][Nc] copy, Cell::w1t ...) or W (the VJP; Wt = W).
@@ -909,7 +877,7 @@ DEQFUSE_INLINE int64_t sample_of(const int64_t* rows, int64_t b0, int64_t r) { r
 // per-sample inputs x [B, N, D], xf [B, D] and the saved tensors are indexed by sample_of(rows, b0, r)
 // (rows null: samples b0 .. b0 + M - 1, i.e. z / out of the op offset by b0). scratch: 5 * M * D values.
 template <typename T>
-DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save,
+void forward_block_body(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save,
                                        int64_t b0, int64_t M, const int64_t* rows, T* scratch) {
   const int64_t B = c.B, N = c.N, D = c.D, G = c.G, ZS = c.ZS;
   const T *w1 = c.w1, *b1 = c.b1, *w2 = c.w2, *b2 = c.b2, *g1w = c.g1w, *g1b = c.g1b, *g2w = c.g2w, *g2b = c.g2b;
@@ -981,19 +949,6 @@ DEQFUSE_INLINE void forward_block_body(const Cell<T>& c, const T* zp, const T* x
   });
 }
 
-// Full-batch gradients the parameter backward needs, kept by vjp_block when given (else all null):
-// the grads w.r.t. pre-activations/normalised outputs, [N, B, D] (modality-major) or [B, D].
-template <typename T>
-struct Keep {
-  T* dg1 = nullptr;   // d GN1 output (after the ReLU mask)   [N, B, D]
-  T* da1 = nullptr;   // d a1 (GN1 input)                     [N, B, D]
-  T* da2 = nullptr;   // d a2 (= d x_i)                        [N, B, D]
-  T* du = nullptr;    // d u (= d GN2 output)                  [N, B, D]
-  T* dzn = nullptr;   // d z_i+ (= d GN3 output)               [N, B, D]
-  T* dga = nullptr;   // d ga                                  [B, D]
-  T* da3 = nullptr;   // d a3 (= d x_f)                        [B, D]
-};
-
 template <typename T>
 DEQFUSE_INLINE void keep_row(T* dst, int64_t row, int64_t D, const T* src) {
   if (dst) std::copy(src, src + D, dst + row * D);
@@ -1003,7 +958,7 @@ DEQFUSE_INLINE void keep_row(T* dst, int64_t row, int64_t D, const T* src) {
 // the saved tensors indexed by sample_of(rows, b0, r); scratch: 5 * M * D values. Keep (parameter
 // backward) only with rows null.
 template <typename T>
-DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
+void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
                                    const int64_t* rows, T* scratch, const Keep<T>& kp) {
   const int64_t B = c.B, N = c.N, D = c.D, G = c.G, ZS = c.ZS;
   const T *w1 = c.w1, *w2 = c.w2, *g1w = c.g1w, *g2w = c.g2w, *g3w = c.g3w, *wg = c.wg, *wf = c.wf, *gfw = c.gfw;
@@ -1089,53 +1044,6 @@ DEQFUSE_INLINE void vjp_block_body(const Cell<T>& c, const T* gp, const T* addp,
   }
 }
 
-// forward_block / vjp_block: the bodies above compiled for the running CPU's vectors -- 512-bit x86-64-v4
-// code where rows_zmm (below; cpu_simd.h's cpu_rows_zmm: Intel with AVX-512), else the DEQFUSE_SIMD_CLONES
-// pair (AVX2 + FMA or the baseline).
-template <typename T>
-DEQFUSE_SIMD_CLONES void forward_block_ymm(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp,
-                                           bool save, int64_t b0, int64_t M, const int64_t* rows, T* scratch) {
-  forward_block_body<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
-}
-
-template <typename T>
-DEQFUSE_SIMD_CLONES void vjp_block_ymm(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
-                                       const int64_t* rows, T* scratch, const Keep<T>& kp) {
-  vjp_block_body<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
-}
-
-#ifdef DEQFUSE_ZMM_ROWS
-template <typename T>
-DEQFUSE_ZMM_ROWS void forward_block_zmm(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save,
-                                        int64_t b0, int64_t M, const int64_t* rows, T* scratch) {
-  forward_block_body<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
-}
-
-template <typename T>
-DEQFUSE_ZMM_ROWS void vjp_block_zmm(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
-                                    const int64_t* rows, T* scratch, const Keep<T>& kp) {
-  vjp_block_body<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
-}
-#endif
-
-template <typename T>
-inline void forward_block(const Cell<T>& c, const T* zp, const T* xp, const T* xfp, T* outp, bool save, int64_t b0,
-                          int64_t M, const int64_t* rows, T* scratch) {
-#ifdef DEQFUSE_ZMM_ROWS
-  if (c.plan.zmm) return forward_block_zmm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
-#endif
-  forward_block_ymm<T>(c, zp, xp, xfp, outp, save, b0, M, rows, scratch);
-}
-
-template <typename T>
-inline void vjp_block(const Cell<T>& c, const T* gp, const T* addp, T* outp, int64_t b0, int64_t M,
-                      const int64_t* rows, T* scratch, const Keep<T>& kp) {
-#ifdef DEQFUSE_ZMM_ROWS
-  if (c.plan.zmm) return vjp_block_zmm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
-#endif
-  vjp_block_ymm<T>(c, gp, addp, outp, b0, M, rows, scratch, kp);
-}
-
 // Scratch values forward_block / vjp_block need for M rows of width D.
 inline int64_t cell_scratch_size(int64_t M, int64_t D) { return 5 * M * D; }
 
@@ -1218,3 +1126,7 @@ void column_sums(int64_t B, int64_t w, const T* a, int64_t sa, const T* b, int64
 
 }  // namespace
 }  // namespace deqfuse
+
+#if defined(DEQFUSE_ROWS_ISA) && defined(DEQFUSE_X86_TARGETS)
+#pragma GCC pop_options
+#endif

@@ -4,7 +4,7 @@
 //            AVX-512 is there the BLAS's wider kernels keep the other widths)
 //   kBlas    torch's BLAS (cpu_blas.h): float64, other widths, other CPUs
 // The two tile kernels give the same values bit for bit (the same FMA chain per output), so which one a CPU
-// gets changes speed only; the BLAS rounds differently. PlanForce::gemm (cpu_simd.h) forces one where the CPU and
+// gets changes speed only; the BLAS rounds differently. PlanForce::gemm (plan.h) forces one where the CPU and
 // D allow it, whatever D's size (tests: both tile kernels on one machine; benchmarks: the crossover with the
 // BLAS); 0: the rules above.
 #pragma once
@@ -12,11 +12,10 @@
 
 #include "gemm_avx2.h"
 #include "gemm_avx512.h"
+#include "plan.h"
 
 namespace deqfuse {
 namespace {
-
-enum class SmallGemm { kBlas, kAvx2, kAvx512 };
 
 // Up to D = 128 a 16-column weight panel (8 KB) stays in L1 and the tiles beat the BLAS; past it the BLAS,
 // which blocks for the cache, wins (RESULTS.md, 2026-12-03 afternoon).
@@ -49,24 +48,9 @@ inline SmallGemm small_gemm_for(int64_t D) {
   return SmallGemm::kBlas;
 }
 
-inline const char* small_gemm_name(SmallGemm k) {
-  return k == SmallGemm::kAvx512 ? "avx512" : k == SmallGemm::kAvx2 ? "avx2" : "blas";
-}
-
-// What the GEMM adds to each output as it stores it (the cell's bias passes folded into the GEMM: one pass
-// over C fewer): C[r][j] = fma(scale, bias[j], acc), or acc + (bias[j] + rows[r][j]) when rows is given -- the
-// roundings of the passes `c += s * b` (contracted by GCC where it has FMA; s = 1: c + b) and `c += b + x` they
-// replace, so the same values. bias null: none.
-template <typename T>
-struct GemmEpi {
-  const T* bias = nullptr;         // [Nc]
-  const T* const* rows = nullptr;  // [M] row pointers, each [Nc] (row r of the call's C)
-  T scale = 1;                     // bias's factor (without rows)
-};
-
 // C[M, Nc] = (accumulate ? C : 0) + A[M, K] Bk[K, Nc] (+ epi) with a tile kernel (k != kBlas, as small_gemm_for
 // chose).
-inline void gemm_small(SmallGemm k, int64_t M, int64_t Nc, int64_t K, const float* A, int64_t lda, const float* Bk,
+DEQFUSE_INLINE void gemm_small(SmallGemm k, int64_t M, int64_t Nc, int64_t K, const float* A, int64_t lda, const float* Bk,
                        int64_t ldb, bool accumulate, float* C, int64_t ldc, const GemmEpi<float>& epi = {}) {
 #ifdef DEQFUSE_AVX512_GEMM
   if (k == SmallGemm::kAvx512)

@@ -25,7 +25,7 @@
 #include <immintrin.h>
 #endif
 
-#include "anderson_common.h"
+#include "../anderson_common.h"
 #include "cpu_simd.h"
 
 namespace deqfuse {
