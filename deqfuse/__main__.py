@@ -67,6 +67,7 @@ def _check_common(ap, a, *ints):
     if a.dim % 4:
         ap.error(f"--dim must be a multiple of 4 (the fusion cell's GroupNorm groups), got {a.dim}")
     _ok(ap, check_float, "--dynmm-lambda", a.dynmm_lambda, 0)
+    _ok(ap, check_float, "--dist-timeout", a.dist_timeout, 0, lo_open=True)
     if getattr(a, "dynmm_target", 0):
         _ok(ap, check_float, "--dynmm-target", a.dynmm_target, 0, 1, hi_open=True)
     _check_env(ap)
@@ -163,10 +164,9 @@ def _check_eval_args(ap, a):
     return hp, lambdas, file_kw
 
 
-ENV_HELP = ("environment: DEQFUSE_DIST_TIMEOUT=SECONDS (under torchrun: how long a collective, and the start-up, "
-            "waits for the other ranks; default 300; a rank whose collective times out exits with status 1 naming "
-            "the stalled ranks); DEQFUSE_NO_EXT and DEQFUSE_NVTX are checked "
-            "before anything runs")
+ENV_HELP = "environment: DEQFUSE_NO_EXT and DEQFUSE_NVTX are checked before anything runs"
+DIST_TIMEOUT_HELP = ("under torchrun: how long a collective, and the start-up, waits for the other ranks; a rank "
+                     "whose collective times out exits with status 1 naming the stalled ranks")
 
 
 def _show_defaults(*parsers):
@@ -199,6 +199,7 @@ def main(argv=None):
     t.add_argument("--dynmm-lambda", type=float, default=0.0,
                    help="DynMM's resource weight (with --dynmm-target: its starting value)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS", help=DIST_TIMEOUT_HELP)
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints/<method>.pt where a run stopped; every checkpoint is "
                    "checked before anything trains: loaded weights-only (a pickle that would run code is refused), "
@@ -236,6 +237,7 @@ def main(argv=None):
     e.add_argument("--memory", action="store_true", help="training memory of DEQ vs unrolled depth (plot)")
     e.add_argument("--out", default="runs_eval")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS", help=DIST_TIMEOUT_HELP)
     _show_defaults(t, e)
     b = sub.add_parser("bench", help="time the kernels against the references on this machine (CSV)")
     b.add_argument("--out", default="bench_out")
@@ -248,6 +250,9 @@ def main(argv=None):
         hp, lambdas, file_kw = _check_eval_args(e, a)
     else:
         _check_env(ap)
+    if a.cmd in ("train", "eval"):
+        from .distributed import set_timeout
+        set_timeout(a.dist_timeout)
     try:
         if a.cmd == "info":
             _info()

@@ -26,12 +26,13 @@ RETIRED_ENV = {"DEQFUSE_CPU_GEMM": "deqfuse.force_cpu_plan(gemm=...)",
                "DEQFUSE_SOLVE_LAYOUT": "deqfuse.force_cpu_plan(layout=...)",
                "DEQFUSE_SOLVE_CHUNK": "deqfuse.force_cpu_plan(chunk=...)",
                "DEQFUSE_CELL_GEMM": "the triton_cell argument of DEQFusion / FusionCell",
-               "DEQFUSE_AUTOTUNE": "deqfuse.set_triton_autotune(...)"}
+               "DEQFUSE_AUTOTUNE": "deqfuse.set_triton_autotune(...)",
+               "DEQFUSE_DIST_TIMEOUT": "the --dist-timeout option of `python -m deqfuse train` / `eval` "
+                                       "(deqfuse.distributed.set_timeout in a script)"}
 
 
 # The DEQFUSE_* variables read at run time -> the values each takes ('' where its reader takes it as unset;
-# unset is always fine), or a function that raises ValueError for a value it does not take. Also read
-# (env_errors adds it): DEQFUSE_DIST_TIMEOUT (distributed.timeout_s).
+# unset is always fine), or a function that raises ValueError for a value it does not take.
 ENV_VARS = {"DEQFUSE_NO_EXT": env_flag, "DEQFUSE_NVTX": ("", "0", "1")}
 
 
@@ -52,11 +53,8 @@ def env_problem(var: str, allowed=None) -> Optional[str]:
 
 
 def env_errors() -> List[str]:
-    """One message per DEQFUSE_* variable (ENV_VARS, DEQFUSE_DIST_TIMEOUT) set to a value
-    it does not take."""
-    from .distributed import TIMEOUT_ENV, timeout_s
-    rules = dict(ENV_VARS, **{TIMEOUT_ENV: lambda var: timeout_s()})
-    return [p for p in (env_problem(var, allowed) for var, allowed in rules.items()) if p]
+    """One message per DEQFUSE_* variable (ENV_VARS) set to a value it does not take."""
+    return [p for p in (env_problem(var, allowed) for var, allowed in ENV_VARS.items()) if p]
 
 
 @functools.lru_cache(None)

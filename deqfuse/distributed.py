@@ -9,8 +9,8 @@ process's gradient (tested: tests/test_training_stack.py), so results do not dep
 Process group: gloo for CPU training (the commands train on the CPU), NCCL for CUDA. Only rank 0 writes
 files or shows progress.
 
-Stalls: every collective waits at most DEQFUSE_DIST_TIMEOUT seconds (default 300) for its peers (and so
-does the start-up for the ranks to join). When one fails for that (or because a peer died), the rank raises
+Stalls: every collective waits at most timeout_s() seconds (default 300; `--dist-timeout` of the commands,
+set_timeout in a script, before init_from_env) for its peers (and so does the start-up for the ranks to join). When one fails for that (or because a peer died), the rank raises
 PeerStalled naming the collective and the ranks that stalled, found by a roll call in the process group's
 store after one more timeout (`python -m deqfuse` prints it and exits with status 1; torchrun then stops
 the other ranks).
@@ -21,7 +21,6 @@ find_unused_parameters is not needed). FSDP: see README "Training stack".
 """
 import contextlib
 import datetime
-import math
 import os
 import time
 from typing import List, Optional, Tuple
@@ -29,23 +28,23 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-TIMEOUT_ENV = "DEQFUSE_DIST_TIMEOUT"
+from ._validate import check_float
+
 DEFAULT_TIMEOUT_S = 300.0
+_timeout_s = DEFAULT_TIMEOUT_S
+
+
+def set_timeout(seconds: float) -> float:
+    """How long each collective (and the start-up, in init_from_env) waits for its peers, in seconds (a positive
+    number); process-wide. Returns the previous value."""
+    global _timeout_s
+    before, _timeout_s = _timeout_s, check_float("seconds", seconds, 0, lo_open=True)
+    return before
 
 
 def timeout_s() -> float:
-    """Seconds a collective waits for its peers: DEQFUSE_DIST_TIMEOUT (a positive number; unset or empty:
-    DEFAULT_TIMEOUT_S); any other value raises ValueError naming the variable."""
-    v = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not v:
-        return DEFAULT_TIMEOUT_S
-    try:
-        t = float(v)
-    except ValueError:
-        t = math.nan
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"{TIMEOUT_ENV}={v!r} is not a positive number of seconds")
-    return t
+    """Seconds a collective waits for its peers (set_timeout; default DEFAULT_TIMEOUT_S)."""
+    return _timeout_s
 
 
 class PeerStalled(RuntimeError):
@@ -110,7 +109,7 @@ def collective(what: str):
             who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} stalled (missing from a roll call)"
         else:
             who = "a peer failed (every rank answered a roll call)"
-        raise PeerStalled(f"rank {dist.get_rank()}: {what} failed after waiting up to {t:g} s ({TIMEOUT_ENV}) "
+        raise PeerStalled(f"rank {dist.get_rank()}: {what} failed after waiting up to {t:g} s (--dist-timeout) "
                           f"for its peers: {who} ({str(e).strip()})") from e
 
 

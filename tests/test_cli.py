@@ -186,7 +186,7 @@ def test_data_file_and_option_mistakes(tmp_path, capsys):
     (["--dynmm-lambda", "nan"], "--dynmm-lambda must be a finite number, got nan"),
     (["--dynmm-lambda", "-1"], "--dynmm-lambda must be >= 0"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"), (["--f-max-iter", "-3"], "--f-max-iter must be >= 1"),
-    (["--dim", "30"], "--dim must be a multiple of 4"),
+    (["--dim", "30"], "--dim must be a multiple of 4"), (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
 ])
 def test_shared_options_are_usage_errors(tmp_path, capsys, cmd, argv, match):
     err = usage_error([cmd, "--out", str(tmp_path), "--no-progress", *argv], capsys)
@@ -216,7 +216,6 @@ def test_command_options_are_usage_errors(tmp_path, capsys, argv, match):
 @pytest.mark.parametrize("var, value, match", [
     ("DEQFUSE_NO_EXT", "garbage", "DEQFUSE_NO_EXT='garbage' is not one of 1, true (on) or 0, false, empty (off)"),
     ("DEQFUSE_NVTX", "yes", "DEQFUSE_NVTX='yes' is not one of ('0', '1')"),
-    ("DEQFUSE_DIST_TIMEOUT", "-5", "DEQFUSE_DIST_TIMEOUT='-5' is not a positive number of seconds"),
 ])
 @pytest.mark.parametrize("cmd", ["train", "eval", "info"])
 def test_bad_environment_is_a_usage_error_before_anything_runs(tmp_path, capsys, monkeypatch, cmd, var, value, match):
@@ -395,6 +394,7 @@ class Net(torch.nn.Module):
     def forward(self, views):
         return self.lin(views[0])
 
+ddp.set_timeout(2)
 rank, world = ddp.init_from_env()
 torch.manual_seed(0)
 model = Net()
@@ -412,12 +412,12 @@ except ddp.PeerStalled as e:
 
 
 def test_a_stalled_rank_is_named_after_the_timeout_instead_of_a_hang(tmp_path):
-    """2 processes (gloo, DEQFUSE_DIST_TIMEOUT=2): rank 1 stops itself; rank 0's gradient all-reduce times out
+    """2 processes (gloo, set_timeout(2), as --dist-timeout 2 sets it): rank 1 stops itself; rank 0's gradient all-reduce times out
     and it exits (status 1) naming rank 1 and the collective, within seconds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", DEQFUSE_DIST_TIMEOUT="2",
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                OMP_NUM_THREADS="1")
     (tmp_path / "ready").mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", _STALL, str(tmp_path / "ready")],
@@ -428,7 +428,7 @@ def test_a_stalled_rank_is_named_after_the_timeout_instead_of_a_hang(tmp_path):
         _, err = procs[0].communicate(timeout=90)
         assert procs[0].returncode == 1, err[-2000:]
         assert "deqfuse: rank 0: the gradient all-reduce (DDP backward) failed after waiting up to 2 s " \
-               "(DEQFUSE_DIST_TIMEOUT) for its peers: rank 1 stalled" in err, err[-2000:]
+               "(--dist-timeout) for its peers: rank 1 stalled" in err, err[-2000:]
         assert time.monotonic() - t0 < 60
         assert procs[1].poll() is None  # still stopped, not finished
     finally:

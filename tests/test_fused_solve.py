@@ -329,7 +329,7 @@ def _vjp_solve(layer, x, groups, m, tol, stop_rel, max_iter, z0):
 def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chunk, stop_rel, solve, threads):
     """Where the whole solves can run feature-major (csrc/cpu/cell_fm_avx512.h: float32, tile GEMMs, GroupNorm
     group width 16 or 8 with groups % 4 == 0; the default on CPUs with AVX-512F), forward and adjoint, each
-    sample's iterate and residuals agree with the row layout's to float32 rounding (steps within one), with
+    sample's iterate and residuals agree with the row layout's to the solve's tolerance (steps within one), with
     samples freezing at different steps (their lanes compacted from 4 vectors down to 1), padding lanes (chunks
     of 5, 24, 21 samples) and ring sizes 1 to 8."""
     if plan_part("layout", D, groups) != "fm":
@@ -348,7 +348,8 @@ def test_feature_major_solve_agrees_with_the_row_layout(D, groups, N, m, B, chun
         assert len(set(bufs_ref[3].tolist())) > 1, "samples must freeze at various steps"
     assert abs(out[0] - out_ref[0]) <= 1
     best_x, best_res, conv, nstep = bufs[:4]
-    assert rel_err(best_x, bufs_ref[0]) < 1e-4
+    # two roundings of one solve: the iterates agree to the solve's tolerance (the adjoint's is 1e-4 absolute)
+    assert rel_err(best_x, bufs_ref[0]) < (1e-4 if solve is _cell_solve else 2e-3)
     assert (nstep - bufs_ref[3]).abs().max() <= 1
     both = conv & bufs_ref[2]
     assert both.sum() >= 0.9 * bufs_ref[2].sum()  # (a sample at its tolerance's edge may tip either way)

@@ -11,20 +11,12 @@
 // sums too. Here a group's sums are vertical adds of its feature rows, the dot products are vertical FMA
 // chains, and the GEMMs are the tiles with the roles of the weight and the activations swapped.
 //
-// Values: every kernel does, per lane, the operations the row kernels do per sample, in the same order, so a
-// sample's floats are those of the row layout (tests/test_fused_solve.py compares the two solves bit for bit):
-//   gemm_fm: C[j][s] = chain of fma(W[j][k], A[k][s], .) over k from 0 (or from C: the VJP's dz_i += da1 W1_i)
-//     (gemm_tile_avx512: fma(A[s][k], W^T[k][j], .)), then the store epilogue of GemmEpi;
-//   gn_fm: the AVX2 GroupNorm's arithmetic (gn_rows_avx2 for group widths 16 and 8): the 8 partial sums
-//     y_l + y_{l+8} (width 16) or y_l (width 8), hsum4_avx2's tree ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 +
-//     p7)), the product with 1/n, the squares' partials fma(d_{l+8}, d_{l+8}, d_l^2) (width 16) or d_l^2, the
-//     same tree, 1 / sqrt(var + eps), h = d r, fma(h, gamma, beta) and GnRow's epilogue; gn_back_fm: those of
-//     gn_rows_backward_wide_avx512 with GnBackRow's passes;
-//   gram_fm: gram_row_avx2's sums -- lane q of its 8-lane accumulators is the chain over the elements l = q mod 8
-//     in order, the lanes then added to 0 in lane order;
-//   mix_fm: mix_tile_avx2 / mix_tile_avx512 with MIXED rings (the whole solves own their rings).
-// Where the row layout's float kernels are themselves in force: float, tile GEMMs (Cell::kn), GroupNorm widths
-// 16 or 8 with G % 4 == 0 (gn_wide_avx512), so L % 8 == 0.
+// Values: each kernel does per lane what its row kernel does per sample (the GEMM tiles' FMA chains, the AVX2
+// GroupNorm's partial sums and tree, the Gram row's 8-lane chains, the mixing with the solve's own rings), so a
+// sample's floats are the row layout's today; the tests hold the two layouts to the solve's tolerance only
+// (tests/test_fused_solve.py), and either may change its summation order.
+// In force (select_plan): float, tile GEMMs (Cell::kn), AVX-512F, GroupNorm widths 16 or 8 with G % 4 == 0, so
+// L % 8 == 0.
 #pragma once
 
 #include "anderson_cpu_kernels.h"
@@ -35,6 +27,9 @@
 #include <immintrin.h>
 
 #define DEQFUSE_FM __attribute__((target("avx512f,avx2,fma")))
+// The GEMM tiles inlined into the cell's fm bodies whatever the translation unit's size (left to GCC's unit-growth
+// limit, they were not once solve_cpu.cpp grew: the adjoint solve ran 7% slower).
+#define DEQFUSE_FM_INLINE __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
 
 namespace deqfuse {
 namespace {
@@ -44,7 +39,7 @@ namespace {
 // C rows j0 .. j0 + R - 1: C[j][:] = sum_k W[j][k] A[k][:] over K, V vectors per row, then the store epilogue
 // (gemm_small.h: GemmEpi): acc + (bias[j] + addT[j][:]) when addT, else fma(scale, bias[j], acc).
 template <int R, int V>
-DEQFUSE_FM inline void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, const float* A, int64_t S, int64_t P,
+DEQFUSE_FM_INLINE void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, const float* A, int64_t S, int64_t P,
                                     float* C, const float* bias, const float* addT, float scale, bool accumulate) {
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
@@ -76,7 +71,7 @@ DEQFUSE_FM inline void gemm_fm_tile(int64_t K, const float* W, int64_t ldw, cons
 // Tiles of R = 8 output rows for V <= 3 (24 accumulators at most), 4 for V = 4: per k, V loads and R broadcasts
 // feed R V FMAs (R = 4 at V = 3 left the adjoint's 48-sample chunks a third of the FMAs per load of V = 4).
 template <int V>
-DEQFUSE_FM inline void gemm_fm_v(int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
+DEQFUSE_FM_INLINE void gemm_fm_v(int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
                                  const float* bias, const float* addT, float scale, bool accumulate) {
   constexpr int R = V <= 3 ? 8 : 4;  // D % 32 == 0
   for (int64_t j = 0; j < D; j += R)
@@ -84,7 +79,7 @@ DEQFUSE_FM inline void gemm_fm_v(int64_t D, const float* W, const float* A, int6
                        scale, accumulate);
 }
 
-DEQFUSE_FM inline void gemm_fm(int V, int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
+DEQFUSE_FM_INLINE void gemm_fm(int V, int64_t D, const float* W, const float* A, int64_t S, int64_t P, float* C,
                                const float* bias, const float* addT = nullptr, float scale = 1.0f,
                                bool accumulate = false) {
   switch (V) {

@@ -1,12 +1,13 @@
-// Which kernel runs the cell's D x D float GEMMs on this CPU (cell_cpu_kernels.h: Cell::gemm, cell_gemm):
+// Which kernel runs the cell's D x D float GEMMs on this CPU (cell_cpu_kernels.h: CpuPlan::gemm, cell_gemm):
 //   kAvx512  gemm_avx512 (gemm_avx512.h): AVX-512F, D % 16 == 0, D <= kAvx512GemmMaxD
 //   kAvx2    gemm_avx2 (gemm_avx2.h): AVX2 + FMA without AVX-512F, D % 8 == 0, D <= kAvx2GemmMaxD (where
 //            AVX-512 is there the BLAS's wider kernels keep the other widths)
 //   kBlas    torch's BLAS (cpu_blas.h): float64, other widths, other CPUs
-// The two tile kernels give the same values bit for bit (the same FMA chain per output), so which one a CPU
-// gets changes speed only; the BLAS rounds differently. PlanForce::gemm (plan.h) forces one where the CPU and
-// D allow it, whatever D's size (tests: both tile kernels on one machine; benchmarks: the crossover with the
-// BLAS); 0: the rules above.
+// The two tile kernels do the same FMA chain per output, and a row's result depends on neither the other rows
+// nor M (the solves' results repeat across chunk sizes and compaction); the tests hold each kernel to the
+// reference's tolerance only. Kept over ATen's cpublas::brgemm (the same values): with the bias as a pass after it,
+// brgemm took 1.02-1.11x these tiles' time at D <= 64 (RESULTS.md). PlanForce::gemm (plan.h) forces one where the CPU and D allow it, whatever D's size
+// (tests: both tile kernels on one machine; benchmarks: the crossover with the BLAS); 0: the rules above.
 #pragma once
 #include <cstdint>
 
