@@ -5,9 +5,10 @@
 //   kBlas    torch's BLAS (cpu_blas.h): float64, other widths, other CPUs
 // The two tile kernels do the same FMA chain per output, and a row's result depends on neither the other rows
 // nor M (the solves' results repeat across chunk sizes and compaction); the tests hold each kernel to the
-// reference's tolerance only. Kept over ATen's cpublas::brgemm (the same values): with the bias as a pass after it,
-// brgemm took 1.02-1.11x these tiles' time at D <= 64 (RESULTS.md). PlanForce::gemm (plan.h) forces one where the CPU and D allow it, whatever D's size
-// (tests: both tile kernels on one machine; benchmarks: the crossover with the BLAS); 0: the rules above.
+// reference's tolerance only. PlanForce::gemm (plan.h) forces one where the CPU and D allow it, whatever D's
+// size (tests: both tile kernels on one machine; benchmarks: the crossover with the BLAS); 0: the rules above.
+// Kept over ATen's cpublas::brgemm (the same values): with the bias as a pass after it, brgemm took 1.02-1.11x
+// these tiles' time at D <= 64, where they run (RESULTS.md).
 #pragma once
 #include <cstdint>
 
