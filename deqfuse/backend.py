@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ._env import env_flag, sources_sha
-from ._validate import check_choice
+from ._validate import check_choice, check_int
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 # Environment variables no longer read -> what replaced them (a warning says so when one is set).
@@ -75,8 +75,9 @@ def extension_status():
         return None, why
     from . import ops  # noqa: F401  fake kernels for torch.compile
     for var, instead in RETIRED_ENV.items():
-        if var in os.environ:
-            warnings.warn(f"{var} is no longer read: use {instead}", RuntimeWarning, stacklevel=2)
+        if var in os.environ:  # attributed to the environment, not to a line of deqfuse's
+            warnings.warn_explicit(f"{var} is no longer read: use {instead}", RuntimeWarning, "<environment>", 0,
+                                   module="deqfuse")
     return _C, "ok (cuda kernels: %s; BLAS: %s)" % ("yes" if _C.has_cuda() else "no, CPU build", _C.blas_backend())
 
 
@@ -90,6 +91,11 @@ def cpu_plan(dim: int, groups: int = 4, dtype: torch.dtype = torch.float32, batc
     ext, why = extension_status()
     if ext is None:
         raise RuntimeError(f"cpu_plan: the compiled extension is not available: {why}")
+    check_int("dim", dim, 1)
+    check_int("groups", groups, 1)
+    check_int("batch", batch, 0)
+    if dim % groups:
+        raise ValueError(f"groups ({groups}) must divide dim ({dim})")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64 (the C++ CPU ops' dtypes), got {dtype}; "
                          f"other dtypes run the reference path, with no kernel plan")
@@ -114,7 +120,8 @@ def force_cpu_plan(*, gemm: str = "auto", rows: str = "auto", layout: str = "aut
     layout 'rows' | 'fm' (the whole solves' chunk layout), chunk (samples per chunk of a whole solve; 0: by cache
     size); 'auto' leaves a part to the plan. A choice the CPU or the shape does not allow falls back to the plan's
     own (cpu_plan says what runs). Process-wide, like torch.backends flags: every thread sees it; the previous
-    setting comes back on exit. Every plan gives the reference's values within the dtype's tolerance; within
+    setting comes back on exit. Blocks do not combine: inside an outer force_cpu_plan, a part an inner one leaves
+    'auto' is the plan's own again. Every plan gives the reference's values within the dtype's tolerance; within
     one plan, results are bit for bit the same across threads, chunk sizes and compaction."""
     ext, why = extension_status()
     if ext is None:

@@ -197,6 +197,30 @@ class DEQFusion(nn.Module):
         self._graphs = GraphedSolves(self)
         self.info: Optional[DEQInfo] = None  # the last forward's (each call also returns its own)
 
+    def _option(which: int, key: str):
+        """A solve option as a settable attribute (f_max_iter, b_tol, ...): read from and written to the solve's
+        kw, checked as the constructor checks it (tol None: the default for the input's precision)."""
+        name = "fb"[which] + "_" + key
+
+        def get(self):
+            if key == "tol" and self._tol_defaulted[which]:
+                return None
+            return (self.f_kw, self.b_kw)[which][key]
+
+        def set(self, value):
+            v = DEFAULT_TOL if key == "tol" and value is None else value
+            check_options(self.solver, {key: name}, **{key: v})
+            (self.f_kw, self.b_kw)[which][key] = v
+            if key == "tol":
+                d = list(self._tol_defaulted)
+                d[which] = value is None
+                self._tol_defaulted = tuple(d)
+        return property(get, set, doc=f"the {'forward' if which == 0 else 'adjoint'} solve's {key} (settable)")
+
+    f_max_iter, b_max_iter = _option(0, "max_iter"), _option(1, "max_iter")
+    f_tol, b_tol = _option(0, "tol"), _option(1, "tol")
+    del _option
+
     def extra_repr(self) -> str:
         tol = lambda i, v: "default" if self._tol_defaulted[i] else f"{v:g}"  # noqa: E731
         return (f"dim={self.dim}, num_modalities={self.n}, in_dims={self.in_dims}, groups={self.cell.groups}, "

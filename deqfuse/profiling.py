@@ -17,6 +17,7 @@ returns the function itself, so nothing is added per iteration. Never active whi
 import contextlib
 import functools
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -37,11 +38,16 @@ def _backend() -> Optional[Callable[[str], object]]:
 
 
 def _default_on() -> bool:
+    """DEQFUSE_NVTX=1 / 0, else on under an NVTX-injecting profiler. A value it does not take leaves the ranges
+    off with a warning (importing deqfuse does not fail on it); `python -m deqfuse` reports it as a usage error
+    before anything runs (backend.env_errors)."""
     flag = os.environ.get("DEQFUSE_NVTX", "")
     if flag in ("0", "1"):
         return flag == "1"
     if flag:
-        raise ValueError(f"DEQFUSE_NVTX must be 0 or 1 (or unset), got {flag!r}")
+        warnings.warn_explicit(f"DEQFUSE_NVTX must be 0 or 1 (or unset), got {flag!r}: NVTX ranges stay off",
+                               RuntimeWarning, "<environment>", 0, module="deqfuse")
+        return False
     return bool(os.environ.get("NVTX_INJECTION64_PATH"))
 
 

@@ -24,8 +24,29 @@ def pytest_configure(config):
     from deqfuse import set_triton_autotune
     set_triton_autotune(False)
     global FORCED_PLAN
-    FORCED_PLAN = {k: (int(v) if k == "chunk" else v)
-                   for k, v in (kv.split("=") for kv in config.getoption("--cpu-plan").split(",") if kv)}
+    FORCED_PLAN = _parse_cpu_plan(config.getoption("--cpu-plan"))
+
+
+def _parse_cpu_plan(text):
+    """--cpu-plan's PART=NAME,... as force_cpu_plan's keywords; a usage error names what is wrong."""
+    if not text:
+        return {}
+    from deqfuse.backend import cpu_plan_choices
+    choices, plan = cpu_plan_choices(), {}
+    for kv in text.split(","):
+        part, sep, name = kv.partition("=")
+        if not sep or part not in (*choices, "chunk"):
+            raise pytest.UsageError(f"--cpu-plan: {kv!r} is not PART=NAME with PART one of "
+                                    f"{', '.join((*choices, 'chunk'))}")
+        if part == "chunk":
+            if not name.isdigit():
+                raise pytest.UsageError(f"--cpu-plan: chunk must be a whole number >= 0, got {name!r}")
+            plan[part] = int(name)
+        elif name not in choices[part]:
+            raise pytest.UsageError(f"--cpu-plan: {part} must be one of {', '.join(choices[part])}, got {name!r}")
+        else:
+            plan[part] = name
+    return plan
 
 
 FORCED_PLAN = {}  # --cpu-plan's parts

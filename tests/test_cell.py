@@ -352,6 +352,20 @@ def test_gemm_kernels_agree_with_the_reference_and_the_tile_kernels_with_each_ot
 
 
 @needs_ext
+def test_cpu_plan_and_the_suites_cpu_plan_option_check_their_arguments():
+    import conftest
+    for args, match in [(("64",), "dim must be an int"), ((64, 4, torch.float32, -1), "batch must be >= 0"),
+                        ((64, 5), r"groups \(5\) must divide dim \(64\)"), ((64, 4, torch.bfloat16), "dtype must be")]:
+        with pytest.raises(ValueError, match=match):
+            deqfuse.cpu_plan(*args)
+    assert conftest._parse_cpu_plan("rows=base,gemm=blas,chunk=8") == dict(rows="base", gemm="blas", chunk=8)
+    for bad, match in [("bogus", "is not PART=NAME"), ("rows=foo", "rows must be one of"),
+                       ("chunk=-1", "chunk must be a whole number")]:
+        with pytest.raises(pytest.UsageError, match=match):
+            conftest._parse_cpu_plan(bad)
+
+
+@needs_ext
 def test_force_cpu_plan_checks_its_arguments_restores_the_plan_and_retired_variables_warn(monkeypatch):
     from deqfuse import backend
     with pytest.raises(ValueError, match="gemm must be one of"):
@@ -370,12 +384,18 @@ def test_force_cpu_plan_checks_its_arguments_restores_the_plan_and_retired_varia
     if not plan_forced() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert backend.cpu_plan(64, 4, torch.float64).startswith("gemm=blas rows=ymm layout=rows")
     monkeypatch.setenv("DEQFUSE_CPU_GEMM", "avx2")
+    monkeypatch.setenv("DEQFUSE_DIST_TIMEOUT", "5")
     backend.extension_status.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"DEQFUSE_CPU_GEMM is no longer read: use deqfuse.force_cpu_plan\(gemm="):
+        with pytest.warns(RuntimeWarning) as got:
             assert backend.extension_status()[0] is not None
+        msgs = [str(w.message) for w in got]
+        assert any(m.startswith("DEQFUSE_CPU_GEMM is no longer read: use deqfuse.force_cpu_plan(gemm=") for m in msgs)
+        assert any(m.startswith("DEQFUSE_DIST_TIMEOUT is no longer read: use the --dist-timeout option") for m in msgs)
+        assert all(w.filename == "<environment>" for w in got)
     finally:
         monkeypatch.delenv("DEQFUSE_CPU_GEMM")
+        monkeypatch.delenv("DEQFUSE_DIST_TIMEOUT")
         backend.extension_status.cache_clear()
         backend.extension_status()
 
@@ -411,6 +431,9 @@ def _rows_results():
     return out
 
 
+SOLVE_OUTPUTS = 6  # len(Results(...).buffers())
+
+
 @needs_ext
 def test_row_pass_variants_agree():
     """The C++ cell's row passes (forward_block / vjp_block), one file per instruction set (csrc/cpu/rows_*.cpp),
@@ -428,11 +451,15 @@ def test_row_pass_variants_agree():
     for N, B, D, G, dt in ROWS_SHAPES:
         for rows, has in runs.items():
             assert res[rows][(N, B, D)][0] == (rows if has else default[(N, B, D)][0]), (rows, N, B, D)
-            for i, (a, b) in enumerate(zip(res[rows][(N, B, D)][1], default[(N, B, D)][1])):
+            got, want = res[rows][(N, B, D)][1], default[(N, B, D)][1]
+            n_ops = len(got) - 2 * SOLVE_OUTPUTS  # the cell ops' outputs, then both solves' buffers
+            for i, (a, b) in enumerate(zip(got, want)):
                 if not a.is_floating_point():  # flags, step counts: a sample at its tolerance's edge may tip
                     continue
                 a, b = a.nan_to_num(7.0).double(), b.nan_to_num(7.0).double()
-                tol = 1e-3 if dt == "float32" else 1e-9
+                # the solves stop at 12 steps, some samples short of their tolerance: there the roundings of two
+                # plans (under --cpu-plan the other parts differ too) grow with each step
+                tol = (1e-3 if i < n_ops else 1e-2) if dt == "float32" else 1e-9
                 assert (a - b).abs().max() <= tol * (1 + b.abs().max()), (rows, N, B, D, G, dt, i)
 
 

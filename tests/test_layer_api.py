@@ -265,3 +265,20 @@ def test_no_weight_decay_and_param_groups():
     assert id(model[0].cell.gn1_w) in ids(no_decay) and id(model[1].bias) in ids(no_decay)
     assert {id(model[0].cell.w1), id(model[1].weight), id(model[0].proj[0].weight)} <= ids(decay)
     assert len(ids(decay)) + len(ids(no_decay)) == len(list(model.parameters()))
+
+
+def test_solve_options_are_settable_attributes():
+    """f_max_iter / b_max_iter / f_tol / b_tol, shown by the repr, can be set after construction: the next solve
+    uses them; a bad value is an error naming the attribute; f_tol None is the precision's default again."""
+    layer = DEQFusion(16, 2)
+    assert (layer.f_max_iter, layer.b_max_iter, layer.f_tol, layer.b_tol) == (55, 56, None, None)
+    layer.f_max_iter, layer.f_tol = 3, 1e-12
+    _, info = layer([torch.randn(4, 16), torch.randn(4, 16)], return_info=True)
+    assert info.forward_stats.steps == 3 and info.forward_stats.tol == 1e-12
+    assert "f_max_iter=3" in repr(layer)
+    with pytest.raises(ValueError, match="f_max_iter must be in"):
+        layer.f_max_iter = 0
+    with pytest.raises(ValueError, match="b_tol must be > 0"):
+        layer.b_tol = -1.0
+    layer.f_tol = None
+    assert layer.f_tol is None and "f_tol=default" in repr(layer)
