@@ -29,7 +29,7 @@
 #include "gemm_small.h"
 #include "plan.h"
 
-#if defined(DEQFUSE_ROWS_ISA) && defined(DEQFUSE_X86_TARGETS)
+#if defined(DEQFUSE_ROWS_ISA) && defined(DEQFUSE_X86_TARGETS) && __GNUC__ >= 11  // arch=x86-64-v3/v4: GCC 11
 #pragma GCC push_options
 #if DEQFUSE_ROWS_ISA == 0  // RowIsa::kZmm
 #pragma GCC target("arch=x86-64-v4")
@@ -1127,6 +1127,6 @@ void column_sums(int64_t B, int64_t w, const T* a, int64_t sa, const T* b, int64
 }  // namespace
 }  // namespace deqfuse
 
-#if defined(DEQFUSE_ROWS_ISA) && defined(DEQFUSE_X86_TARGETS)
+#if defined(DEQFUSE_ROWS_ISA) && defined(DEQFUSE_X86_TARGETS) && __GNUC__ >= 11  // arch=x86-64-v3/v4: GCC 11
 #pragma GCC pop_options
 #endif

@@ -48,9 +48,13 @@ inline bool cpu_has_avx512f() {
   static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
   return v;
 }
-// The instruction-set levels the row files are compiled for (rows_ymm.cpp, rows_zmm.cpp). GCC 11 cannot ask
-// for a level: there, the features that every CPU with them has the rest of the level with.
-#if __GNUC__ >= 12
+// The instruction-set levels the row files are compiled for (rows_ymm.cpp, rows_zmm.cpp; GCC 11 and later:
+// before, those files are the baseline's and both say false). GCC 11 cannot ask for a level: there, the
+// features that every CPU with them has the rest of the level with.
+#if __GNUC__ < 11
+inline bool cpu_has_x86_64_v3() { return false; }
+inline bool cpu_has_x86_64_v4() { return false; }
+#elif __GNUC__ >= 12
 inline bool cpu_has_x86_64_v3() {
   static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
   return v;
