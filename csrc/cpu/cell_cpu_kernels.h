@@ -7,7 +7,8 @@
 // DEQFUSE_ROWS_ISA (set by rows_zmm.cpp / rows_ymm.cpp before including this header): the definitions below
 // are compiled for that instruction set -- the `omp simd` loops and the lambdas in its vectors. The headers
 // above the target switch, included first, stay at the baseline: their inline functions have external
-// linkage, and the linker keeps one copy of each for every file.
+// linkage, and the linker keeps one copy of each, which every file calls (an AVX-512 copy there would run on
+// CPUs without AVX-512).
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
